@@ -1,0 +1,47 @@
+"""fusekit: knowledge fusion of large language models (FuseLLM, FuseChat).
+
+Pipeline: extract → align → fuse + train → (FuseChat) merge. The alignment API is importable with the
+light core install; the stages that need torch/transformers import them only when called.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fusekit.align import (
+    AlignedTopk,
+    Scheme,
+    TokenTable,
+    VocabMapStats,
+    align_ids_batch,
+    align_tokens,
+    align_tokens_batch,
+    align_topk,
+    map_vocab,
+    map_vocab_with_stats,
+    normalize_token,
+    normalize_tokens,
+    normalize_vocab,
+    token_scheme,
+)
+
+try:
+    __version__ = version("fusekit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+local"
+
+__all__ = [
+    "AlignedTopk",
+    "Scheme",
+    "TokenTable",
+    "VocabMapStats",
+    "__version__",
+    "align_ids_batch",
+    "align_tokens",
+    "align_tokens_batch",
+    "align_topk",
+    "map_vocab",
+    "map_vocab_with_stats",
+    "normalize_token",
+    "normalize_tokens",
+    "normalize_vocab",
+    "token_scheme",
+]

@@ -1,0 +1,52 @@
+"""In-memory records that move between the pipeline stages (one text window each).
+
+The stores (`extract_store.py`, `aligned_store.py`) read and write these; stages and users only ever
+see these dataclasses of numpy arrays, never the on-disk encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Window:
+    """One extracted window of one model over one text.
+
+    Position t holds the model's distribution after input_ids[..t], i.e. its prediction of token t+1.
+    """
+
+    text_id: int  # 0-based index of the text in the corpus order
+    window: int  # 0-based window index within the text
+    char_start: int  # the window's span in the text, in characters (code points)
+    char_end: int
+    input_ids: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [n]: character offset in the text where each token starts
+    topk_ids: np.ndarray  # int32 [n, k], by decreasing probability
+    topk_logp: np.ndarray  # float32 [n, k]: log-probabilities under the full-vocabulary softmax
+    ce: np.ndarray  # float32 [n]: −log p(token t+1); NaN at the last position
+    mean_ce: float  # mean of ce over the predicted positions (the window's "metric")
+    loss_mask: np.ndarray | None = None  # bool [n] or None (= every position); chat data: assistant tokens
+
+
+@dataclass
+class Candidate:
+    """One fusion candidate (the target itself or one source) on the target's positions."""
+
+    ids: np.ndarray  # int32 [n, k], target-vocabulary ids, −1 = empty slot
+    probs: np.ndarray  # float32 [n, k], rows sum to 1 where non-empty
+    ce: np.ndarray  # float32 [n]: the candidate's CE at that position; NaN where it fell back
+    mean_ce: float  # the candidate's mean CE over the window (window-level fusion metric)
+
+
+@dataclass
+class AlignedWindow:
+    """A target window with every candidate distribution on its positions: the input of fusion."""
+
+    text_id: int
+    window: int
+    input_ids: np.ndarray  # int64 [n], target tokens
+    candidates: list[Candidate] = field(default_factory=list)  # [0] = target, then sources in order
+    loss_mask: np.ndarray | None = None  # bool [n] or None
