@@ -9,23 +9,52 @@
 //! as backtracking over D, with two rolling rows instead of the whole matrix.
 
 use crate::levenshtein::Pattern;
+use std::collections::HashMap;
 
 const DIAG: u8 = 0;
 const UP: u8 = 1;
 const LEFT: u8 = 2;
 const INF: u64 = u64::MAX / 4;
 
+/// Distinct tokens of a sequence and, per position, the index of its distinct token.
+fn distinct(tokens: &[Vec<char>]) -> (Vec<&[char]>, Vec<u32>) {
+    let mut index: HashMap<&[char], u32> = HashMap::with_capacity(tokens.len());
+    let mut uniq: Vec<&[char]> = Vec::new();
+    let ids = tokens
+        .iter()
+        .map(|t| {
+            *index.entry(t.as_slice()).or_insert_with(|| {
+                uniq.push(t.as_slice());
+                (uniq.len() - 1) as u32
+            })
+        })
+        .collect();
+    (uniq, ids)
+}
+
 /// Align source tokens `a` (m) with target tokens `b` (n). Returns 0-based (i, j) pairs from (0, 0)
 /// to (m−1, n−1) in increasing order. Both sequences must be non-empty.
+///
+/// Tokens repeat a lot within a text (spaces, punctuation, common words), so the edit distances are
+/// computed once per distinct (source, target) token pair and the DP reads them from a small table.
 pub fn align(a: &[Vec<char>], b: &[Vec<char>]) -> Vec<(u32, u32)> {
     let (m, n) = (a.len(), b.len());
     assert!(m > 0 && n > 0, "align needs two non-empty token sequences");
+    let (ua, ia) = distinct(a);
+    let (ub, ib) = distinct(b);
+    let mut costs = vec![0u32; ua.len() * ub.len()];
+    for (r, tok) in ua.iter().enumerate() {
+        let pattern = Pattern::new(tok);
+        for (c, other) in ub.iter().enumerate() {
+            costs[r * ub.len() + c] = pattern.distance(other);
+        }
+    }
     let mut moves = vec![0u8; m * n];
     let mut prev = vec![INF; n + 1];
     let mut cur = vec![INF; n + 1];
     prev[0] = 0;
     for i in 1..=m {
-        let pattern = Pattern::new(&a[i - 1]);
+        let cost_row = &costs[ia[i - 1] as usize * ub.len()..(ia[i - 1] as usize + 1) * ub.len()];
         cur[0] = INF;
         let row = &mut moves[(i - 1) * n..i * n];
         for j in 1..=n {
@@ -38,10 +67,9 @@ pub fn align(a: &[Vec<char>], b: &[Vec<char>]) -> Vec<(u32, u32)> {
                 (left, LEFT)
             };
             row[j - 1] = mv;
-            cur[j] = best + u64::from(pattern.distance(&b[j - 1]));
+            cur[j] = best + u64::from(cost_row[ib[j - 1] as usize]);
         }
         std::mem::swap(&mut prev, &mut cur);
-        prev[0] = INF;
     }
     let mut path = Vec::with_capacity(m + n);
     let (mut i, mut j) = (m, n);
