@@ -23,12 +23,34 @@ from fusekit.align import (
     token_scheme,
 )
 
+# Stages that need torch/transformers/polars load on first use, so `import fusekit` stays light.
+_LAZY = {
+    "extract": "fusekit.extract",
+    "align_store": "fusekit.align.store",
+    "train": "fusekit.train",
+    "evaluate": "fusekit.eval",
+    "merge": "fusekit.merge",
+    "run_recipe": "fusekit.pipeline",
+    "plan_recipe": "fusekit.plan",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fusekit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 try:
     __version__ = version("fusekit")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+local"
 
 __all__ = [
+    *_LAZY,
     "AlignedTopk",
     "Scheme",
     "TokenTable",
