@@ -1,0 +1,60 @@
+"""`fusekit train`: fuse the aligned candidates and train the target (λ·CLM + (1−λ)·fusion)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fusekit.cli.app import app
+from fusekit.cli.errors import handle_errors
+
+
+@app.command("train")
+@handle_errors
+def train_command(
+    model: str = typer.Option(..., "--model", "-m", help="Target model: a model folder, a .gguf file or a hub id."),
+    aligned: Path = typer.Option(..., "--aligned", "-a", help="Aligned store folder written by `fusekit align`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where checkpoints, metrics.jsonl and the trained model go."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file of training options; flags override it."),
+    fusion: Optional[str] = typer.Option(None, help="Fusion rule: min_ce (default) or avg_ce."),
+    granularity: Optional[str] = typer.Option(None, help="Decide per 'window' (FuseLLM, default) or per 'token'."),
+    lam: Optional[float] = typer.Option(None, help="Weight λ of the CLM loss (default 0.9); 1.0 = CLM-only baseline."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-5)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1; fractions allowed)."),
+    batch_size: Optional[int] = typer.Option(None, help="Packed rows per micro-batch, per process (default 8)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step, per process (default 1)."),
+    max_length: Optional[int] = typer.Option(None, help="Tokens per packed row (default 2048)."),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Share of steps for linear warm-up (default 0.008)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.1)."),
+    clip: Optional[float] = typer.Option(None, help="Max gradient norm (default 1.0; 0 = off)."),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and initialisation-time randomness (default 0)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (always at the end)."),
+    max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps; the schedule spans them."),
+    stop_after: Optional[int] = typer.Option(None, help="Checkpoint and stop after N steps of this invocation (for time-limited jobs)."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP instead of DDP."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
+    device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train MODEL on λ·CLM + (1−λ)·fusion loss over the aligned store; the model ends up in OUT.
+
+    Multi-GPU: torchrun --nproc-per-node N --no-python fusekit train … (DDP; --fsdp to shard).
+    """
+    from fusekit.train import train
+
+    options = dict(
+        fusion=fusion, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
+        grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+        clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
+        fsdp=fsdp,
+    )
+    result = train(model, aligned, out, config=config, resume=resume, progress=progress, device=device, **options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        done = (result / "fusekit_train.json").is_file()
+        msg = f"trained model in {result}" if done else f"stopped at a checkpoint in {result}/checkpoints; re-run with --resume"
+        Console(stderr=True).print(msg, highlight=False)

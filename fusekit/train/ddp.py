@@ -1,0 +1,95 @@
+"""The distributed branch of the loop: process group set-up under torchrun, and the few collectives used.
+
+Single process: every function is a no-op. Under `torchrun --nproc-per-node N`, ranks join a group
+(NCCL on CUDA, gloo on CPU) and the loop wraps the model in DDP — or FSDP with `fsdp=True`, for models
+that do not fit one GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fusekit.train.config import TrainConfigError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we created the process group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: str | None) -> torch.device:
+        if requested:
+            return torch.device(requested)
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank if self.enabled else torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (float64, so token counts stay exact)."""
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.enabled:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes in the environment (or one the caller made)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
+
+
+def wrap(model: torch.nn.Module, d: Dist, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    if not d.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        if device.type != "cuda":
+            raise TrainConfigError("FSDP needs GPUs (torch's FSDP refuses CPU tensors); on CPU train with DDP (no --fsdp)")
+        # One FSDP unit per transformer block, so only one block's full weights exist at a time.
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
+        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

@@ -1,0 +1,280 @@
+"""The training loop, nanoGPT-style: batches, forward, loss, backward, clip, step, schedule, checkpoint.
+
+One function, read top to bottom. The distributed branch is the `d.enabled` lines; everything else is
+the same for 1 process and for N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from fusekit.store.types import AlignedWindow
+from fusekit.train import checkpoint as ckpt
+from fusekit.train.config import TrainConfig, TrainConfigError, build_config
+from fusekit.train.data import DataPlan, open_source
+from fusekit.train.ddp import Dist, init_distributed, unwrap, wrap
+from fusekit.train.loss import fused_loss
+from fusekit.train.model_io import load_model, load_tokenizer, quiet_transformers
+from fusekit.train.progress import TrainProgress
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainError(RuntimeError):
+    """A training run that cannot start or continue, with what to do about it."""
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    """lr multiplier: linear warm-up over ⌈ratio·total⌉ steps, then cosine decay to 0 (as HF's schedule)."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Matrices decay; biases and norm gains do not (as nanoGPT and HF's Trainer).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _context_length(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); refuses to mix runs."""
+    done = ckpt.read_done(out)
+    found = ckpt.list_checkpoints(out)
+    if not resume and (done or found):
+        raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    saved = done["config"] if done else None
+    if found and saved is None:
+        saved = torch.load(found[-1] / ckpt.STATE_FILE, map_location="cpu", weights_only=False)["config"]
+    if saved is not None:
+        now = cfg.identity()
+        diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diff)
+            raise TrainError(f"{out} holds a run with other options ({detail}); resume with the same options or use another --out")
+    return found[-1] if found else None
+
+
+def train(
+    model: str | Path,
+    aligned: str | Path | Iterable[AlignedWindow],
+    out: str | Path,
+    *,
+    config: TrainConfig | str | Path | dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    **options: Any,
+) -> Path:
+    """Fuse the aligned candidates and train MODEL on λ·CLM + (1−λ)·fusion; returns OUT (the trained model).
+
+    `aligned` is an aligned store folder (from `fusekit align`) or an iterable of AlignedWindows.
+    Options (`lam`, `lr`, `fusion`, …) are TrainConfig fields; they override `config`, which may be a
+    TrainConfig, a mapping or a YAML/TOML file. With `resume=True` training continues from the last
+    checkpoint in OUT (or returns at once if OUT holds a finished run with the same options).
+    """
+    cfg = build_config(config, **options)
+    d = init_distributed()
+    try:
+        return _train(str(model), aligned, Path(out), cfg, resume, progress, device, d)
+    finally:
+        d.close()
+
+
+def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
+    if d.enabled and cfg.fsdp and (resume or cfg.save_every):
+        raise TrainConfigError("FSDP runs save the final model only: drop --save-every/--resume, or use DDP")
+    start_ckpt = _check_out(out, cfg, resume)
+    if ckpt.read_done(out) is not None:
+        return out  # finished earlier with the same options
+    dev = d.device(device)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")
+    _seed_everything(cfg.seed)
+
+    net = load_model(start_ckpt or model_ref)
+    tokenizer = _maybe_tokenizer(model_ref)
+    net.config.use_cache = False
+    plan = DataPlan(
+        open_source(aligned),
+        max_length=cfg.max_length,
+        piece_length=min(cfg.max_length, _context_length(net.config) or cfg.max_length),
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        epochs=cfg.epochs,
+        world_size=d.world_size,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        max_steps=cfg.max_steps,
+        fusion=cfg.fusion,
+        granularity=cfg.granularity,
+        with_target=cfg.lam < 1.0,
+    )
+    net.to(dev).train()
+    optimizer = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan.total_steps, cfg.warmup_ratio))
+    step = 0
+    if start_ckpt is not None:
+        state, rng = ckpt.load_trainer_state(start_ckpt, d)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+    model = wrap(net, d, dev, cfg.fsdp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    metrics = _open_metrics(out, step, d)
+    meta = {"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref}
+    bar = TrainProgress(plan.total_steps, step, enabled=progress and d.is_main)
+    last: dict[str, float] = {}
+    started, steps_here = time.perf_counter(), 0
+
+    def load(s: int):
+        return [plan.micro_batch(i) if i is not None else plan.empty_batch() for i in plan.micro_indices(s, d.rank)]
+
+    # One worker thread reads and fuses the next step's windows while this step computes; batches are a
+    # pure function of the step, so the overlap changes nothing in the result.
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, step) if step < plan.total_steps else None
+        while step < plan.total_steps:
+            t0 = time.perf_counter()
+            batches = pending.result()
+            if step + 1 < plan.total_steps:
+                pending = pool.submit(load, step + 1)
+            local_tokens = sum(b.label_tokens for b in batches)
+            count = d.sum([local_tokens], dev)[0]
+            # Sum over tokens / tokens in the whole step; DDP averages over ranks, hence × world size.
+            scale = d.world_size / max(count, 1.0)
+            sums = torch.zeros(3, dtype=torch.float64, device=dev)
+            for g, batch in enumerate(batches):
+                syncing = g == len(batches) - 1 or not d.enabled
+                with nullcontext() if syncing else model.no_sync():
+                    with autocast:
+                        logits = model(
+                            input_ids=torch.as_tensor(batch.input_ids, device=dev),
+                            position_ids=torch.as_tensor(batch.position_ids, device=dev),
+                            use_cache=False,
+                        ).logits
+                    loss = fused_loss(
+                        logits,
+                        torch.as_tensor(batch.labels, device=dev),
+                        None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
+                        None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
+                        cfg.lam,
+                    )
+                    (loss.total * scale).backward()
+                sums += torch.stack([loss.total.detach(), loss.clm, loss.fusion]).double()
+            if cfg.clip > 0 and cfg.fsdp and d.enabled:
+                grad_norm = float(model.clip_grad_norm_(cfg.clip))  # the norm over every rank's shard
+            elif cfg.clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_here += 1
+
+            total, clm, fusion, tokens = d.sum([*sums.tolist(), float(sum(b.tokens for b in batches))], dev)
+            dt = time.perf_counter() - t0
+            last = {
+                "step": step,
+                "loss": total / max(count, 1.0),
+                "clm": clm / max(count, 1.0),
+                "fusion": fusion / max(count, 1.0) if cfg.lam < 1.0 else None,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "tokens_per_s": tokens / dt if dt > 0 else None,
+                "elapsed_s": time.perf_counter() - started,
+            }
+            if metrics is not None and (step % cfg.log_every == 0 or step == plan.total_steps):
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            bar.update(step, last)
+            stopping = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < plan.total_steps
+            if step == plan.total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
+                if not cfg.fsdp:
+                    ckpt.save_checkpoint(out, step, model, optimizer, scheduler, meta, d, cfg.keep_checkpoints)
+            if stopping:
+                break
+
+    if metrics is not None:
+        metrics.close()
+    if step == plan.total_steps:
+        _export(out, model, tokenizer, cfg, plan, last, d, model_ref)
+    return out
+
+
+def _maybe_tokenizer(model_ref: str):
+    try:
+        return load_tokenizer(model_ref)
+    except Exception:  # a weights-only folder: the trained model is still usable with its tokenizer
+        return None
+
+
+def _open_metrics(out: Path, step: int, d: Dist):
+    """The metrics log, truncated to the resumed step so a resumed run's log equals an uninterrupted one."""
+    if not d.is_main:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / METRICS_FILE
+    kept = []
+    if step and path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    f = path.open("w")
+    f.writelines(ln + "\n" for ln in kept)
+    return f
+
+
+def _export(out: Path, model, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
+    state = ckpt.full_state_dict(model, cfg.fsdp and d.enabled)
+    if d.is_main:
+        with quiet_transformers():
+            unwrap(model).save_pretrained(out, safe_serialization=True, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        ckpt.write_done(
+            out,
+            {
+                "model": model_ref,
+                "steps": plan.total_steps,
+                "world_size": d.world_size,
+                "final": last,
+                "config": cfg.identity(),
+            },
+        )
+    d.barrier()
