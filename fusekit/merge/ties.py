@@ -1,0 +1,98 @@
+"""TIES-Merging (Yadav et al. 2023): trim each task vector to its top-`density` magnitudes, elect a sign per
+parameter, and average only the values that agree with it (the disjoint mean).
+
+Weights scale the trimmed task vectors before the election, as mergekit does; the elected sign is that of
+Σ_j w_j τ̂_j (positive on a tie), and a zero never counts as agreeing. θ = θ_base + λ · merged vector.
+Both steps work model by model on a handful of full-size buffers (no [K, …] stacks, no full sort).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fusekit.merge.registry import Merged, TensorInputs, register_method
+
+_SAMPLE = 1 << 16
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of a flat tensor, exactly, in a few passes and little extra memory.
+
+    torch.kthvalue copies the values and an int64 index per entry (3× the tensor); here a strided sample
+    brackets the answer, one pass counts what lies below the bracket, and kthvalue runs on the bracket only.
+    A bracket that misses (very uneven data) falls back to kthvalue on everything.
+    """
+    n = values.numel()
+    rank = n - k + 1  # the answer's rank from the bottom (1-based)
+    if n <= 4 * _SAMPLE:
+        return values.kthvalue(rank).values
+    sample = values[:: n // _SAMPLE].contiguous()
+    m = sample.numel()
+    p = rank / n
+    margin = 6 * math.sqrt(m * p * (1 - p)) + 2
+    lo = sample.kthvalue(max(1, int(p * m - margin))).values
+    hi = sample.kthvalue(min(m, int(p * m + margin) + 1)).values
+    below = int(torch.count_nonzero(values < lo))
+    band = values[(values >= lo) & (values <= hi)]
+    if below < rank <= below + band.numel():
+        return band.kthvalue(rank - below).values
+    return values.kthvalue(rank).values
+
+
+def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
+    """Keep exactly k = max(1, ⌊density·n⌋) entries of largest |δ| (ties at the threshold: lowest index first)."""
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return delta
+    if density <= 0:
+        return delta.zero_() if inplace else torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    mag = delta.abs().reshape(-1)
+    threshold = kth_largest(mag, k)
+    keep = mag > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        at = (mag == threshold).nonzero().reshape(-1)[:missing]
+        keep[at] = True
+    del mag
+    keep = keep.reshape(delta.shape)
+    return delta.mul_(keep) if inplace else delta * keep
+
+
+def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
+    """Sign election and disjoint (weighted) mean of already-sparsified task vectors."""
+    total = torch.zeros_like(x.base)
+    for d, w in zip(deltas, x.weights):
+        total.add_(d, alpha=w)
+    # ±1 per entry: the elected sign (positive on a tie)
+    elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    del total
+    mixed = torch.zeros_like(x.base)
+    divisor = torch.zeros_like(x.base) if x.normalize else None
+    for d, w in zip(deltas, x.weights):
+        if w == 0:
+            continue
+        # w·d agrees when its sign is the elected one; zeros never agree.
+        agree = (d * elected > 0) if w > 0 else (d * elected < 0)
+        mixed.add_(d * agree, alpha=w)
+        if divisor is not None:
+            divisor.add_(agree, alpha=w)
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1.0)
+        mixed.div_(divisor)
+    return Merged(mixed.mul_(x.lam).add_(x.base))
+
+
+@register_method(
+    "ties",
+    "TIES",
+    "https://arxiv.org/abs/2306.01708",
+    options=("weights", "density", "lambda", "normalize"),
+    default_normalize=True,
+    default_density=0.2,
+)
+def ties(x: TensorInputs) -> Merged:
+    deltas = [trim_top_magnitude(m - x.base, d, inplace=True) for m, d in zip(x.models, x.densities)]
+    return elect_and_merge(x, deltas)

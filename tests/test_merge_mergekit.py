@@ -1,0 +1,100 @@
+"""fusekit's merges against mergekit's on the same tiny models (skipped where mergekit is not installed).
+
+mergekit pins nothing fusekit needs, but pulls in datasets/peft/pandas; to run this file without touching
+the main environment: python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit &&
+/tmp/mk/bin/python -m pytest tests/test_merge_mergekit.py. DARE's random masks cannot match mergekit's
+(different generators, and mergekit rescales to the L1 norm), so DARE is compared at density 1 only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytest.importorskip("mergekit")
+
+from test_merge_models import build_family  # noqa: E402
+
+import fusekit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("family_mk"))
+
+
+def run_mergekit(config: dict, out) -> dict[str, torch.Tensor]:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True))
+    tensors = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+CASES = [
+    ("linear", {"weight": [0.3, 0.9]}, {}, dict(weights=[0.3, 0.9])),
+    ("task_arithmetic", {"weight": [0.6, 0.5]}, {"lambda": 0.8}, dict(weights=[0.6, 0.5], lam=0.8)),
+    ("ties", {"weight": [1.0, 2.0], "density": [0.3, 0.5]}, {}, dict(weights=[1.0, 2.0], density=[0.3, 0.5])),
+    ("ties", {"weight": [1.0, 1.0], "density": [0.4, 0.4]}, {"normalize": False}, dict(density=0.4, normalize=False)),
+    ("dare_linear", {"weight": [0.5, 0.7], "density": [1.0, 1.0]}, {}, dict(weights=[0.5, 0.7], density=1.0)),
+    ("dare_ties", {"weight": [0.5, 0.7], "density": [1.0, 1.0]}, {}, dict(weights=[0.5, 0.7], density=1.0)),
+]
+
+
+@pytest.mark.parametrize(("method", "per_model", "shared", "ours"), CASES)
+def test_matches_mergekit(method, per_model, shared, ours, family, tmp_path):
+    # Not "trained": weight decay on its unused embedding rows leaves equal magnitudes at TIES' threshold,
+    # where the two tools break ties differently (both keep exactly k).
+    names = ["layer0", "noisy"]
+    config = {
+        "merge_method": method,
+        "base_model": str(family["base"]),
+        "dtype": "float32",
+        "models": [
+            {"model": str(family[n]), "parameters": {k: v[j] for k, v in per_model.items()}} for j, n in enumerate(names)
+        ],
+    }
+    if shared:
+        config["parameters"] = shared
+    if method == "linear":  # mergekit would average the base in as a third input
+        del config["base_model"]
+    theirs = run_mergekit(config, tmp_path / "mk")
+    out = fusekit.merge(family["base"], [family[n] for n in names], method, tmp_path / "fk", progress=False, **ours)
+    mine = load_file(out / "model.safetensors")
+    assert set(mine) == set(theirs)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_slerp_matches_mergekit(family, tmp_path):
+    a, b = str(family["trained"]), str(family["noisy"])
+    config = {"merge_method": "slerp", "base_model": a, "dtype": "float32", "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.3}}
+    theirs = run_mergekit(config, tmp_path / "mk")
+    # mergekit's t = 0 is its base; fusekit's is the first model, or the base when the base is one of the two.
+    for order in ([a, b], [b, a]):
+        out = fusekit.merge(a, order, "slerp", tmp_path / f"fk{order[0] == b}", t=0.3, progress=False)
+        mine = load_file(out / "model.safetensors")
+        for k in mine:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_mergekit_yaml_runs_unchanged_in_fusekit(family, tmp_path):
+    config = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["trained"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": str(family["noisy"]), "parameters": {"weight": 0.5, "density": 0.5}}],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    theirs = run_mergekit(config, tmp_path / "mk")
+    mine = load_file(fusekit.merge(config=path, out=tmp_path / "fk", progress=False) / "model.safetensors")
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
