@@ -2,6 +2,9 @@
 
 from fusekit.cli.app import app
 from fusekit.cli import align_text  # noqa: F401  (registers commands)
+from fusekit.cli import train  # noqa: F401
+from fusekit.cli import eval  # noqa: F401, A004  (the `fusekit eval` command)
+from fusekit.cli import merge  # noqa: F401
 
 
 def main() -> None:
