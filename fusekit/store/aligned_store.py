@@ -1,0 +1,241 @@
+"""The aligned store: every fusion candidate on the target's tokens, one Parquet row per target window.
+
+Layout (the shared store rules of `shards.py`: manifest, `part-IIIII-of-NNNNN.parquet` shards by text
+id, a sidecar per shard, atomic writes, byte-identical on re-run) plus `report.json`.
+
+One row per target window, in (text_id, window) order. Columns:
+
+    text_id Int64, window Int32, char_start Int64, char_end Int64, n Int32 (tokens in the window)
+    input_ids   List(Int32)   the target's tokens
+    has_mask    Boolean       whether the window carries a loss mask
+    loss_mask   List(Boolean) n entries when has_mask, else empty
+    c{c}_ids    List(Int32)   candidate c's top-k ids in the target vocabulary, row-major [n, k_c], −1 = empty
+    c{c}_probs  List(Float16) its probabilities [n, k_c] (renormalised to sum 1 per row on reading)
+    c{c}_ce     List(Float32) its CE per position [n]; NaN where a source fell back (and at the end)
+    c{c}_mean_ce Float64      its mean CE over the window (the window-level fusion metric)
+
+Candidate 0 is the target itself, then the sources in the order given to `fusekit align`; k_c is in
+the manifest (`settings.ks`). Row groups hold `settings.row_group_rows` windows, so a random read
+decodes one row group, not the shard: the reader keeps at most one decoded row group (random access)
+or one decoded shard (sequential iteration) in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import polars as pl
+
+from fusekit.store.shards import (
+    _PARQUET_OPTIONS,
+    StoreError,
+    complete_shards,
+    read_manifest,
+    shard_filename,
+)
+from fusekit.store.types import AlignedWindow, Candidate
+
+FORMAT = "fusekit-aligned"
+FORMAT_VERSION = 1
+REPORT = "report.json"
+CODEC_NOTE = (
+    "one row per target window; c{c}_ids/probs are row-major [n, k_c] (int32 target ids, -1 empty; "
+    "float16 probabilities), c{c}_ce per position (NaN = fell back), c0 = the target, then the sources"
+)
+
+
+def row_group_rows(max_length: int) -> int:
+    """Windows per row group: about 64k target tokens, so one random read decodes a few MB."""
+    return max(1, min(1024, 65536 // max(1, int(max_length))))
+
+
+def _list(name: str, arrays: Sequence[np.ndarray], dtype: pl.DataType) -> pl.Series:
+    # Equal-length arrays would become an Array column; the schema must not depend on the data.
+    return pl.Series(name, list(arrays)).cast(pl.List(dtype)) if arrays else pl.Series(name, [], dtype=pl.List(dtype))
+
+
+def windows_frame(windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Sequence[tuple[int, int]] | None = None) -> pl.DataFrame:
+    """The rows of one shard; `spans` are the windows' (char_start, char_end) in their texts."""
+    spans = list(spans) if spans is not None else [(0, 0)] * len(windows)
+    for w in windows:
+        if len(w.candidates) != len(ks):
+            raise StoreError(f"window (text {w.text_id}, window {w.window}) has {len(w.candidates)} candidates, expected {len(ks)}")
+    cols: dict[str, pl.Series] = {
+        "text_id": pl.Series("text_id", [w.text_id for w in windows], dtype=pl.Int64),
+        "window": pl.Series("window", [w.window for w in windows], dtype=pl.Int32),
+        "char_start": pl.Series("char_start", [a for a, _ in spans], dtype=pl.Int64),
+        "char_end": pl.Series("char_end", [b for _, b in spans], dtype=pl.Int64),
+        "n": pl.Series("n", [len(w.input_ids) for w in windows], dtype=pl.Int32),
+        "input_ids": _list("input_ids", [np.asarray(w.input_ids, dtype=np.int32) for w in windows], pl.Int32),
+        "has_mask": pl.Series("has_mask", [w.loss_mask is not None for w in windows], dtype=pl.Boolean),
+        "loss_mask": _list(
+            "loss_mask",
+            [np.asarray(w.loss_mask, dtype=bool) if w.loss_mask is not None else np.zeros(0, dtype=bool) for w in windows],
+            pl.Boolean,
+        ),
+    }
+    for c, k in enumerate(ks):
+        cands = [w.candidates[c] for w in windows]
+        for cand, w in zip(cands, windows):
+            if cand.ids.shape != (len(w.input_ids), k):
+                raise StoreError(f"candidate {c} of (text {w.text_id}, window {w.window}) has shape {cand.ids.shape}, expected ({len(w.input_ids)}, {k})")
+        cols[f"c{c}_ids"] = _list(f"c{c}_ids", [np.asarray(x.ids, dtype=np.int32).ravel() for x in cands], pl.Int32)
+        cols[f"c{c}_probs"] = _list(f"c{c}_probs", [np.asarray(x.probs, dtype=np.float16).ravel() for x in cands], pl.Float16)
+        cols[f"c{c}_ce"] = _list(f"c{c}_ce", [np.asarray(x.ce, dtype=np.float32) for x in cands], pl.Float32)
+        cols[f"c{c}_mean_ce"] = pl.Series(f"c{c}_mean_ce", [float(x.mean_ce) for x in cands], dtype=pl.Float64)
+    return pl.DataFrame(list(cols.values()))
+
+
+def encode_shard(df: pl.DataFrame, rows_per_group: int, metadata: dict[str, str]) -> bytes:
+    """The shard's Parquet bytes; the same frame always gives the same bytes (fixed options)."""
+    buf = io.BytesIO()
+    options = dict(_PARQUET_OPTIONS, row_group_size=rows_per_group)
+    df.write_parquet(buf, metadata=dict(sorted(metadata.items())), **options)
+    return buf.getvalue()
+
+
+def shard_metadata(settings: dict) -> dict[str, str]:
+    return {
+        "fusekit.format": FORMAT,
+        "fusekit.format_version": str(FORMAT_VERSION),
+        "fusekit.codec": CODEC_NOTE,
+        "fusekit.ks": json.dumps(list(settings["ks"])),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Flat:
+    values: np.ndarray
+    starts: np.ndarray  # per row, into values
+
+    @classmethod
+    def of(cls, col: pl.Series) -> "_Flat":
+        lens = col.list.len().to_numpy().astype(np.int64)
+        starts = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=starts[1:])
+        return cls(col.explode(empty_as_null=False).to_numpy(), starts)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.values[self.starts[i] : self.starts[i + 1]]
+
+
+class _Decoded:
+    """A decoded block of rows (a row group or a whole shard) as flat numpy arrays."""
+
+    def __init__(self, df: pl.DataFrame, ks: Sequence[int]):
+        self.ks = list(ks)
+        self.text_id = df["text_id"].to_numpy()
+        self.window = df["window"].to_numpy()
+        self.has_mask = df["has_mask"].to_numpy()
+        self.input_ids = _Flat.of(df["input_ids"])
+        self.mask = _Flat.of(df["loss_mask"])
+        self.cands = [
+            (_Flat.of(df[f"c{c}_ids"]), _Flat.of(df[f"c{c}_probs"]), _Flat.of(df[f"c{c}_ce"]), df[f"c{c}_mean_ce"].to_numpy())
+            for c in range(len(self.ks))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.text_id)
+
+    def window_at(self, i: int) -> AlignedWindow:
+        ids = self.input_ids.row(i).astype(np.int64)
+        n = len(ids)
+        cands = []
+        for k, (c_ids, c_probs, c_ce, c_mean) in zip(self.ks, self.cands):
+            probs = c_probs.row(i).astype(np.float32).reshape(n, k)
+            total = probs.sum(axis=1, keepdims=True)
+            # float16 rounding leaves rows a few 1e-4 off 1; fusion expects exact distributions.
+            probs = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
+            cands.append(
+                Candidate(
+                    ids=c_ids.row(i).reshape(n, k).copy(),
+                    probs=probs,
+                    ce=c_ce.row(i).copy(),
+                    mean_ce=float(c_mean[i]),
+                )
+            )
+        mask = self.mask.row(i).astype(bool) if self.has_mask[i] else None
+        return AlignedWindow(text_id=int(self.text_id[i]), window=int(self.window[i]), input_ids=ids, candidates=cands, loss_mask=mask)
+
+
+class AlignedStore:
+    """Read an aligned store folder: `len`, random access `store[i]`, `window_lengths()`, `iter_windows()`."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise StoreError(f"no aligned store at {self.folder}: run `fusekit align` first, or check the path")
+        self.manifest = read_manifest(self.folder)
+        if self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{self.folder} holds a {self.manifest.get('format')!r} store, not an aligned store ({FORMAT!r})")
+        self.settings: dict = self.manifest.get("settings", {})
+        self.ks: list[int] = [int(k) for k in self.settings["ks"]]
+        self.num_shards = int(self.settings["num_shards"])
+        self.rows_per_group = int(self.settings["row_group_rows"])
+        done = complete_shards(self.folder)
+        names = [shard_filename(i, self.num_shards) for i in range(self.num_shards)]
+        missing = [i for i, name in enumerate(names) if name not in done]
+        if missing:
+            shown = ", ".join(f"{i}/{self.num_shards}" for i in missing[:8])
+            raise StoreError(
+                f"{self.folder} is incomplete: {len(missing)} of {self.num_shards} shards are missing ({shown}"
+                f"{', …' if len(missing) > 8 else ''}); finish `fusekit align` (re-run it, or run the missing --shard I/N)"
+            )
+        self._files = [self.folder / name for name in names]
+        self._rows = np.array([int(done[name]["rows"]) for name in names], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._rows)])
+        self._cached: tuple[int, int] | None = None
+        self._block: _Decoded | None = None
+        self._lengths: np.ndarray | None = None
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.ks)
+
+    @property
+    def report(self) -> dict | None:
+        path = self.folder / REPORT
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def window_lengths(self) -> np.ndarray:
+        """Tokens per window, in store order (reads only the `n` column)."""
+        if self._lengths is None:
+            parts = [pl.read_parquet(f, columns=["n"])["n"].to_numpy() for f in self._files]
+            self._lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        return self._lengths
+
+    def __getitem__(self, index: int) -> AlignedWindow:
+        n = len(self)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"window {index} is out of range: the store holds {n} windows")
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        local = i - int(self._starts[shard])
+        group = local // self.rows_per_group
+        if self._cached != (shard, group):
+            self._block = None  # drop the old block before decoding the next one
+            start = group * self.rows_per_group
+            df = pl.scan_parquet(self._files[shard]).slice(start, self.rows_per_group).collect()
+            self._block, self._cached = _Decoded(df, self.ks), (shard, group)
+        return self._block.window_at(local - group * self.rows_per_group)
+
+    def iter_windows(self) -> Iterator[AlignedWindow]:
+        """Every window in store order, one decoded shard at a time."""
+        for f in self._files:
+            block = _Decoded(pl.read_parquet(f), self.ks)
+            for i in range(len(block)):
+                yield block.window_at(i)
+            del block

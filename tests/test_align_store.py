@@ -1,0 +1,352 @@
+"""`fusekit align` over extraction stores: a hand-worked text, then real tokenizers of three families
+(byte-level BPE target, Unigram and WordPiece sources) on tiny models, extracted by `fusekit.extract`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import fusekit
+from fusekit import zoo
+from fusekit.align.vocab_cache import vocab_map
+from fusekit.store.aligned_store import AlignedStore
+from fusekit.store.shards import StoreError, verify_store
+from fusekit.store.types import Window
+from align_store_data import MemoryExtractStore, extract_three
+import reference
+
+K = 4
+WINDOW = 64
+
+
+# ---------------------------------------------------------------------------------------------- by hand
+
+
+def _win(text_id, w, span, ids, offsets, topk_ids, topk_p, ce):
+    n = len(ids)
+    return Window(
+        text_id=text_id,
+        window=w,
+        char_start=span[0],
+        char_end=span[1],
+        input_ids=np.array(ids, dtype=np.int64),
+        offsets=np.array(offsets, dtype=np.int64),
+        topk_ids=np.array(topk_ids, dtype=np.int32).reshape(n, -1),
+        topk_logp=np.log(np.array(topk_p, dtype=np.float32)).reshape(n, -1),
+        ce=np.array(ce, dtype=np.float32),
+        mean_ce=float(np.nanmean(ce)) if n > 1 else math.nan,
+    )
+
+
+def _plain_store(name, vocab, windows, fp="corpus-1", n_texts=1):
+    settings = {"model": name, "tokenizer_fingerprint": f"tok-{name}", "corpus_fingerprint": fp, "k": 2, "max_length": 2, "vocab_size": len(vocab)}
+    return MemoryExtractStore(settings=settings, vocab=vocab, scheme="plain", texts={0: windows}, n_texts=n_texts)
+
+
+@pytest.fixture
+def hand_stores():
+    """text "the cat sat" (11 characters).
+
+    target "the"|" ca"|"t"|" s"|"at" in windows of 2: W0 = the, ca [0, 6); W1 = t, s [6, 9); W2 = at [9, 11)
+    source "the"|" cat"|" sat", one window. " cat" starts in W0 and ends in W1 (straddles the edge);
+    " sat" starts in W1 and ends in W2; no source token starts in W2 (an empty span).
+    Vocabulary map (identical string, else MinED, ties to the lowest target id): the→0, " cat"→" ca" (1),
+    " sat"→" ca" (1, distance 2 like " s" and "at", lowest id wins).
+    """
+    tv = ["the", " ca", "t", " s", "at"]
+    target = _plain_store(
+        "tgt",
+        tv,
+        [
+            _win(0, 0, (0, 6), [0, 1], [0, 3], [[1, 2], [2, 0]], [[0.6, 0.2], [0.5, 0.25]], [0.5, np.nan]),
+            _win(0, 1, (6, 9), [2, 3], [6, 7], [[3, 4], [4, 1]], [[0.3, 0.1], [0.4, 0.4]], [0.7, np.nan]),
+            _win(0, 2, (9, 11), [4], [9], [[0, 1]], [[0.5, 0.5]], [np.nan]),
+        ],
+    )
+    sv = ["the", " cat", " sat"]
+    source = _plain_store(
+        "src",
+        sv,
+        [_win(0, 0, (0, 11), [0, 1, 2], [0, 3, 7], [[1, 2], [2, 0], [0, 1]], [[0.5, 0.3], [0.6, 0.1], [0.2, 0.2]], [1.0, 2.0, np.nan])],
+    )
+    return target, source
+
+
+def test_hand_worked_text(hand_stores, tmp_path):
+    target, source = hand_stores
+    report = fusekit.align_store(target, [source], tmp_path / "out", vocab_map_cache=tmp_path / "cache", progress=False)
+    store = AlignedStore(tmp_path / "out")
+    assert len(store) == 3 and list(store.window_lengths()) == [2, 2, 1]
+    w0, w1, w2 = store[0], store[1], store[2]
+
+    # The target's own candidate: its top-k renormalised over the k kept.
+    t0 = w0.candidates[0]
+    np.testing.assert_array_equal(t0.ids, [[1, 2], [2, 0]])
+    np.testing.assert_allclose(t0.probs, [[0.75, 0.25], [2 / 3, 1 / 3]], atol=1e-3)
+    np.testing.assert_allclose(t0.ce, [0.5, np.nan])
+    assert t0.mean_ce == pytest.approx(0.5)
+
+    # W0: DTW (the,the) (cat,ca). Both 1:1 and agreeing through the map: carried.
+    s0 = w0.candidates[1]
+    # source "the": " cat" (0.5) → " ca" (1), " sat" (0.3) → " ca" (1): collide, summed → one entry.
+    np.testing.assert_array_equal(s0.ids[0], [1, -1])
+    np.testing.assert_allclose(s0.probs[0], [1.0, 0.0], atol=1e-3)
+    # source " cat" (straddles the edge, belongs to W0): " sat" (0.6) → 1, "the" (0.1) → 0.
+    np.testing.assert_array_equal(s0.ids[1], [1, 0])
+    np.testing.assert_allclose(s0.probs[1], [6 / 7, 1 / 7], atol=1e-3)
+    np.testing.assert_allclose(s0.ce, [1.0, 2.0])  # the source's own CE at the partner
+    assert s0.mean_ce == pytest.approx(1.5)  # source tokens starting in [0, 6): CE 1.0 and 2.0
+
+    # W1: only " sat" starts in [6, 9); it maps to " ca", agreeing with neither "t" nor " s".
+    s1 = w1.candidates[1]
+    np.testing.assert_array_equal(s1.ids, [[3, -1], [-1, -1]])  # one-hot on the NEXT target token " s"
+    np.testing.assert_allclose(s1.probs, [[1.0, 0.0], [0.0, 0.0]])
+    assert np.isnan(s1.ce).all() and math.isnan(s1.mean_ce)  # " sat" has no CE (last source token)
+
+    # W2: empty span. Its only position is the last: no entries, CE NaN, mean NaN.
+    s2 = w2.candidates[1]
+    np.testing.assert_array_equal(s2.ids, [[-1, -1]])
+    assert np.isnan(s2.ce).all() and math.isnan(s2.mean_ce)
+
+    (src,) = report["sources"]
+    assert src["positions"] == 1 + 1 + 0 and src["carried"] == 1  # W0 pos 0 carried, W1 pos 0 fell back
+    assert src["carried_share"] == pytest.approx(0.5) and src["fallback_share"] == pytest.approx(0.5)
+    assert src["empty_windows"] == 1
+    # carried position W0/0: source top-k mass 0.8, on exactly mapped ids: none (" cat", " sat" map by MinED).
+    assert src["topk_mass_mean"] == pytest.approx(0.8, abs=1e-6) and src["kept_mass_mean"] == 0.0
+    assert src["vocab_map"]["exact"] == 1 and src["vocab_map"]["min_ed"] == 2
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert verify_store(tmp_path / "out") == []
+
+
+def test_refuses_other_corpus_and_incomplete(hand_stores, tmp_path):
+    target, source = hand_stores
+    other = _plain_store("src", source.vocab, source.texts[0], fp="corpus-2")
+    with pytest.raises(StoreError, match="another corpus"):
+        fusekit.align_store(target, [other], tmp_path / "a", progress=False)
+    source.is_complete = False
+    with pytest.raises(StoreError, match="incomplete"):
+        fusekit.align_store(target, [source], tmp_path / "b", progress=False)
+
+
+def test_vocab_map_cache(tmp_path):
+    src, tgt = ["the", " cat", " sat", "x"], ["the", " ca", "t", " s", "at"]
+    first = vocab_map(src, tgt, "a", "b", tmp_path)
+    assert first.ids.tolist() == reference.map_vocab(src, tgt)
+    assert first.exact.tolist() == [True, False, False, False]
+    (cached,) = list(tmp_path.iterdir())
+    again = vocab_map(src, tgt, "a", "b", tmp_path)  # read back from the file
+    assert again.ids.tolist() == first.ids.tolist() and again.stats == first.stats
+    # Same fingerprints, another vocabulary: the digest check rebuilds instead of trusting the file.
+    other = vocab_map(src, ["x", "the", " ca", "t", " s"], "a", "b", tmp_path)
+    assert other.ids.tolist() == reference.map_vocab(src, ["x", "the", " ca", "t", " s"])
+    cached.write_bytes(b"garbage")
+    assert vocab_map(src, tgt, "a", "b", tmp_path).ids.tolist() == first.ids.tolist()
+
+
+# ---------------------------------------------------------------------------------------------- real stores
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tokenizers_by_kind, corpus_texts):
+    """Tiny models of three architectures and tokenizer families, extracted over one corpus."""
+    root = tmp_path_factory.mktemp("align")
+    data = extract_three(root, tokenizers_by_kind, [t[:1200] for t in corpus_texts[:8]], k=K, window=WINDOW)
+    stores = data["stores"]
+    aligned = root / "aligned"
+    report = fusekit.align_store(
+        stores["bpe"], [stores["unigram"], stores["wordpiece"]], aligned, vocab_map_cache=root / "cache", progress=False
+    )
+    return {**data, "aligned": aligned, "report": report}
+
+
+def _text_tokens(store, text_id):
+    ws = dict(store.iter_texts(range(text_id, text_id + 1)))[text_id]
+    cat = lambda f: np.concatenate([getattr(w, f) for w in ws])  # noqa: E731
+    return {f: cat(f) for f in ("input_ids", "offsets", "topk_ids", "topk_logp", "ce")}
+
+
+def test_carried_and_fallback_match_a_reference(extracted):
+    """Every 3rd window, each source: the pure-Python DTW and top-k transfer of tests/reference.py on
+    the source tokens starting in the window's span must give the stored candidate."""
+    from fusekit.store.extract_store import ExtractStore
+
+    tgt = ExtractStore(extracted["stores"]["bpe"])
+    srcs = [ExtractStore(extracted["stores"][k]) for k in ("unigram", "wordpiece")]
+    tgt_windows = list(tgt.iter_windows())
+    store = AlignedStore(extracted["aligned"])
+    assert len(store) == len(tgt_windows)
+    mappings = [vocab_map(src.vocab, tgt.vocab, "x", "y", extracted["root"] / "cache-test").ids for src in srcs]
+    for src, mapping in zip(srcs, mappings):  # a sample of the map against the brute-force reference
+        sample = list(range(0, len(src.vocab), 23))
+        assert mapping[sample].tolist() == reference.map_vocab([src.vocab[i] for i in sample], tgt.vocab)
+    checked_carried = checked_fallback = 0
+    for idx in range(0, len(store), 3):
+        tw, aw = tgt_windows[idx], store[idx]
+        assert (aw.text_id, aw.window) == (tw.text_id, tw.window)
+        np.testing.assert_array_equal(aw.input_ids, tw.input_ids)
+        for s_i, src in enumerate(srcs):
+            full = _text_tokens(src, tw.text_id)
+            sel = (full["offsets"] >= tw.char_start) & (full["offsets"] < tw.char_end)
+            src_ids = full["input_ids"][sel]
+            cand = aw.candidates[1 + s_i]
+            mapping = mappings[s_i]
+            path = reference.dtw_path([src.vocab[i] for i in src_ids], [tgt.vocab[i] for i in tw.input_ids])
+            expected = reference.align_topk(
+                path, src_ids.tolist(), tw.input_ids.tolist(), mapping.tolist(), full["topk_ids"][sel].tolist(), full["topk_logp"][sel].tolist()
+            )
+            partners = {j: i for i, j in path}
+            for j, (dist, carried) in enumerate(expected):
+                got = {int(i): float(p) for i, p in zip(cand.ids[j], cand.probs[j]) if i >= 0}
+                assert set(got) == set(dist), (idx, s_i, j)
+                for t, p in dist.items():
+                    assert got[t] == pytest.approx(p, abs=2e-3)
+                if carried:
+                    assert cand.ce[j] == pytest.approx(full["ce"][sel][partners[j]], nan_ok=True)
+                    checked_carried += 1
+                else:
+                    assert np.isnan(cand.ce[j])
+                    if j + 1 < len(tw.input_ids):
+                        assert got == {int(tw.input_ids[j + 1]): 1.0}  # one-hot on the next target token
+                        checked_fallback += 1
+            metric = full["ce"][sel]
+            metric = metric[np.isfinite(metric)]
+            assert cand.mean_ce == pytest.approx(float(metric.mean()), rel=1e-6)
+        # The target's own candidate: its stored top-k, renormalised over k.
+        p = np.exp(tw.topk_logp.astype(np.float64))
+        np.testing.assert_allclose(aw.candidates[0].probs, p / p.sum(1, keepdims=True), atol=2e-3)
+        np.testing.assert_array_equal(aw.candidates[0].ids, tw.topk_ids)
+        np.testing.assert_allclose(aw.candidates[0].ce, tw.ce)
+    assert checked_carried > 50 and checked_fallback > 50
+
+
+def test_report(extracted):
+    from fusekit.store.extract_store import ExtractStore
+
+    report = extracted["report"]
+    tgt = ExtractStore(extracted["stores"]["bpe"])
+    positions = sum(len(w.input_ids) - 1 for w in tgt.iter_windows())
+    assert report["target"]["tokens"] == tgt.token_count()
+    tgt_strings = set(tgt.vocab)
+    for s, kind in zip(report["sources"], ("unigram", "wordpiece")):
+        src = ExtractStore(extracted["stores"][kind])
+        assert s["positions"] == positions
+        assert 0.2 < s["carried_share"] < 1.0
+        assert s["carried_share"] + s["fallback_share"] == pytest.approx(1.0)
+        assert s["vocab_map"]["exact"] == sum(t in tgt_strings for t in src.vocab)
+        assert 0 < s["kept_mass_mean"] <= s["topk_mass_mean"] <= 1.0
+        assert s["tokens_per_s"] > 0
+    assert report["run"]["tokens"] == tgt.token_count()
+
+
+def test_store_reads_randomly_and_in_order(extracted):
+    store = AlignedStore(extracted["aligned"])
+    ordered = list(store.iter_windows())
+    assert len(ordered) == len(store) == len(store.window_lengths())
+    for i in [len(store) - 1, 0, 5, 3, len(store) // 2]:
+        w, o = store[i], ordered[i]
+        assert (w.text_id, w.window) == (o.text_id, o.window)
+        for a, b in zip(w.candidates, o.candidates):
+            np.testing.assert_array_equal(a.ids, b.ids)
+            np.testing.assert_array_equal(a.probs, b.probs)
+    assert store[-1].text_id == ordered[-1].text_id
+    with pytest.raises(IndexError):
+        store[len(store)]
+    for w in ordered:
+        for c in w.candidates:
+            rows = c.probs.sum(1)
+            assert np.allclose(rows[(c.ids >= 0).any(1)], 1.0, atol=1e-5)
+
+
+def test_shard_union_equals_serial(extracted, tmp_path):
+    s = extracted["stores"]
+    args = (s["bpe"], [s["unigram"], s["wordpiece"]])
+    kw = dict(vocab_map_cache=extracted["root"] / "cache", progress=False)
+    fusekit.align_store(*args, tmp_path / "serial", num_shards=3, workers=1, **kw)
+    for i in (2, 0, 1):
+        fusekit.align_store(*args, tmp_path / "sharded", shard=f"{i}/3", **kw)
+    _assert_same_files(tmp_path / "serial", tmp_path / "sharded")
+    assert verify_store(tmp_path / "sharded") == []
+    with pytest.raises(StoreError, match="other settings"):  # a different N into the same store
+        fusekit.align_store(*args, tmp_path / "sharded", shard="0/2", **kw)
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir() if p.name != "report.json")
+    assert names == sorted(p.name for p in b.iterdir() if p.name != "report.json")
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_kill_and_resume_is_byte_identical(extracted, tmp_path):
+    """kill -9 a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted run's."""
+    s = extracted["stores"]
+    exe = shutil.which("fusekit")
+    assert exe is not None
+    out = tmp_path / "killed"
+    cmd = [exe, "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(out),
+           "--shards", "8", "--workers", "1", "--no-progress", "--vocab-map-cache", str(extracted["root"] / "cache")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.is_dir() and any(p.name.endswith(".parquet.json") for p in out.iterdir()):
+            break
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = [p for p in out.iterdir() if p.name.endswith(".parquet.json")]
+    assert 1 <= len(done) < 8, f"the kill did not land mid-run ({len(done)} shards done): {proc.stderr.read()!r}"
+    with pytest.raises(StoreError, match="incomplete"):
+        AlignedStore(out)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    fusekit.align_store(s["bpe"], [s["unigram"], s["wordpiece"]], tmp_path / "clean", num_shards=8, vocab_map_cache=extracted["root"] / "cache", progress=False)
+    _assert_same_files(tmp_path / "clean", out)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_refuses_other_corpus_in_one_line(extracted, tmp_path):
+    from fusekit.cli import app
+
+    other_corpus = tmp_path / "other.jsonl"
+    other_corpus.write_text(json.dumps({"text": extracted["texts"][0]}) + "\n", encoding="utf-8")
+    other = fusekit.extract(str(extracted["root"] / "model-unigram"), other_corpus, tmp_path / "x-other", top_k=K, max_length=WINDOW, progress=False)
+    result = CliRunner().invoke(app, ["align", "-t", str(extracted["stores"]["bpe"]), "-s", str(other), "-o", str(tmp_path / "o"), "--no-progress"])
+    assert result.exit_code == 1
+    assert "another corpus" in result.output and "Traceback" not in result.output
+    partial = fusekit.extract(str(extracted["root"] / "model-unigram"), extracted["corpus"], tmp_path / "x-part", top_k=K, max_length=WINDOW, shard="0/2", progress=False)
+    result = CliRunner().invoke(app, ["align", "-t", str(extracted["stores"]["bpe"]), "-s", str(partial), "-o", str(tmp_path / "o2"), "--no-progress"])
+    assert result.exit_code == 1 and "incomplete" in result.output
+    result = CliRunner().invoke(app, ["align", "-t", str(tmp_path / "nope"), "-s", str(partial), "-o", str(tmp_path / "o3")])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_trainer_reads_the_store_and_trains(extracted, tmp_path):
+    from fusekit.train.data import open_source
+
+    source = open_source(extracted["aligned"])
+    assert source.random_access
+    lengths = source.lengths()
+    assert lengths.sum() == extracted["report"]["target"]["tokens"]
+    for i in (0, len(lengths) - 1):
+        w = source.get(i)
+        n = len(w.input_ids)
+        assert n == lengths[i] and w.input_ids.dtype == np.int64 and len(w.candidates) == 3
+        for c in w.candidates:
+            assert c.ids.shape == (n, K) and c.probs.shape == (n, K) and c.ce.shape == (n,)
+    out = fusekit.train(
+        str(extracted["root"] / "model-bpe"), extracted["aligned"], tmp_path / "trained",
+        epochs=1, max_steps=2, batch_size=2, max_length=WINDOW, lr=1e-3, progress=False,
+    )
+    assert (Path(out) / "fusekit_train.json").is_file()

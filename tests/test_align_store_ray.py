@@ -1,0 +1,35 @@
+"""`fusekit align --ray`: shards as Ray tasks on a local 2-CPU cluster write the serial run's files."""
+
+from __future__ import annotations
+
+import pytest
+
+import fusekit
+from align_store_data import extract_three
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_run_equals_serial_byte_for_byte(tmp_path, tokenizers_by_kind, corpus_texts, local_cluster):
+    data = extract_three(tmp_path, tokenizers_by_kind, [t[:800] for t in corpus_texts[:6]], k=4, window=64)
+    s = data["stores"]
+    args = (s["bpe"], [s["unigram"], s["wordpiece"]])
+    kw = dict(num_shards=3, workers=1, vocab_map_cache=tmp_path / "cache", progress=False)
+    fusekit.align_store(*args, tmp_path / "serial", **kw)
+    report = fusekit.align_store(*args, tmp_path / "ray", ray="auto", **kw)
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir() if p.name != "report.json")
+    assert names == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name != "report.json")
+    for name in names:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    assert report["run"]["shards"] == [0, 1, 2] and report["run"]["ray"] == "auto"
+    # Everything complete: a second Ray run has nothing to do.
+    again = fusekit.align_store(*args, tmp_path / "ray", ray="auto", **kw)
+    counts = lambda r: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in r["sources"]]  # noqa: E731
+    assert again["run"]["shards"] == [] and counts(again) == counts(report)
