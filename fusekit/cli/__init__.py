@@ -2,9 +2,13 @@
 
 from fusekit.cli.app import app
 from fusekit.cli import align_text  # noqa: F401  (registers commands)
+from fusekit.cli import align  # noqa: F401
 from fusekit.cli import train  # noqa: F401
 from fusekit.cli import eval  # noqa: F401, A004  (the `fusekit eval` command)
 from fusekit.cli import merge  # noqa: F401
+from fusekit.cli import extract  # noqa: F401
+from fusekit.cli import inspect  # noqa: F401, A004  (the `fusekit inspect` command)
+from fusekit.cli import run  # noqa: F401  (run, plan, demo)
 
 
 def main() -> None:

@@ -58,6 +58,9 @@ def evaluate_loaded(
     ctx = getattr(net.config, "max_position_embeddings", None) or getattr(net.config, "n_positions", None)
     window = min(max_length, ctx) if ctx else max_length
     examples, texts = _examples(tokenizer, records, window)
+    # Nats per character compare models whose tokenizers differ (per-token CE does not); chat
+    # records score only some of their characters, so they get none.
+    chars = sum(len(r.text) for r in records) if all(r.text is not None for r in records) else None
     rows = pack_rows([len(e.input_ids) for e in examples], window)
     device = next(net.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -83,7 +86,15 @@ def evaluate_loaded(
     if count == 0:
         raise CorpusError(f"{data}: no token has a next token to predict (texts too short, or no assistant turns)")
     mean_ce = total / count
-    return {"mean_ce": mean_ce, "perplexity": math.exp(mean_ce), "tokens": count, "texts": texts, "windows": len(examples)}
+    return {
+        "mean_ce": mean_ce,
+        "perplexity": math.exp(mean_ce),
+        "nats_per_char": total / chars if chars else None,
+        "tokens": count,
+        "chars": chars,
+        "texts": texts,
+        "windows": len(examples),
+    }
 
 
 def evaluate(
@@ -100,7 +111,8 @@ def evaluate(
 
     DATA: a text file (one text per line), a folder of text files, JSONL (`field` or chat `messages`,
     scoring assistant tokens only), Parquet, or a list of strings. Returns mean_ce, perplexity,
-    tokens (predicted), texts, windows.
+    nats_per_char (total nats over the texts' characters; None for chat data), tokens (predicted),
+    chars, texts, windows.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_model(model).to(dev).eval()

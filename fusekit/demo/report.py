@@ -1,0 +1,107 @@
+"""The demo's result: tables (rich), results.json and a bar chart (PNG).
+
+Per-token CE is comparable only between models that share a tokenizer (the target and its trained
+variants); nats per character compares every model, the sources included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _pivot(rows: list[dict], metric: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        value = r.get(metric)
+        if value is not None:
+            out.setdefault(r["model"], {})[r["dataset"]] = float(value)
+    for values in out.values():
+        values["average"] = sum(values.values()) / len(values)
+    return out
+
+
+def summarise(rows: list[dict], target_family: list[str], variants: dict[str, str]) -> dict:
+    """Held-out CE per model and domain, and whether FuseLLM's claim holds on this run.
+
+    `target_family`: the models that share the target's tokenizer (per-token CE comparable);
+    `variants`: role → model name for "before", "clm", and each fused variant.
+    """
+    ce = {m: v for m, v in _pivot(rows, "mean_ce").items() if m in target_family}
+    npc = _pivot(rows, "nats_per_char")
+    avg = {role: ce[name]["average"] for role, name in variants.items() if name in ce}
+    fused = {role: a for role, a in avg.items() if role not in ("before", "clm")}
+    claim = {
+        "average_ce": avg,
+        "best_fused": min(fused, key=fused.get) if fused else None,
+        "fused_beats_clm": {role: a < avg["clm"] for role, a in fused.items()} if "clm" in avg else {},
+        "fused_beats_before": {role: a < avg["before"] for role, a in fused.items()} if "before" in avg else {},
+    }
+    return {"ce_per_token": ce, "nats_per_char": npc, "claim": claim}
+
+
+def _table(title: str, values: dict[str, dict[str, float]], domains: list[str], best_lower: bool = True) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    for d in [*domains, "average"]:
+        table.add_column(d, justify="right")
+    best = {d: min((v[d] for v in values.values() if d in v), default=math.nan) for d in [*domains, "average"]}
+    for model, v in values.items():
+        cells = []
+        for d in [*domains, "average"]:
+            if d not in v:
+                cells.append("—")
+                continue
+            text = f"{v[d]:.4f}"
+            cells.append(f"[bold green]{text}[/]" if best_lower and v[d] == best[d] else text)
+        table.add_row(model, *cells)
+    return table
+
+
+def print_tables(summary: dict, domains: list[str], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(_table("held-out CE, nats/token (target tokenizer; lower is better)", summary["ce_per_token"], domains))
+    console.print(_table("held-out nats/character (every model; lower is better)", summary["nats_per_char"], domains))
+    claim = summary["claim"]
+    if claim["average_ce"]:
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in claim["average_ce"].items())
+        console.print(f"average held-out CE: {parts}")
+
+
+def plot(summary: dict, domains: list[str], path: Path) -> Path | None:
+    """Grouped bars of nats/char per domain, one bar per model; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    values = summary["nats_per_char"]
+    models = list(values)
+    cols = [*domains, "average"]
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(2.2 * len(cols) + 2, 4))
+    for i, m in enumerate(models):
+        xs = [c + i * width for c in range(len(cols))]
+        ax.bar(xs, [values[m].get(d, math.nan) for d in cols], width, label=m)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cols))], cols)
+    ax.set_ylabel("held-out nats / character (lower is better)")
+    finite = [v for m in models for v in values[m].values() if math.isfinite(v)]
+    if finite:
+        ax.set_ylim(min(finite) * 0.9, max(finite) * 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("fusekit demo: FuseLLM in miniature")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(path: Path, payload: dict) -> Path:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return path

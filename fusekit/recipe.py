@@ -1,0 +1,174 @@
+"""The recipe: one YAML file that describes a whole fusion job (models, corpus, eval sets, stages).
+
+Validated with pydantic: unknown keys are rejected (a typo must not silently fall back to a default)
+and every model must exist where the recipe says, before any stage spends compute.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with a message that says what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Short name used in tables and folder names.")
+    model: str = Field(description="A local model folder, a .gguf file, or a Hugging Face id.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+", v):
+            raise ValueError(f"model name {v!r} may only use letters, digits, '_', '-' and '.'")
+        return v
+
+
+class DataSpec(_Strict):
+    name: str
+    data: str = Field(description="Text file, folder of text files, JSONL or Parquet.")
+    field: str = "text"
+
+
+class ExtractOptions(_Strict):
+    top_k: int = Field(10, ge=1, le=256)
+    max_length: int = Field(2048, ge=8)
+    batch_size: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda"] | None = Field(None, description="Default: cuda when available.")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Default: bf16 on cuda, fp32 on cpu.")
+
+
+class AlignOptions(_Strict):
+    workers: int | None = Field(None, ge=1)
+
+
+class TrainVariant(_Strict):
+    name: str
+    fusion: Literal["min_ce", "avg_ce"] = "min_ce"
+    granularity: Literal["window", "token"] = "window"
+    lam: float = Field(0.9, ge=0.0, le=1.0)
+
+
+class TrainOptions(_Strict):
+    variants: list[TrainVariant] = Field(
+        default_factory=lambda: [
+            TrainVariant(name="fusellm-minc", fusion="min_ce"),
+            TrainVariant(name="fusellm-avgce", fusion="avg_ce"),
+            TrainVariant(name="clm-only", lam=1.0),
+        ]
+    )
+    lr: float = Field(1e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(2048, ge=8)
+    warmup_ratio: float = Field(0.008, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    clip: float = Field(1.0, gt=0)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    seed: int = 0
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per variant.")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[TrainVariant]) -> list[TrainVariant]:
+        names = [x.name for x in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train variant names must be unique, got {names}")
+        return v
+
+
+class Recipe(_Strict):
+    workdir: str = Field(description="Where every stage writes (resumable: re-running skips what is done).")
+    target: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    corpus: DataSpec
+    eval: list[DataSpec] = Field(default_factory=list)
+    extract: ExtractOptions = ExtractOptions()
+    align: AlignOptions = AlignOptions()
+    train: TrainOptions = TrainOptions()
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "Recipe":
+        names = [self.target.name] + [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target and source names must be distinct, got {names}")
+        return self
+
+    def resolve(self, base: Path) -> "Recipe":
+        """Relative paths are relative to the recipe file; models and data must exist."""
+
+        def path_of(value: str) -> str:
+            p = Path(value).expanduser()
+            return str(p if p.is_absolute() else (base / p).resolve())
+
+        problems: list[str] = []
+
+        def model(spec: ModelSpec) -> ModelSpec:
+            local = Path(path_of(spec.model))
+            if local.exists():
+                return spec.model_copy(update={"model": str(local)})
+            if _HUB_ID.match(spec.model) and not spec.model.startswith("."):
+                return spec  # a hub id: checked when it is loaded
+            problems.append(f"model {spec.name!r}: {spec.model} does not exist (looked at {local})")
+            return spec
+
+        def data(spec: DataSpec) -> DataSpec:
+            local = Path(path_of(spec.data))
+            if not local.exists():
+                problems.append(f"data {spec.name!r}: {spec.data} does not exist (looked at {local})")
+            return spec.model_copy(update={"data": str(local)})
+
+        resolved = self.model_copy(
+            update={
+                "workdir": path_of(self.workdir),
+                "target": model(self.target),
+                "sources": [model(s) for s in self.sources],
+                "corpus": data(self.corpus),
+                "eval": [data(e) for e in self.eval],
+            }
+        )
+        if problems:
+            raise RecipeError("recipe cannot run:\n  " + "\n  ".join(problems))
+        return resolved
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file; every problem is reported in one RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no recipe at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping (workdir, target, sources, corpus, …)")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(path, exc)) from None
+    return recipe.resolve(path.parent)
+
+
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    """Every problem of a config file on its own line, with the key path where it is."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key (not part of the schema)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {msg}")
+    return f"{path} is not valid:\n  " + "\n  ".join(lines)

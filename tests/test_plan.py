@@ -1,0 +1,81 @@
+"""`fusekit plan` against what `fusekit run` then writes: exact token counts, bytes within 10%."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusekit import zoo
+from fusekit.eval.corpus import read_records, tokenize_record
+from fusekit.train.model_io import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory) -> Path:
+    """A target and two sources with different tokenizers and architectures, a corpus, an eval set."""
+    root = tmp_path_factory.mktemp("plan")
+    texts = zoo.stdlib_texts("prose")
+    corpus, heldout = texts[:24], texts[60:64]
+    models = {
+        "target": ("llama", "bpe", 600),
+        "gpt": ("gpt2", "unigram", 500),
+        "neox": ("gpt_neox", "bpe", 700),
+    }
+    for name, (arch, kind, vocab) in models.items():
+        tok = zoo.train_tokenizer(kind, texts[:40], vocab_size=vocab)
+        zoo.build_tiny_model(arch, tok, root / name, hidden=32, layers=1, heads=2, context=128)
+    for name, rows in (("corpus.jsonl", corpus), ("heldout.jsonl", heldout)):
+        (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    recipe = {
+        "workdir": "work",
+        "target": {"name": "target", "model": "target"},
+        "sources": [{"name": "gpt", "model": "gpt"}, {"name": "neox", "model": "neox"}],
+        "corpus": {"name": "corpus", "data": "corpus.jsonl"},
+        "eval": [{"name": "heldout", "data": "heldout.jsonl"}],
+        "extract": {"top_k": 5, "max_length": 64, "batch_size": 8},
+        "train": {
+            "variants": [{"name": "minc", "fusion": "min_ce", "lam": 0.5}],
+            "lr": 1e-3,
+            "batch_size": 4,
+            "max_length": 64,
+            "max_steps": 2,
+        },
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _parquet_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_plan_matches_what_run_writes(tiny_recipe):
+    from fusekit.pipeline import Layout, run_recipe
+    from fusekit.plan import plan_recipe, plan_table
+    from fusekit.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe)
+    plan = plan_recipe(recipe, sample_texts=8)
+    assert plan_table(plan).row_count == len(plan["models"]) + 4
+
+    # Token counts: independent of the planner, straight from each tokenizer.
+    records = list(read_records(recipe.corpus.data))
+    for spec in [recipe.target, *recipe.sources]:
+        tok = load_tokenizer(spec.model)
+        expected = sum(len(tokenize_record(tok, r)[0]) for r in records)
+        assert plan["models"][spec.name]["tokens"] == expected
+
+    result = run_recipe(recipe, progress=False)
+    layout = Layout(Path(recipe.workdir))
+    for spec in [recipe.target, *recipe.sources]:
+        actual = _parquet_bytes(layout.extract(spec.name))
+        planned = plan["models"][spec.name]["extract_bytes"]
+        assert abs(planned - actual) <= 0.10 * actual, (spec.name, planned, actual)
+    actual = _parquet_bytes(layout.aligned)
+    assert abs(plan["align"]["bytes"] - actual) <= 0.10 * actual, (plan["align"]["bytes"], actual)
+    assert {r["model"] for r in result.eval_rows} == {"target (before)", "gpt", "neox", "minc"}
