@@ -28,9 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from fusekit.recipe import (
-    AlignOptions,
-    DataSpec,
-    ExtractOptions,
+    JobSpec,
     ModelSpec,
     Recipe,
     RecipeError,
@@ -56,14 +54,8 @@ class MergeOptions(_Strict):
     seed: int = 0
 
 
-class FuseChatRecipe(_Strict):
-    workdir: str
+class FuseChatRecipe(JobSpec):
     pivot: ModelSpec
-    sources: list[ModelSpec] = Field(min_length=1)
-    corpus: DataSpec
-    eval: list[DataSpec] = Field(default_factory=list)
-    extract: ExtractOptions = ExtractOptions()
-    align: AlignOptions = AlignOptions()
     train: TrainOptions = TrainOptions(variants=[TrainVariant(name="pair")])
     pair: PairOptions = PairOptions()
     merge: MergeOptions = MergeOptions()

@@ -91,14 +91,19 @@ class TrainOptions(_Strict):
         return v
 
 
-class Recipe(_Strict):
+class JobSpec(_Strict):
+    """What every fusion job names: where it writes, its sources, its data and the shared stage options."""
+
     workdir: str = Field(description="Where every stage writes (resumable: re-running skips what is done).")
-    target: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
     corpus: DataSpec
     eval: list[DataSpec] = Field(default_factory=list)
     extract: ExtractOptions = ExtractOptions()
     align: AlignOptions = AlignOptions()
+
+
+class Recipe(JobSpec):
+    target: ModelSpec
     train: TrainOptions = TrainOptions()
 
     @model_validator(mode="after")

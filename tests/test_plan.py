@@ -11,6 +11,7 @@ import yaml
 from fusekit import zoo
 from fusekit.eval.corpus import read_records, tokenize_record
 from fusekit.train.model_io import load_tokenizer
+from tiny_models import THREE_FAMILIES, build_models
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +20,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("plan")
     texts = zoo.stdlib_texts("prose")
     corpus, heldout = texts[:24], texts[60:64]
-    models = {
-        "target": ("llama", "bpe", 600),
-        "gpt": ("gpt2", "unigram", 500),
-        "neox": ("gpt_neox", "bpe", 700),
-    }
-    for name, (arch, kind, vocab) in models.items():
-        tok = zoo.train_tokenizer(kind, texts[:40], vocab_size=vocab)
-        zoo.build_tiny_model(arch, tok, root / name, hidden=32, layers=1, heads=2, context=128)
+    build_models(root, THREE_FAMILIES, texts[:40])
     for name, rows in (("corpus.jsonl", corpus), ("heldout.jsonl", heldout)):
         (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     recipe = {
