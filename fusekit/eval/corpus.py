@@ -6,10 +6,12 @@ Chat records become the model's chat template; only assistant tokens are scored 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -26,8 +28,72 @@ class Record:
     messages: list[dict] | None = None
 
 
-def read_records(data: str | Path, field: str = "text") -> Iterator[Record]:
-    path = Path(data)
+@dataclass
+class CorpusStats:
+    """What reading skipped: texts that are empty (or whitespace only) and texts that are not UTF-8.
+
+    Skipping (rather than failing) lets one bad line of a large scraped corpus not stop a run; the
+    counts are reported so that nothing is dropped silently.
+    """
+
+    texts: int = 0
+    empty: int = 0
+    non_utf8: int = 0
+    examples: list[str] = dc_field(default_factory=list)  # where the first few skipped texts were
+
+    def skip(self, kind: str, where: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.examples) < 5:
+            self.examples.append(f"{where} ({'not UTF-8' if kind == 'non_utf8' else 'empty'})")
+
+    @property
+    def skipped(self) -> int:
+        return self.empty + self.non_utf8
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.texts} texts"
+        where = "; e.g. " + ", ".join(self.examples[:3]) if self.examples else ""
+        return f"{self.texts} texts; skipped {self.empty} empty and {self.non_utf8} non-UTF-8 ones{where}"
+
+
+def _decode(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _text_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
+    data = path.read_bytes()
+    whole = _decode(data)
+    # A valid file splits exactly as str.splitlines; only a file with bad bytes is decoded line by line.
+    if whole is not None:
+        chunks = list(enumerate(whole.splitlines(), 1))
+    else:
+        chunks = []
+        for n, raw in enumerate(data.splitlines(), 1):
+            line = _decode(raw)
+            if line is None:
+                stats.skip("non_utf8", f"{path}:{n}")
+                continue
+            chunks.extend((n, part) for part in (line.splitlines() or [""]))
+    for n, line in chunks:
+        if line.strip():
+            yield line
+        else:
+            stats.skip("empty", f"{path}:{n}")
+
+
+def read_records(data: str | Path, field: str = "text", stats: CorpusStats | None = None) -> Iterator[Record]:
+    """The corpus's records in order. Empty and non-UTF-8 texts are skipped and counted in `stats`."""
+    stats = stats if stats is not None else CorpusStats()
+    for record in _read_records(Path(data), field, stats):
+        stats.texts += 1
+        yield record
+
+
+def _read_records(path: Path, field: str, stats: CorpusStats) -> Iterator[Record]:
     if not path.exists():
         raise CorpusError(f"no data at {path}")
     if path.is_dir():
@@ -35,37 +101,74 @@ def read_records(data: str | Path, field: str = "text") -> Iterator[Record]:
         if not files:
             raise CorpusError(f"{path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
         for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
+            text = _decode(f.read_bytes())
+            if text is None:
+                stats.skip("non_utf8", str(f))
+            elif not text.strip():
+                stats.skip("empty", str(f))
+            else:
                 yield Record(text=text)
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw)
+                if line is None:
+                    stats.skip("non_utf8", f"{path}:{lineno}")
                     continue
+                if not line.strip():
+                    continue  # a blank line between records is not a text
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise CorpusError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from None
                 if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                    yield Record(messages=obj["messages"])
+                    if obj["messages"]:
+                        yield Record(messages=obj["messages"])
+                    else:
+                        stats.skip("empty", f"{path}:{lineno}")
                 elif isinstance(obj, dict) and isinstance(obj.get(field), str):
-                    yield Record(text=obj[field])
+                    if obj[field].strip():
+                        yield Record(text=obj[field])
+                    else:
+                        stats.skip("empty", f"{path}:{lineno}")
                 else:
                     raise CorpusError(f"{path}:{lineno} has neither a string {field!r} field nor a 'messages' list")
     elif path.suffix == ".parquet":
         import polars as pl
 
-        frame = pl.read_parquet(path)
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as exc:  # polars raises its own types for damaged files
+            raise CorpusError(f"cannot read {path} as Parquet: {exc}") from None
         if field not in frame.columns:
             raise CorpusError(f"{path} has no column {field!r} (columns: {', '.join(frame.columns)})")
-        for text in frame[field].to_list():
+        if frame.schema[field] not in (pl.String, pl.Null):
+            raise CorpusError(f"{path}: column {field!r} holds {frame.schema[field]}, not text")
+        for row, text in enumerate(frame[field].to_list()):
             if isinstance(text, str) and text.strip():
                 yield Record(text=text)
+            else:
+                stats.skip("empty", f"{path} row {row}")
     else:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.strip():
-                yield Record(text=line)
+        for line in _text_lines(path, stats):
+            yield Record(text=line)
+
+
+def record_key(record: Record) -> bytes:
+    """The bytes that identify a record (its text, or its messages as canonical JSON)."""
+    if record.text is not None:
+        return b"T" + record.text.encode("utf-8")
+    return b"M" + json.dumps(record.messages, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def corpus_fingerprint(records: Iterable[Record]) -> str:
+    """sha256 over the records as read (length-prefixed): equal for two models over the same corpus."""
+    h = hashlib.sha256(b"fusekit-corpus/1\n")
+    for record in records:
+        key = record_key(record)
+        h.update(len(key).to_bytes(8, "little"))
+        h.update(key)
+    return h.hexdigest()
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -85,17 +188,42 @@ def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
     return render(messages), spans
 
 
-def tokenize_record(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray | None]:
-    """Token ids and, for chat records, a mask of the assistant tokens."""
+@dataclass
+class TokenizedText:
+    """A record as the model sees it: the text, its tokens and where each token starts in it."""
+
+    text: str  # the plain text, or the chat rendered by the tokenizer's template
+    input_ids: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [n]: character (code point) offset where each token starts
+    mask: np.ndarray | None  # bool [n] for chat records: the assistant tokens
+
+
+def tokenize_with_offsets(tokenizer, record: Record) -> TokenizedText:
+    """Tokenise the whole text once without special tokens, so offsets are plain text positions.
+
+    Needs a fast tokenizer (offsets come from its Rust backend).
+    """
     if record.text is not None:
-        return np.asarray(tokenizer(record.text)["input_ids"], dtype=np.int64), None
-    text, spans = _render_chat(tokenizer, record.messages or [])
+        text, spans = record.text, None
+    else:
+        text, spans = _render_chat(tokenizer, record.messages or [])
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    starts = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-    mask = np.zeros(len(starts), dtype=bool)
-    for lo, hi in spans:
-        mask |= (starts >= lo) & (starts < hi)
-    return np.asarray(enc["input_ids"], dtype=np.int64), mask
+    offsets = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1)
+    mask = None
+    if spans is not None:
+        mask = np.zeros(len(offsets), dtype=bool)
+        for lo, hi in spans:
+            mask |= (offsets >= lo) & (offsets < hi)
+    return TokenizedText(text, np.asarray(enc["input_ids"], dtype=np.int64).reshape(-1), offsets, mask)
+
+
+def tokenize_record(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray | None]:
+    """Token ids (no special tokens added: windows as extraction cuts them) and, for chat records, a
+    mask of the assistant tokens."""
+    if record.text is not None:
+        return np.asarray(tokenizer(record.text, add_special_tokens=False)["input_ids"], dtype=np.int64), None
+    tokenized = tokenize_with_offsets(tokenizer, record)
+    return tokenized.input_ids, tokenized.mask
 
 
 def windows_of(ids: np.ndarray, max_length: int) -> list[tuple[int, int]]:

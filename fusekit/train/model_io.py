@@ -39,17 +39,17 @@ def _split(model: str | Path) -> tuple[str, dict]:
     return str(model), {}  # a hub id
 
 
-def load_tokenizer(model: str | Path):
+def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     where, extra = _split(model)
     try:
-        return AutoTokenizer.from_pretrained(where, **extra)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {model}: {exc}") from None
 
 
-def load_model(model: str | Path, dtype=None):
+def load_model(model: str | Path, dtype=None, trust_remote_code: bool = False):
     """A causal LM in `dtype` (fp32 by default: the master weights), ready for `save_pretrained`.
 
     A GGUF-loaded model refuses `save_pretrained`, so its (dequantised) weights are moved into a model
@@ -62,7 +62,7 @@ def load_model(model: str | Path, dtype=None):
     where, extra = _split(model)
     try:
         with quiet_transformers():
-            loaded = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+            loaded = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         raise ModelLoadError(f"cannot load a model from {model}: {exc}") from None
     if "gguf_file" not in extra:
@@ -70,6 +70,6 @@ def load_model(model: str | Path, dtype=None):
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     plain.load_state_dict(loaded.state_dict())
     return plain

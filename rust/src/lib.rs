@@ -3,6 +3,7 @@
 //! The algorithms are plain Rust, tested with `cargo test`; `py.rs` is the only file that knows
 //! about Python (built with the `python` feature by maturin).
 
+pub mod codec;
 pub mod dtw;
 pub mod levenshtein;
 pub mod topk;

@@ -6,7 +6,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
-use crate::{dtw, topk, vocab_map};
+use crate::{codec, dtw, topk, vocab_map};
 
 fn to_chars(tokens: &[String]) -> Vec<Vec<char>> {
     tokens.iter().map(|t| t.chars().collect()).collect()
@@ -224,5 +224,163 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(align_ids_batch, m)?)?;
     m.add_function(wrap_pyfunction!(map_vocab, m)?)?;
     m.add_function(wrap_pyfunction!(align_topk, m)?)?;
+    m.add_function(wrap_pyfunction!(codec_encode_windows, m)?)?;
+    m.add_function(wrap_pyfunction!(codec_decode_windows, m)?)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The extraction store's top-k codec (see codec.rs for the format)
+
+struct OwnedWindow {
+    input: Vec<u32>,
+    offsets: Vec<i64>,
+    char_start: i64,
+    topk: Vec<u32>,
+    logp: Vec<f32>,
+    ce: Vec<f32>,
+    mask: Option<Vec<bool>>,
+}
+
+type WindowArrays<'py> = (
+    PyReadonlyArray1<'py, u32>,
+    PyReadonlyArray1<'py, i64>,
+    i64,
+    PyReadonlyArray2<'py, u32>,
+    PyReadonlyArray2<'py, f32>,
+    PyReadonlyArray1<'py, f32>,
+    Option<PyReadonlyArray1<'py, bool>>,
+);
+
+fn codec_params(k: usize, step: f64, knee: f64) -> PyResult<codec::Params> {
+    if k == 0 {
+        return Err(PyValueError::new_err("k must be at least 1"));
+    }
+    if !(step > 0.0 && step.is_finite()) {
+        return Err(PyValueError::new_err(format!("step must be a positive number, got {step}")));
+    }
+    if !(knee >= 0.0 && knee.is_finite()) {
+        return Err(PyValueError::new_err(format!("knee must be a number ≥ 0, got {knee}")));
+    }
+    Ok(codec::Params { k, step, knee })
+}
+
+/// Encode windows (input ranks, offsets, char_start, top-k ranks [n, k], log-probs [n, k], CE [n], mask
+/// or None) in parallel; returns (bytes, Σ KL, max KL) per window. `knee` widens the log-prob grid
+/// for unlikely slots (0: uniform grid of `step` nats; see codec.rs).
+#[pyfunction]
+#[pyo3(signature = (windows, k, step, threads=None, knee=0.0))]
+fn codec_encode_windows<'py>(
+    py: Python<'py>,
+    windows: Vec<WindowArrays<'py>>,
+    k: usize,
+    step: f64,
+    threads: Option<usize>,
+    knee: f64,
+) -> PyResult<Vec<(Bound<'py, pyo3::types::PyBytes>, f64, f64)>> {
+    let params = codec_params(k, step, knee)?;
+    let mut owned = Vec::with_capacity(windows.len());
+    for (i, (input, offsets, char_start, topk, logp, ce, mask)) in windows.iter().enumerate() {
+        let (ts, ls) = (topk.as_array().dim(), logp.as_array().dim());
+        if ts.1 != k || ls.1 != k {
+            return Err(PyValueError::new_err(format!(
+                "window {i}: top-k arrays have shapes {ts:?} and {ls:?} but k = {k}"
+            )));
+        }
+        owned.push(OwnedWindow {
+            input: input.as_slice()?.to_vec(),
+            offsets: offsets.as_slice()?.to_vec(),
+            char_start: *char_start,
+            topk: topk.as_slice()?.to_vec(),
+            logp: logp.as_slice()?.to_vec(),
+            ce: ce.as_slice()?.to_vec(),
+            mask: match mask {
+                Some(m) => Some(m.as_slice()?.to_vec()),
+                None => None,
+            },
+        });
+    }
+    let encoded = py.detach(|| {
+        on_pool(threads, || {
+            owned
+                .par_iter()
+                .map(|w| {
+                    codec::encode_window(
+                        &codec::WindowIn {
+                            input: &w.input,
+                            offsets: &w.offsets,
+                            char_start: w.char_start,
+                            topk: &w.topk,
+                            logp: &w.logp,
+                            ce: &w.ce,
+                            mask: w.mask.as_deref(),
+                        },
+                        params,
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    })?;
+    encoded
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let e = r.map_err(|e| PyValueError::new_err(format!("window {i}: {e}")))?;
+            Ok((pyo3::types::PyBytes::new(py, &e.bytes), e.kl_sum, e.kl_max))
+        })
+        .collect()
+}
+
+#[allow(clippy::type_complexity)]
+type DecodedArrays<'py> = (
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray2<u32>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<f32>>,
+    Option<Bound<'py, PyArray1<bool>>>,
+);
+
+/// Decode windows given (bytes, n tokens, char_start, has_mask) each; returns per window
+/// (input ranks, offsets, top-k ranks [n, k], log-probs [n, k], CE [n], mask or None).
+#[pyfunction]
+#[pyo3(signature = (windows, k, step, threads=None, knee=0.0))]
+fn codec_decode_windows<'py>(
+    py: Python<'py>,
+    windows: Vec<(Vec<u8>, usize, i64, bool)>,
+    k: usize,
+    step: f64,
+    threads: Option<usize>,
+    knee: f64,
+) -> PyResult<Vec<DecodedArrays<'py>>> {
+    let params = codec_params(k, step, knee)?;
+    let decoded = py.detach(|| {
+        on_pool(threads, || {
+            windows
+                .par_iter()
+                .map(|(bytes, n, char_start, has_mask)| {
+                    codec::decode_window(bytes, *n, params, *has_mask).map(|mut w| {
+                        codec::shift_offsets(&mut w, *char_start);
+                        w
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+    })?;
+    decoded
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let w = r.map_err(|e| PyValueError::new_err(format!("window {i}: {e}")))?;
+            let n = w.input.len();
+            Ok((
+                w.input.into_pyarray(py),
+                w.offsets.into_pyarray(py),
+                Array2::from_shape_vec((n, k), w.topk).expect("shape").into_pyarray(py),
+                Array2::from_shape_vec((n, k), w.logp).expect("shape").into_pyarray(py),
+                w.ce.into_pyarray(py),
+                w.mask.map(|m| m.into_pyarray(py)),
+            ))
+        })
+        .collect()
 }
