@@ -126,3 +126,19 @@ def test_a_full_disk_names_the_path_and_leaves_nothing_under_final_names(model_d
     assert "cannot write" in proc.stderr and "part-00000-of-00001.parquet" in proc.stderr
     assert not (out / "part-00000-of-00001.parquet").exists()
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_moved_model_folder_resumes_its_store(model_dir, corpus_file, tmp_path, tokenizers_by_kind):
+    """The store identifies a model by its config and weights, not by where the folder lies."""
+    import shutil
+
+    out = tmp_path / "store"
+    fusekit.extract(model_dir, corpus_file, out, progress=False, **ARGS)
+    written = files(out)
+    moved = shutil.copytree(model_dir, tmp_path / "elsewhere" / model_dir.name)
+    fusekit.extract(moved, corpus_file, out, progress=False, **ARGS)
+    assert files(out) == written
+    # …while the same architecture and tokenizer with other weights is still refused
+    other = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], tmp_path / "x" / model_dir.name, hidden=32, context=64, seed=1)
+    with pytest.raises(StoreError, match="other settings"):
+        fusekit.extract(other, corpus_file, out, progress=False, **ARGS)

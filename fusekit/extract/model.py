@@ -52,6 +52,16 @@ def model_name(model: str | Path) -> str:
     return p.name if p.exists() else str(model)
 
 
+# Config keys that say where or with what a model was loaded, not what it is.
+_CONFIG_NOISE = ("_name_or_path", "transformers_version")
+
+
+def config_identity(config) -> str:
+    """The config as canonical JSON, without the keys that change when a model folder moves."""
+    values = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if k not in _CONFIG_NOISE}
+    return json.dumps(values, sort_keys=True)
+
+
 def model_fingerprint(model: str | Path, config_json: str) -> str:
     """sha256 of the config and, for local weights, each weight file's name, size, first and last MiB.
 

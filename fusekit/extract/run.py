@@ -29,6 +29,7 @@ from fusekit.eval.corpus import (
 )
 from fusekit.extract.errors import ExtractError
 from fusekit.extract.model import (
+    config_identity,
     forward_topk,
     load_config,
     load_net,
@@ -228,7 +229,7 @@ def extract(
 
     settings = {
         "model": model_name(model),
-        "model_fingerprint": model_fingerprint(model, config.to_json_string(use_diff=False)),
+        "model_fingerprint": model_fingerprint(model, config_identity(config)),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "scheme": token_scheme(tokenizer).value,
         "vocab_size": vocab_size,
