@@ -1,0 +1,57 @@
+# Type stubs of the Rust extension (rust/src/py.rs). Users call the wrappers in fusekit.align and
+# fusekit.store; these signatures are for editors and type checkers.
+
+from typing import Optional, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+class TokenTable:
+    """A vocabulary's token strings, converted once so alignments can be asked for by token ids."""
+
+    def __init__(self, tokens: Sequence[str]) -> None: ...
+    def __len__(self) -> int: ...
+
+def align_tokens(src: Sequence[str], tgt: Sequence[str]) -> npt.NDArray[np.int64]:
+    """DTW path, shape (P, 2), from (0, 0) to (m−1, n−1); ValueError on empty input."""
+
+def align_tokens_batch(
+    pairs: Sequence[tuple[Sequence[str], Sequence[str]]], threads: Optional[int] = None
+) -> list[npt.NDArray[np.int64]]: ...
+def align_ids_batch(
+    src_table: TokenTable,
+    tgt_table: TokenTable,
+    pairs: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]],
+    threads: Optional[int] = None,
+) -> list[npt.NDArray[np.int64]]: ...
+def map_vocab(
+    src_vocab: Sequence[str], tgt_vocab: Sequence[str], threads: Optional[int] = None
+) -> tuple[npt.NDArray[np.int64], int]:
+    """(target index per source token, number of exact matches)."""
+
+def align_topk(
+    path: npt.NDArray[np.int64],
+    src_ids: npt.NDArray[np.int64],
+    tgt_ids: npt.NDArray[np.int64],
+    vocab_map: npt.NDArray[np.int64],
+    src_topk_ids: npt.NDArray[np.int64],
+    src_topk_logp: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
+    """Per target position: (ids [n, k], probs [n, k], carried [n], source position [n])."""
+
+def codec_encode_windows(
+    windows: Sequence[tuple],
+    k: int,
+    step: float,
+    threads: Optional[int] = None,
+    knee: float = 0.0,
+) -> list[tuple[bytes, float, float]]:
+    """Per window: (coded bytes, Σ KL, max KL); see rust/src/codec.rs for the format."""
+
+def codec_decode_windows(
+    windows: Sequence[tuple[bytes, int, int, bool]],
+    k: int,
+    step: float,
+    threads: Optional[int] = None,
+    knee: float = 0.0,
+) -> list[tuple]: ...
