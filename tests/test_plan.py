@@ -73,3 +73,12 @@ def test_plan_matches_what_run_writes(tiny_recipe):
     actual = _parquet_bytes(layout.aligned)
     assert abs(plan["align"]["bytes"] - actual) <= 0.10 * actual, (plan["align"]["bytes"], actual)
     assert {r["model"] for r in result.eval_rows} == {"target (before)", "gpt", "neox", "minc"}
+
+    # `fusekit run` on the same recipe finds every stage complete and ends with the eval table.
+    from typer.testing import CliRunner
+
+    from fusekit.cli import app
+
+    done = CliRunner().invoke(app, ["run", str(tiny_recipe), "--no-progress"], terminal_width=200)
+    assert done.exit_code == 0, done.output
+    assert "held-out mean CE" in done.output and "minc" in done.output and "target (before)" in done.output
