@@ -62,9 +62,7 @@ class FuseChatRecipe(JobSpec):
 
     @model_validator(mode="after")
     def _check(self) -> "FuseChatRecipe":
-        names = [self.pivot.name] + [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"pivot and source names must be distinct, got {names}")
+        self.check_distinct_names("pivot", self.pivot)
         if self.merge.method == "slerp" and len(self.sources) != 1:
             raise ValueError("slerp merges exactly two models: the pivot's fusion with one source")
         return self

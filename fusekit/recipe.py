@@ -101,6 +101,12 @@ class JobSpec(_Strict):
     extract: ExtractOptions = ExtractOptions()
     align: AlignOptions = AlignOptions()
 
+    def check_distinct_names(self, role: str, lead: ModelSpec) -> None:
+        """Names become folder names and table rows: the lead model's and the sources' must differ."""
+        names = [lead.name] + [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{role} and source names must be distinct, got {names}")
+
 
 class Recipe(JobSpec):
     target: ModelSpec
@@ -108,9 +114,7 @@ class Recipe(JobSpec):
 
     @model_validator(mode="after")
     def _distinct_names(self) -> "Recipe":
-        names = [self.target.name] + [s.name for s in self.sources]
-        if len(set(names)) != len(names):
-            raise ValueError(f"target and source names must be distinct, got {names}")
+        self.check_distinct_names("target", self.target)
         return self
 
     def resolve(self, base: Path) -> "Recipe":
