@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
@@ -51,7 +52,20 @@ def _count_params(model: str) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _token_counts(spec: ModelSpec, records, max_length: int) -> dict:
+@dataclass
+class _TokenCounts:
+    """Tokens and windows per text of one record set, under one model's tokenizer and window."""
+
+    tokens: list[int]
+    windows: list[int]
+
+    def total(self, texts: list[int] | None = None) -> dict:
+        chosen = range(len(self.tokens)) if texts is None else texts
+        return {"tokens": sum(self.tokens[i] for i in chosen), "windows": sum(self.windows[i] for i in chosen)}
+
+
+def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_length: int) -> dict[str | None, _TokenCounts]:
+    """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does."""
     from fusekit.eval.corpus import tokenize_record, windows_of
     from fusekit.extract.model import load_config, model_context
     from fusekit.train.model_io import load_tokenizer
@@ -59,12 +73,11 @@ def _token_counts(spec: ModelSpec, records, max_length: int) -> dict:
     tokenizer = load_tokenizer(spec.model)
     context = model_context(load_config(spec.model, False))
     window = min(max_length, context) if context else max_length
-    tokens = windows = 0
-    for record in records:
-        ids, _ = tokenize_record(tokenizer, record)
-        tokens += len(ids)
-        windows += len(windows_of(ids, window))
-    return {"tokens": tokens, "windows": windows, "window": window}
+    out = {}
+    for name, records in record_sets.items():
+        ids = [tokenize_record(tokenizer, r)[0] for r in records]
+        out[name] = _TokenCounts([len(x) for x in ids], [len(windows_of(x, window)) for x in ids])
+    return out
 
 
 def _write_sample(records, path: Path) -> None:
@@ -84,10 +97,12 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
     eval_records = {ds.name: list(read_records(ds.data, ds.field)) for ds in recipe.eval}
     # Texts spread evenly over the corpus: stores' bytes per token vary with the kind of text.
     n_sample = min(len(records), max(1, sample_texts))
-    sample = [records[(i * len(records)) // n_sample] for i in range(n_sample)]
+    sample_ids = [(i * len(records)) // n_sample for i in range(n_sample)]
+    sample = [records[i] for i in sample_ids]
     opts = recipe.extract
     models = [recipe.target, *recipe.sources]
     plan: dict = {"corpus": {"texts": len(records), "sample_texts": len(sample)}, "models": {}}
+    counts: dict[str, dict[str | None, _TokenCounts]] = {}
 
     with tempfile.TemporaryDirectory(prefix="fusekit-plan-") as tmp:
         root = Path(tmp)
@@ -101,8 +116,11 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
         # The first extraction in a process also pays for imports; keep that out of every timing.
         extract(recipe.target.model, small_path, root / "warm-up", **opts_kw)
         for spec in models:
-            full = _token_counts(spec, records, opts.max_length)
-            part = _token_counts(spec, sample, opts.max_length)
+            # Key None is the corpus, so an eval set may have any name.
+            counts[spec.name] = _token_counts(spec, {None: records, **eval_records}, opts.max_length)
+            corpus = counts[spec.name][None]
+            full, part = corpus.total(), corpus.total(sample_ids)
+            one = corpus.tokens[sample_ids[0]]
             store = root / "extract" / spec.name
             # Two runs, one text and the whole sample: their difference is compute alone, without the
             # model load and warm-up that both pay.
@@ -112,7 +130,6 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
             started = time.perf_counter()
             extract(spec.model, sample_path, store, **opts_kw)
             all_seconds = time.perf_counter() - started
-            one = _token_counts(spec, sample[:1], opts.max_length)["tokens"]
             seconds = max(all_seconds - one_seconds, 1e-3) * part["tokens"] / max(part["tokens"] - one, 1)
             shard_bytes, fixed = _files_bytes(store)
             params = _count_params(spec.model)
@@ -164,9 +181,7 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
     }
     eval_flops = 0
     for spec in models:
-        per_model = 0
-        for ds_records in eval_records.values():
-            per_model += _token_counts(spec, ds_records, opts.max_length)["tokens"]
+        per_model = sum(counts[spec.name][ds].total()["tokens"] for ds in eval_records)
         n_runs = 1 + (len(t.variants) if spec.name == recipe.target.name else 0)
         eval_flops += 2 * plan["models"][spec.name]["params"] * per_model * n_runs
     plan["eval"] = {"datasets": list(eval_records), "flops": eval_flops}
