@@ -24,8 +24,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from fusekit.recipe import (
     JobSpec,
@@ -35,7 +34,7 @@ from fusekit.recipe import (
     TrainOptions,
     TrainVariant,
     _Strict,
-    format_validation_error,
+    read_config,
 )
 
 MergeMethod = Literal["varm", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
@@ -83,16 +82,9 @@ class FuseChatRecipe(JobSpec):
 
 
 def load_fusechat(path: str | Path) -> FuseChatRecipe:
+    """Read, validate and resolve a FuseChat config; every problem is reported in one RecipeError."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"no FuseChat config at {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = FuseChatRecipe.model_validate(raw if isinstance(raw, dict) else {})
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, exc)) from None
+    config = read_config(path, FuseChatRecipe, "FuseChat config")
     resolved = config.as_recipe().resolve(path.parent)
     return config.model_copy(
         update={
@@ -143,5 +135,5 @@ def run_fusechat(config: FuseChatRecipe, progress: bool = True) -> dict:
     models[f"merged ({config.merge.method})"] = str(merged_dir)
     rows = evaluate_all(recipe, models, progress) if recipe.eval else []
     result = {"eval": rows, "align_report": reports, "merged": str(merged_dir), "pairs": {k: str(v) for k, v in fused.items()}}
-    (layout.root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    layout.results.write_text(json.dumps(result, indent=2) + "\n")
     return result

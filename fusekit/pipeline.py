@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 
@@ -172,7 +171,7 @@ def eval_table(rows: list[dict]):
     return table
 
 
-def run_recipe(recipe: Recipe, progress: bool = True, on_stage: Callable[[str], None] | None = None) -> RunResult:
+def run_recipe(recipe: Recipe, progress: bool = True) -> RunResult:
     """Run (or resume) every stage of `recipe`; returns the eval rows and the alignment report."""
     layout = Layout(Path(recipe.workdir))
     layout.root.mkdir(parents=True, exist_ok=True)

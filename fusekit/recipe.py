@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+_Config = TypeVar("_Config", bound=BaseModel)
 
 
 class RecipeError(ValueError):
@@ -155,22 +158,26 @@ class Recipe(JobSpec):
         return resolved
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and resolve a recipe file; every problem is reported in one RecipeError."""
+def read_config(path: str | Path, schema: type[_Config], what: str) -> _Config:
+    """A YAML file validated against `schema`; every problem is reported in one RecipeError."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"no recipe at {path}")
+        raise RecipeError(f"no {what} at {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must hold a mapping (workdir, target, sources, corpus, …)")
+        raise RecipeError(f"{path} must hold a mapping (workdir, sources, corpus, …)")
     try:
-        recipe = Recipe.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(path, exc)) from None
-    return recipe.resolve(path.parent)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe file; every problem is reported in one RecipeError."""
+    return read_config(path, Recipe, "recipe").resolve(Path(path).parent)
 
 
 def format_validation_error(path: Path, exc: ValidationError) -> str:

@@ -1,4 +1,4 @@
-"""`fusekit run RECIPE`, `fusekit plan RECIPE` and `fusekit demo`."""
+"""`fusekit demo`, `fusekit run RECIPE`, `fusekit plan RECIPE` and `fusekit fusechat CONFIG`."""
 
 from __future__ import annotations
 
