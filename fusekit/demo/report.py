@@ -25,13 +25,13 @@ def _pivot(rows: list[dict], metric: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def summarise(rows: list[dict], target_family: list[str], variants: dict[str, str]) -> dict:
+def summarise(rows: list[dict], variants: dict[str, str]) -> dict:
     """Held-out CE per model and domain, and whether FuseLLM's claim holds on this run.
 
-    `target_family`: the models that share the target's tokenizer (per-token CE comparable);
-    `variants`: role → model name for "before", "clm", and each fused variant.
+    `variants`: role → model name for "before", "clm", and each fused variant — the models that share
+    the target's tokenizer, whose per-token CE is comparable.
     """
-    ce = {m: v for m, v in _pivot(rows, "mean_ce").items() if m in target_family}
+    ce = {m: v for m, v in _pivot(rows, "mean_ce").items() if m in variants.values()}
     npc = _pivot(rows, "nats_per_char")
     avg = {role: ce[name]["average"] for role, name in variants.items() if name in ce}
     fused = {role: a for role, a in avg.items() if role not in ("before", "clm")}
@@ -44,7 +44,8 @@ def summarise(rows: list[dict], target_family: list[str], variants: dict[str, st
     return {"ce_per_token": ce, "nats_per_char": npc, "claim": claim}
 
 
-def _table(title: str, values: dict[str, dict[str, float]], domains: list[str], best_lower: bool = True) -> Table:
+def _table(title: str, values: dict[str, dict[str, float]], domains: list[str]) -> Table:
+    """One row per model; the lowest value of each column in bold."""
     table = Table(title=title, title_justify="left")
     table.add_column("model")
     for d in [*domains, "average"]:
@@ -57,7 +58,7 @@ def _table(title: str, values: dict[str, dict[str, float]], domains: list[str], 
                 cells.append("—")
                 continue
             text = f"{v[d]:.4f}"
-            cells.append(f"[bold green]{text}[/]" if best_lower and v[d] == best[d] else text)
+            cells.append(f"[bold green]{text}[/]" if v[d] == best[d] else text)
         table.add_row(model, *cells)
     return table
 

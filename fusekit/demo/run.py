@@ -84,9 +84,7 @@ def run_demo(
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     result = run_recipe(recipe, progress=progress)
 
-    family = ["target (before)", *VARIANTS.values()]
-    roles = {"before": "target (before)", **VARIANTS}
-    summary = summarise(result.eval_rows, family, roles)
+    summary = summarise(result.eval_rows, {"before": "target (before)", **VARIANTS})
     print_tables(summary, list(DOMAINS), Console())
     payload = {
         "config": dataclasses.asdict(cfg),

@@ -138,10 +138,8 @@ def open_source(aligned: str | Path | Iterable[AlignedWindow]) -> WindowSource:
         path = Path(aligned)
         if not path.exists():
             raise TrainDataError(f"no aligned store at {path}: run `fusekit align` first, or check the path")
-        try:
-            from fusekit.store.aligned_store import AlignedStore
-        except ImportError as exc:  # pragma: no cover - the align stage ships it
-            raise TrainDataError(f"cannot read aligned stores in this install: {exc}") from None
+        from fusekit.store.aligned_store import AlignedStore
+
         return WindowSource(store=AlignedStore(path))
     if hasattr(aligned, "iter_windows"):
         return WindowSource(store=aligned)
