@@ -32,6 +32,7 @@ CHILD = r"""
 import json, sys, time
 args = json.loads(sys.argv[1])
 
+# Inline, not fusekit._procmem: the mergekit child may run in another Python without fusekit.
 def status():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -31,14 +30,11 @@ VARIANTS = {
 }
 
 
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def child(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fusekit._procmem import memory_mb, reset_peak
     from fusekit.train.loss import dense_fused_loss, fused_loss
 
     torch.manual_seed(0)
@@ -81,15 +77,15 @@ def child(args) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_kib("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark to now
+        base = memory_mb()["VmRSS"] * 2**20
+        reset_peak()
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else memory_mb()["VmHWM"] * 2**20
     return {"time": min(times), "peak": peak - base, "logits_bytes": args.batch * args.length * args.vocab * 4}
 
 

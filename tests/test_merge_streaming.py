@@ -46,19 +46,8 @@ def synthetic_model(path: Path, seed: int, shards: int = 1, scale: float = 1.0, 
 SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from fusekit._procmem import memory_mb as status, reset_peak
     from fusekit.merge import merge_models
-
-    def status():
-        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-        return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
-
-    def reset_peak():
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
 
     small, big, out = sys.argv[1], sys.argv[2], sys.argv[3]
     results = {}
