@@ -69,6 +69,7 @@ def extract_all(recipe: Recipe, layout: Layout, progress: bool = True) -> None:
             device=opts.device,
             dtype=opts.dtype,
             field=recipe.corpus.field,
+            append_eos=opts.append_eos,
             progress=progress,
         )
 
@@ -78,11 +79,13 @@ def align_to(recipe: Recipe, layout: Layout, sources: list[str], out: Path, prog
     from fusekit.align.store import align_store
 
     _stage(f"align · {' + '.join(sources)} → {recipe.target.name}")
+    specs = {s.name: s for s in recipe.sources}
     return align_store(
         target=layout.extract(recipe.target.name),
         sources=[layout.extract(name) for name in sources],
         out=out,
         workers=recipe.align.workers,
+        method=[(specs[n].align_method if n in specs and specs[n].align_method else recipe.align.method) for n in sources],
         progress=progress,
     )
 

@@ -64,8 +64,9 @@ class _TokenCounts:
         return {"tokens": sum(self.tokens[i] for i in chosen), "windows": sum(self.windows[i] for i in chosen)}
 
 
-def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_length: int) -> dict[str | None, _TokenCounts]:
-    """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does."""
+def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_length: int, append_eos: bool = True) -> dict[str | None, _TokenCounts]:
+    """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does
+    (the corpus, key None, with the end-of-sequence token when extraction appends it)."""
     from fusekit.eval.corpus import tokenize_record, windows_of
     from fusekit.extract.model import load_config, model_context
     from fusekit.train.model_io import load_tokenizer
@@ -75,7 +76,7 @@ def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_leng
     window = min(max_length, context) if context else max_length
     out = {}
     for name, records in record_sets.items():
-        ids = [tokenize_record(tokenizer, r)[0] for r in records]
+        ids = [tokenize_record(tokenizer, r, append_eos and name is None)[0] for r in records]
         out[name] = _TokenCounts([len(x) for x in ids], [len(windows_of(x, window)) for x in ids])
     return out
 
@@ -111,13 +112,13 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
         _write_sample(sample[:1], small_path)
         opts_kw = dict(
             top_k=opts.top_k, max_length=opts.max_length, batch_size=opts.batch_size, device=opts.device,
-            dtype=opts.dtype, field="text", progress=progress,
+            dtype=opts.dtype, field="text", append_eos=opts.append_eos, progress=progress,
         )
         # The first extraction in a process also pays for imports; keep that out of every timing.
         extract(recipe.target.model, small_path, root / "warm-up", **opts_kw)
         for spec in models:
             # Key None is the corpus, so an eval set may have any name.
-            counts[spec.name] = _token_counts(spec, {None: records, **eval_records}, opts.max_length)
+            counts[spec.name] = _token_counts(spec, {None: records, **eval_records}, opts.max_length, opts.append_eos)
             corpus = counts[spec.name][None]
             full, part = corpus.total(), corpus.total(sample_ids)
             one = corpus.tokens[sample_ids[0]]

@@ -31,6 +31,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelSpec(_Strict):
     name: str = Field(description="Short name used in tables and folder names.")
     model: str = Field(description="A local model folder, a .gguf file, or a Hugging Face id.")
+    align_method: Literal["bytespan", "fusellm"] | None = Field(
+        None, description="How this source's distributions reach the target's tokens (default: align.method)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -52,10 +55,14 @@ class ExtractOptions(_Strict):
     batch_size: int = Field(8, ge=1)
     device: Literal["cpu", "cuda"] | None = Field(None, description="Default: cuda when available.")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Default: bf16 on cuda, fp32 on cpu.")
+    append_eos: bool = Field(True, description="End every plain text with the end-of-sequence token (FuseLLM's reference).")
 
 
 class AlignOptions(_Strict):
     workers: int | None = Field(None, ge=1)
+    method: Literal["bytespan", "fusellm"] = Field(
+        "bytespan", description="bytespan: chain-rule transfer on byte spans (every position); fusellm: the paper's 1:1 carry."
+    )
 
 
 class TrainVariant(_Strict):

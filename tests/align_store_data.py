@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from fusekit.align import normalize_vocab, token_scheme
+from fusekit.align.vocab_info import vocab_info
 from fusekit.store.types import Window
 
 
@@ -95,6 +96,7 @@ def extract_windows(model, tokenizer, text: str, text_id: int, k: int, max_lengt
                 topk_logp=top.values.numpy().astype(np.float32),
                 ce=ce,
                 mean_ce=float(np.nanmean(ce)) if hi - lo > 1 else math.nan,
+                text=text[(0 if lo == 0 else int(offsets[lo])) : (len(text) if hi == len(ids) else int(offsets[hi]))],
             )
         )
     return out
@@ -114,7 +116,9 @@ def memory_store(model, tokenizer, texts: list[str], *, k: int, max_length: int,
         "field": "text",
     }
     by_text = {i: extract_windows(model, tokenizer, t, i, k, max_length) for i, t in enumerate(texts)}
-    return MemoryExtractStore(settings=settings, vocab=vocab, scheme=str(token_scheme(tokenizer).value), texts=by_text, n_texts=len(texts))
+    store = MemoryExtractStore(settings=settings, vocab=vocab, scheme=str(token_scheme(tokenizer).value), texts=by_text, n_texts=len(texts))
+    store.vocab_info = vocab_info(tokenizer, vocab_size)
+    return store
 
 
 def extract_three(root: Path, tokenizers_by_kind: dict, texts: list[str], *, k: int, window: int) -> dict:

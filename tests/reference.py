@@ -42,16 +42,19 @@ def dtw_path(src: list[str], tgt: list[str]) -> list[tuple[int, int]]:
     return path[::-1]
 
 
-def map_vocab(src: list[str], tgt: list[str]) -> list[int]:
+def map_vocab(src: list[str], tgt: list[str], usable: list[bool] | None = None) -> list[int]:
+    """Identical string (first occurrence), else minimum edit distance (lowest index), among usable targets."""
+    ok = [True] * len(tgt) if usable is None else list(usable)
     first = {}
     for idx, t in enumerate(tgt):
-        first.setdefault(t, idx)
+        if ok[idx]:
+            first.setdefault(t, idx)
     out = []
     for s in src:
         if s in first:
             out.append(first[s])
             continue
-        dists = [levenshtein(s, t) for t in tgt]
+        dists = [levenshtein(s, t) if ok[i] else math.inf for i, t in enumerate(tgt)]
         out.append(dists.index(min(dists)))
     return out
 
@@ -65,13 +68,13 @@ def align_topk(path, src_ids, tgt_ids, vocab_map, src_topk_ids, src_topk_logp):
     n = len(tgt_ids)
     for j in range(n):
         ps = partners.get(j, [])
-        if len(ps) == 1 and vocab_map[src_ids[ps[0]]] == tgt_ids[j]:
+        if len(ps) == 1 and vocab_map[src_ids[ps[0]]] == tgt_ids[j] and vocab_map[src_ids[ps[0]]] >= 0:
             i = ps[0]
-            weights = [math.exp(lp) for lp in src_topk_logp[i]]
-            total = sum(weights)
+            # Ids mapped to −1 (special / padded source ids) are dropped; the rest renormalised.
+            kept = [(vocab_map[sid], math.exp(lp)) for sid, lp in zip(src_topk_ids[i], src_topk_logp[i]) if vocab_map[sid] >= 0]
+            total = sum(w for _, w in kept)
             dist: dict[int, float] = {}
-            for sid, w in zip(src_topk_ids[i], weights):
-                t = vocab_map[sid]
+            for t, w in kept:
                 dist[t] = dist.get(t, 0.0) + w / total
             out.append((dist, True))
         elif j + 1 < n:

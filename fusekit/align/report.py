@@ -33,7 +33,9 @@ class SourceStats:
     carried: int = 0  # of which carried 1:1
     empty_windows: int = 0  # target windows whose span held no source token
     topk_mass: float = 0.0  # Σ over carried positions of the source's top-k probability mass
-    kept_mass: float = 0.0  # Σ over carried positions of the mass on exactly-mapped ids
+    kept_mass: float = 0.0  # Σ over carried positions of the mass on exactly-mapped ids (fusellm method)
+    recalled: int = 0  # predicted positions a perfect source would pass on (≥ ½ on the true next token)
+    bad_mass: float = 0.0  # Σ probability on byte-fallback twins, special (not EOS) and empty target ids: must be 0
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -79,7 +81,10 @@ def build_report(
                 "model": settings["sources"][i].get("model"),
                 "scheme": settings["sources"][i].get("scheme"),
                 **s.as_json(),
+                "method": (settings.get("methods") or ["fusellm"] * n_sources)[i],
                 "carried_share": _share(s.carried, s.positions),
+                "perfect_source_recall": _share(s.recalled, s.positions),
+                "bad_mass_share": _share(s.bad_mass, s.carried),
                 "fallback_share": _share(s.positions - s.carried, s.positions),
                 "topk_mass_mean": _share(s.topk_mass, s.carried),
                 "kept_mass_mean": _share(s.kept_mass, s.carried),
@@ -134,7 +139,7 @@ def print_report(report: dict, console=None) -> None:
         title=f"alignment onto {t['model'] or t['store']}: {t['tokens']:,} target tokens in {t['windows']:,} windows "
         f"({shards['complete']}/{shards['total']} shards)"
     )
-    for col in ("source", "1:1", "fallback", "top-k", "kept", "exact", "MinED", "empty", "tok/s"):
+    for col in ("source", "method", "carried", "recall", "top-k", "bad", "exact", "empty", "tok/s"):
         if col == "source":
             table.add_column(col, min_width=12, overflow="fold")
         else:
@@ -144,21 +149,22 @@ def print_report(report: dict, console=None) -> None:
         speed = s["tokens_per_s"]
         table.add_row(
             f"{s['index']}: {s['model'] or s['store']}",
+            s.get("method", "fusellm"),
             _pct(s["carried_share"]),
-            _pct(s["fallback_share"]),
+            _pct(s.get("perfect_source_recall")),
             _pct(s["topk_mass_mean"]),
-            _pct(s["kept_mass_mean"]),
+            _pct(s.get("bad_mass_share")),
             _pct(vm["exact_share"]),
-            _pct(vm["min_ed_share"]),
             str(s["empty_windows"]),
             _compact(speed),
         )
     console.print(table)
     console.print(
-        "1:1 = target positions that took the source's top-k; fallback = one-hot on the next target token; "
-        "top-k = the source's probability in its carried top-k; kept = the part on ids mapped to an identical "
-        "target token; exact/MinED = source vocabulary mapped exactly / by edit distance; empty = windows whose "
-        "span held no source token; tok/s = target tokens per second of this source's alignment (DTW + carrying)",
+        "carried = target positions that took the source's distribution (the rest: one-hot on the next target token); "
+        "recall = positions where a perfect source would put ≥ ½ on the target's true next token; top-k = the "
+        "source's probability in its carried top-k; bad = mass on byte-fallback twins, special or empty target ids "
+        "(must be 0); exact = source vocabulary with an identical target string; empty = windows with no carried "
+        "position; tok/s = target tokens per second of this source's transfer",
         style="dim",
     )
     run = report["run"]

@@ -39,13 +39,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from fusekit.align.recall import perfect_source_topk, recalled, recalled_rows
+from fusekit.align.remap import remap_spans
 from fusekit.align.report import SourceStats, build_report, print_report
 from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
-from fusekit.align.vocab_cache import VocabMap, vocab_map
+from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transfer, Transferer
+from fusekit.align.vocab_cache import VocabMap, exact_map, vocab_map
 from fusekit.store.aligned_store import (
     FORMAT,
     FORMAT_VERSION,
@@ -72,6 +75,9 @@ from fusekit.store.shards import (
 )
 from fusekit.store.types import AlignedWindow, Candidate, Window
 
+if TYPE_CHECKING:  # pragma: no cover
+    from fusekit.align.vocab_info import VocabInfo
+
 DTW_CHUNK = 256  # windows per align_ids_batch call: enough to keep every thread busy, bounded memory
 
 StoreRef = Any  # a folder (str / Path) or an object with the ExtractStore interface
@@ -87,6 +93,20 @@ def open_extract(ref: StoreRef, role: str, threads: int | None = None):
 
         return ExtractStore(path, threads=threads)
     return ref
+
+
+def info_of(store) -> "VocabInfo":
+    """The store's `VocabInfo` (objects with the ExtractStore interface but without one: guessed)."""
+    info = getattr(store, "vocab_info", None)
+    if info is None:
+        from fusekit.align.vocab_info import VocabInfo
+
+        info = VocabInfo.guess(list(store.vocab), getattr(store, "scheme", None))
+        try:
+            store.vocab_info = info
+        except AttributeError:
+            pass
+    return info
 
 
 def _describe(ref: StoreRef) -> str:
@@ -145,6 +165,7 @@ class _TextTokens:
     ce: np.ndarray  # float32 [m]
     metric: np.ndarray  # bool [m]: positions counted in the mean CE (finite CE, next token is a loss token)
     ordered: bool
+    text: str | None = None  # the whole text as this model saw it (None: a store without texts)
 
     @classmethod
     def of(cls, windows: Sequence[Window], k: int) -> "_TextTokens":
@@ -167,7 +188,16 @@ class _TextTokens:
             ce=ce,
             metric=metric,
             ordered=bool(np.all(np.diff(offsets) >= 0)),
+            text=None if any(w.text is None for w in windows) else "".join(w.text for w in windows),
         )
+
+    def perfect(self, vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """A perfect source's top-k over these tokens (perfect-source recall in the report), made once."""
+        cached = getattr(self, "_perfect", None)
+        if cached is None:
+            cached = perfect_source_topk(self.ids, self.topk_ids.shape[1], vocab_size, seed)
+            self._perfect = cached
+        return cached
 
     def span(self, char_start: int, char_end: int) -> np.ndarray | slice:
         """Indices of the tokens whose start offset lies in [char_start, char_end)."""
@@ -205,7 +235,7 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats: SourceStats) -> Candidate:
+def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats: SourceStats, target_info=None) -> Candidate:
     """Carry one source onto one target window (path None: the span holds no source token)."""
     tgt_ids = p.tgt_ids
     n = len(tgt_ids)
@@ -237,8 +267,101 @@ def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats
         exact = present & vmap.exact[np.where(tid >= 0, tid, 0)]
         stats.topk_mass += float(mass.sum())
         stats.kept_mass += float(np.where(exact, mass, 0.0).sum())
+    if target_info is not None:
+        bad = _bad_ids(target_info)
+        live = out.ids[:-1][counted] if n else out.ids[:0]
+        stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], out.probs[:-1][counted], 0.0).sum())
+        pk_ids, pk_lp = s.perfect(len(vmap.ids), seed=0)
+        chk = align_topk(path, src_ids, tgt_ids, vmap.ids, pk_ids[p.sel], pk_lp[p.sel])
+        stats.recalled += int(recalled_rows(chk.ids, chk.probs, chk.carried, tgt_ids).sum())
     metric = s.metric[p.sel]
     return Candidate(ids=out.ids, probs=out.probs, ce=ce, mean_ce=_mean(ce_src[metric].astype(np.float64)))
+
+
+TEXT_CHUNK = 64  # texts per transfer_batch call
+
+
+@dataclass
+class _WholeText:
+    """One text for the byte-span transfer: the target's windows (from slot `first`) and the source."""
+
+    text_id: int
+    first: int
+    lengths: list[int]
+    target: _TextTokens
+    source: _TextTokens
+
+
+def _bad_ids(info) -> np.ndarray:
+    """bool [V_t]: target ids that must get no mass (twins, specials other than EOS, empty ids)."""
+    from fusekit.align.vocab_info import EMPTY, SPECIAL
+
+    bad = info.twin | (info.kind == SPECIAL) | (info.kind == EMPTY)
+    if info.eos is not None:
+        bad[info.eos] = False
+    return bad
+
+
+def bytespan_candidates(chunk: Sequence[_WholeText], transferer: Transferer, out: list[AlignedWindow], target_info, stats: SourceStats) -> None:
+    """Transfer each text of `chunk` as a whole and append the source's candidate to its target windows.
+
+    A window's last row is left empty (its next token opens the next window; training never uses it).
+    CE per row is the like-for-like CE (−ln of the source's probability of the target's next token);
+    the window's mean CE averages it over the rows that carried and whose next token is a loss token.
+    Also measures perfect-source recall on the same texts (report.json).
+    """
+    items, perfect = [], []
+    for t in chunk:
+        tt, st = t.target, t.source
+        if tt.text is None or st.text is None:
+            raise StoreError(
+                "the byte-span transfer needs the texts, and these extraction stores were written without them "
+                "(an older fusekit): re-run `fusekit extract`, or align with --method fusellm"
+            )
+        tgt_tok = TextTokens(tt.ids, tt.offsets)
+        src_tok = TextTokens(st.ids, st.offsets)
+        if st.text != tt.text:  # chat: each model rendered its own template around the same messages
+            src_spans = transferer.source_spans(st.text, src_tok)
+            src_tok = TextTokens(st.ids, st.offsets, remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans))
+        items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp))
+        ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
+        perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
+    k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1
+    results = transferer.run(items, k)
+    checks = transferer.run(perfect, k)
+    bad = _bad_ids(target_info)
+    for t, res, chk in zip(chunk, results, checks):
+        st = t.source
+        hits = recalled(chk, t.target.ids)
+        lo = 0
+        for w_i, n in enumerate(t.lengths):
+            hi = lo + n
+            window = out[t.first + w_i]
+            ids, probs = res.ids[lo:hi].copy(), res.probs[lo:hi].copy()
+            carried, ce = res.carried[lo:hi].copy(), res.ce[lo:hi].copy()
+            if n:
+                ids[-1], probs[-1], carried[-1], ce[-1] = -1, 0.0, False, np.nan
+            pred = np.ones(max(n - 1, 0), bool)
+            if window.loss_mask is not None and n:
+                pred &= np.asarray(window.loss_mask, bool)[1:]
+            used = carried[: max(n - 1, 0)] & pred
+            mean_ce = _mean(ce[: max(n - 1, 0)][used].astype(np.float64))
+            window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce))
+            stats.windows += 1
+            stats.positions += max(n - 1, 0)
+            counted = carried[: max(n - 1, 0)]
+            stats.carried += int(counted.sum())
+            stats.recalled += int(hits[lo : lo + max(n - 1, 0)].sum())
+            if not counted.any():
+                stats.empty_windows += 1
+            rows = res.source_row[lo : lo + max(n - 1, 0)][counted]
+            if rows.size:
+                lp = st.topk_logp[rows].astype(np.float64)
+                present = (st.topk_ids[rows] >= 0) & np.isfinite(lp)
+                stats.topk_mass += float(np.where(present, np.exp(np.where(present, lp, 0.0)), 0.0).sum())
+            live = ids[: max(n - 1, 0)][counted]
+            stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], probs[: max(n - 1, 0)][counted], 0.0).sum())
+            lo = hi
 
 
 # ---------------------------------------------------------------------------------------------- a shard
@@ -284,14 +407,17 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
     tgt_texts = _texts_by_id(target, texts, "target")
     src_texts = [_texts_by_id(s, texts, f"source {i + 1}") for i, s in enumerate(sources)]
 
+    methods = [Method(m) for m in settings.get("methods", [Method.FUSELLM.value] * len(sources))]
     out: list[AlignedWindow] = []
     spans: list[tuple[int, int]] = []
     pending: list[list[_Pending]] = [[] for _ in sources]
+    whole: list[list[_WholeText]] = [[] for _ in sources]
     for text_id in texts:
         windows = tgt_texts.get(text_id, [])
         if not windows:
             continue
         per_source = [_TextTokens.of(st.get(text_id, []), int(s.k)) for st, s in zip(src_texts, sources)]
+        first = len(out)
         for w in windows:
             slot = len(out)
             tgt_ids = np.asarray(w.input_ids, dtype=np.int64)
@@ -299,7 +425,12 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
             out.append(AlignedWindow(text_id=int(text_id), window=int(w.window), input_ids=tgt_ids, candidates=[target_candidate(w)], loss_mask=mask))
             spans.append((int(w.char_start), int(w.char_end)))
             for s_i, tt in enumerate(per_source):
-                pending[s_i].append(_Pending(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
+                if methods[s_i] is Method.FUSELLM:
+                    pending[s_i].append(_Pending(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
+        tgt_tt = _TextTokens.of(windows, int(target.k))
+        for s_i, tt in enumerate(per_source):
+            if methods[s_i] is Method.BYTESPAN:
+                whole[s_i].append(_WholeText(int(text_id), first, [len(w.input_ids) for w in windows], tgt_tt, tt))
 
     src_tables = [TokenTable(list(s.vocab)) for s in sources]
     tgt_table = TokenTable(list(target.vocab))
@@ -309,6 +440,16 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
     work, done = sum(len(w.input_ids) for w in out) * len(sources), 0
     for s_i, items in enumerate(pending):
         t_src = time.perf_counter()
+        if methods[s_i] is Method.BYTESPAN:
+            transferer = Transferer(info_of(sources[s_i]), info_of(target), Method.BYTESPAN, threads=job.workers)
+            for lo in range(0, len(whole[s_i]), TEXT_CHUNK):
+                chunk = whole[s_i][lo : lo + TEXT_CHUNK]
+                bytespan_candidates(chunk, transferer, out, info_of(target), stats[s_i])
+                done += sum(len(t.target.ids) for t in chunk)
+                if on_progress is not None:
+                    on_progress(done, work)
+            source_seconds.append(time.perf_counter() - t_src)
+            continue
         cands: list[Candidate | None] = [None] * len(items)
         for lo in range(0, len(items), DTW_CHUNK):
             chunk = items[lo : lo + DTW_CHUNK]
@@ -316,7 +457,7 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
             paths = align_ids_batch(src_tables[s_i], tgt_table, [(p.src.ids[p.sel], p.tgt_ids) for _, p in live], threads=job.workers)
             by_item: dict[int, np.ndarray] = {n: path for (n, _), path in zip(live, paths)}
             for n, p in enumerate(chunk):
-                cands[lo + n] = source_candidate(p, by_item.get(n), job.vmaps[s_i], stats[s_i])
+                cands[lo + n] = source_candidate(p, by_item.get(n), job.vmaps[s_i], stats[s_i], info_of(target))
             done += sum(len(p.tgt_ids) for p in chunk)
             if on_progress is not None:
                 on_progress(done, work)
@@ -346,6 +487,16 @@ def write_shard(out: Path, count: int, result: ShardResult) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+
+
+def _methods(method: str | Sequence[str] | None, n: int) -> list[Method]:
+    names = [method] * n if method is None or isinstance(method, (str, Method)) else list(method)
+    if len(names) != n:
+        raise StoreError(f"{len(names)} alignment methods for {n} sources: give one, or one per source")
+    try:
+        return [Method(m) if m is not None else DEFAULT_METHOD for m in names]
+    except ValueError:
+        raise StoreError(f"unknown alignment method in {names}: choose from {', '.join(m.value for m in Method)}") from None
 
 
 def _num_shards(shard: str | None, num_shards: int | None, out: Path, target) -> tuple[int, list[int]]:
@@ -393,6 +544,7 @@ def align_store(
     workers: int | None = None,
     vocab_map_cache: str | Path | None = None,
     ray: str | None = None,
+    method: str | Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict:
     """Align every source's top-k onto the target's tokens and write the aligned store OUT; returns the report.
@@ -403,6 +555,9 @@ def align_store(
     store's). `workers` is the number of DTW threads (default: all cores). `vocab_map_cache` is the
     folder of cached vocabulary maps (default `~/.cache/fusekit/vocab-maps`). `ray` ("auto" or an
     address) runs the shards as Ray tasks; the files are the same. Shards already complete are kept.
+    `method`: how each source reaches the target's tokens — "bytespan" (default: the chain-rule transfer
+    on byte spans, every position) or "fusellm" (the paper's 1:1 carry); one name for all sources or a
+    list, one per source (`fusekit.align.transfer`, docs/ALIGN.md).
     """
     if isinstance(sources, (str, Path)) or not isinstance(sources, Iterable):
         sources = [sources]
@@ -415,9 +570,12 @@ def align_store(
     check_stores(tgt, srcs, [target, *source_refs])
     count, todo = _num_shards(shard, num_shards, out, tgt)
 
+    methods = _methods(method, len(srcs))
     vmaps = [
-        vocab_map(list(s.vocab), list(tgt.vocab), s.tokenizer_fingerprint, tgt.tokenizer_fingerprint, vocab_map_cache, workers)
-        for s in srcs
+        vocab_map(list(s.vocab), list(tgt.vocab), s.tokenizer_fingerprint, tgt.tokenizer_fingerprint, vocab_map_cache, workers, info_of(s), info_of(tgt))
+        if m is Method.FUSELLM
+        else exact_map(info_of(s), info_of(tgt))
+        for s, m in zip(srcs, methods)
     ]
     max_length = int(tgt.settings.get("max_length") or max((len(w.input_ids) for w in tgt.iter_windows()), default=1))
     settings = {
@@ -429,6 +587,7 @@ def align_store(
         "ks": [int(tgt.k), *[int(s.k) for s in srcs]],
         "target": _identity(tgt),
         "sources": [_identity(s) for s in srcs],
+        "methods": [m.value for m in methods],
     }
     open_store(out, FORMAT, settings, extra={"extra_files": [REPORT]})
     clean_temporaries(out)

@@ -70,11 +70,13 @@ class VocabMapStats:
 
 
 def map_vocab_with_stats(
-    src_vocab: Sequence[str], tgt_vocab: Sequence[str], threads: int | None = None
+    src_vocab: Sequence[str], tgt_vocab: Sequence[str], threads: int | None = None, tgt_usable: Sequence[bool] | None = None
 ) -> tuple[np.ndarray, VocabMapStats]:
-    """Like `map_vocab`, also counting exact and MinED matches."""
+    """Like `map_vocab`, also counting exact and MinED matches. `tgt_usable` bool [V_t]: only those
+    target ids may be chosen (default: all)."""
     src = _check_strings("src_vocab", src_vocab)
-    mapping, exact = _core.map_vocab(src, _check_strings("tgt_vocab", tgt_vocab), threads)
+    usable = None if tgt_usable is None else [bool(u) for u in tgt_usable]
+    mapping, exact = _core.map_vocab(src, _check_strings("tgt_vocab", tgt_vocab), threads, usable)
     return mapping, VocabMapStats(exact=exact, min_ed=len(src) - exact)
 
 

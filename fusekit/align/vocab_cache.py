@@ -16,14 +16,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from fusekit.align.tokens import VocabMapStats, map_vocab_with_stats
 from fusekit.store.shards import StoreError, write_bytes_atomic
 
-CACHE_FORMAT = 1
+if TYPE_CHECKING:  # pragma: no cover
+    from fusekit.align.vocab_info import VocabInfo
+
+CACHE_FORMAT = 2  # 2: byte-fallback twins, special and empty ids are never targets (align/vocab_info.py)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def cache_key(src_fingerprint: str, tgt_fingerprint: str, src_size: int, tgt_siz
 
 
 def _exact_flags(ids: np.ndarray, src_vocab: Sequence[str], tgt_vocab: Sequence[str]) -> np.ndarray:
-    return np.fromiter((tgt_vocab[t] == s for s, t in zip(src_vocab, ids.tolist())), dtype=bool, count=len(src_vocab))
+    return np.fromiter((t >= 0 and tgt_vocab[t] == s for s, t in zip(src_vocab, ids.tolist())), dtype=bool, count=len(src_vocab))
 
 
 def _load(path: Path, digest: str, n_src: int) -> tuple[np.ndarray, VocabMapStats] | None:
@@ -95,6 +98,21 @@ def _save(path: Path, ids: np.ndarray, stats: VocabMapStats, digest: str) -> Non
         pass  # a read-only cache only costs the rebuild next time
 
 
+def exact_map(src: "VocabInfo", tgt: "VocabInfo") -> VocabMap:
+    """Identical-string matches only (−1 elsewhere): the byte-span transfer needs no MinED map, only its
+    counts for the report. Twins, special and empty ids are neither matched nor counted."""
+    from fusekit.align.tokens import VocabMapStats
+
+    lookup: dict[str, int] = {}
+    for i, (text, ok) in enumerate(zip(tgt.strings, tgt.usable.tolist())):
+        if ok:
+            lookup.setdefault(text, i)
+    ids = np.fromiter((lookup.get(t, -1) if ok else -1 for t, ok in zip(src.strings, src.usable.tolist())), np.int64, len(src))
+    exact = ids >= 0
+    n_usable = int(src.usable.sum())
+    return VocabMap(ids=ids, exact=exact, stats=VocabMapStats(exact=int(exact.sum()), min_ed=n_usable - int(exact.sum())), key="exact")
+
+
 def vocab_map(
     src_vocab: Sequence[str],
     tgt_vocab: Sequence[str],
@@ -102,18 +120,33 @@ def vocab_map(
     tgt_fingerprint: str,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    src_info: "VocabInfo | None" = None,
+    tgt_info: "VocabInfo | None" = None,
 ) -> VocabMap:
-    """The map of `src_vocab` onto `tgt_vocab` (identical string, else MinED), from the cache when present."""
+    """The map of `src_vocab` onto `tgt_vocab` (identical string, else MinED), from the cache when present.
+
+    With the vocabularies' `VocabInfo`, the map is FuseLLM's with its bugs fixed (`fusellm_vocab_map`):
+    no mass on byte-fallback twins, special or empty target ids; source specials by role.
+    """
     if not tgt_vocab:
         raise StoreError("the target vocabulary is empty: nothing to map the sources onto")
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(src_fingerprint, tgt_fingerprint, len(src_vocab), len(tgt_vocab))
     path = folder / f"{key}.npz"
     digest = hashlib.sha256((vocab_digest(src_vocab) + vocab_digest(tgt_vocab)).encode()).hexdigest()
+    if src_info is not None and tgt_info is not None:
+        digest = hashlib.sha256((digest + json.dumps([src_info.as_json(), tgt_info.as_json()])).encode()).hexdigest()
     cached = _load(path, digest, len(src_vocab)) if path.is_file() else None
     if cached is None:
-        ids, stats = map_vocab_with_stats(list(src_vocab), list(tgt_vocab), threads)
-        ids = np.asarray(ids, dtype=np.int64)
+        if src_info is not None and tgt_info is not None:
+            from fusekit.align.transfer import fusellm_vocab_map
+
+            ids = fusellm_vocab_map(src_info, tgt_info, threads)
+            exact = _exact_flags(ids, src_vocab, tgt_vocab) & src_info.usable
+            stats = VocabMapStats(exact=int(exact.sum()), min_ed=int(src_info.usable.sum()) - int(exact.sum()))
+        else:
+            ids, stats = map_vocab_with_stats(list(src_vocab), list(tgt_vocab), threads)
+            ids = np.asarray(ids, dtype=np.int64)
         _save(path, ids, stats, digest)
     else:
         ids, stats = cached

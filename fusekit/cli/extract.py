@@ -27,6 +27,7 @@ def extract_command(
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on GPU)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (only for models you trust)."),
+    append_eos: bool = typer.Option(True, "--eos/--no-eos", help="End every plain text with the tokenizer's end-of-sequence token (FuseLLM's reference does)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Store MODEL's top-k next-token distribution and cross-entropy for every token of DATA in OUT.
@@ -39,7 +40,8 @@ def extract_command(
 
     extract(
         model, data, out, top_k=top_k, max_length=max_length, batch_size=batch_size, shard=shard, num_shards=num_shards,
-        device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, progress=progress,
+        device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, append_eos=append_eos,
+        progress=progress,
     )
     store = ExtractStore(out)
     done = [n for n, _, ok in store.shard_ranges() if ok]

@@ -198,10 +198,13 @@ class TokenizedText:
     mask: np.ndarray | None  # bool [n] for chat records: the assistant tokens
 
 
-def tokenize_with_offsets(tokenizer, record: Record) -> TokenizedText:
+def tokenize_with_offsets(tokenizer, record: Record, append_eos: bool = False) -> TokenizedText:
     """Tokenise the whole text once without special tokens, so offsets are plain text positions.
 
-    Needs a fast tokenizer (offsets come from its Rust backend).
+    `append_eos`: a plain text (not a chat record, whose template ends its turns itself) gets the
+    tokenizer's end-of-sequence token after its last character (offset len(text)), as the FuseLLM
+    reference does, so a model learns where documents end. Needs a fast tokenizer (offsets come from its
+    Rust backend).
     """
     if record.text is not None:
         text, spans = record.text, None
@@ -214,15 +217,20 @@ def tokenize_with_offsets(tokenizer, record: Record) -> TokenizedText:
         mask = np.zeros(len(offsets), dtype=bool)
         for lo, hi in spans:
             mask |= (offsets >= lo) & (offsets < hi)
-    return TokenizedText(text, np.asarray(enc["input_ids"], dtype=np.int64).reshape(-1), offsets, mask)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64).reshape(-1)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if append_eos and record.text is not None and isinstance(eos, int):
+        ids = np.append(ids, np.int64(eos))
+        offsets = np.append(offsets, np.int64(len(text)))
+    return TokenizedText(text, ids, offsets, mask)
 
 
-def tokenize_record(tokenizer, record: Record) -> tuple[np.ndarray, np.ndarray | None]:
-    """Token ids (no special tokens added: windows as extraction cuts them) and, for chat records, a
-    mask of the assistant tokens."""
-    if record.text is not None:
+def tokenize_record(tokenizer, record: Record, append_eos: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Token ids (no special tokens added: windows as extraction cuts them; the end-of-sequence token
+    after a plain text with `append_eos`) and, for chat records, a mask of the assistant tokens."""
+    if record.text is not None and not append_eos:
         return np.asarray(tokenizer(record.text, add_special_tokens=False)["input_ids"], dtype=np.int64), None
-    tokenized = tokenize_with_offsets(tokenizer, record)
+    tokenized = tokenize_with_offsets(tokenizer, record, append_eos)
     return tokenized.input_ids, tokenized.mask
 
 

@@ -10,6 +10,7 @@ Order of work (each step can be killed; a re-run picks up where it stopped):
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from fusekit.extract.model import (
     store_vocab,
     tokenizer_fingerprint,
 )
-from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, VOCAB_FILE, encode_shard
+from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, TOKENS_FILE, VOCAB_FILE, encode_shard
 from fusekit.store.shards import (
     MANIFEST,
     StoreError,
@@ -183,6 +184,7 @@ def extract(
     dtype: str | None = None,
     field: str = "text",
     trust_remote_code: bool = False,
+    append_eos: bool = True,
     progress: bool = True,
 ) -> Path:
     """Run MODEL over DATA and store, per token, its top-k next-token distribution and CE in OUT.
@@ -191,6 +193,8 @@ def extract(
     text files, JSONL (`field`, or chat `messages`) or Parquet. Texts are cut into windows of
     min(max_length, model context) tokens. The corpus is split by text into `num_shards` shards (default:
     about 1M tokens each); `shard="I/N"` does only shard I of N (0-based), so N jobs can share the work.
+    `append_eos` (default, as the FuseLLM reference) ends every plain text with the tokenizer's
+    end-of-sequence token. Every window keeps its text, so alignment works on exact byte spans.
     Complete shards are skipped, so re-running after a crash resumes. Returns OUT.
     """
     from fusekit.train.model_io import load_tokenizer
@@ -243,12 +247,15 @@ def extract(
         "codec_step": DEFAULT_STEP,
         "codec_knee": DEFAULT_KNEE,
         "dtype": dtype_name,
+        "append_eos": bool(append_eos),
     }
     digest = settings_digest(settings)
     if (out / MANIFEST).is_file():
         open_store(out, FORMAT, settings)  # other settings: refused before anything else is looked at
     _check_folder(out, num_shards, digest)
-    _open(out, settings, vocab, info)
+    from fusekit.align.vocab_info import vocab_info
+
+    _open(out, settings, vocab, info, vocab_info(tokenizer, vocab_size).as_json())
     clean_temporaries(out)
 
     shards = [only] if only is not None else list(range(num_shards))
@@ -262,14 +269,14 @@ def extract(
     return out
 
 
-def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo) -> None:
+def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo, tokens: dict) -> None:
     import hashlib
     import json
 
     vocab_bytes = (json.dumps(vocab, ensure_ascii=False) + "\n").encode("utf-8")
     vocab_sha = hashlib.sha256(vocab_bytes).hexdigest()
     extra = {
-        "extra_files": [VOCAB_FILE],
+        "extra_files": [VOCAB_FILE, TOKENS_FILE],
         "vocab_sha256": vocab_sha,
         "corpus": {"texts": info.n_texts, "skipped_empty": info.stats.empty, "skipped_non_utf8": info.stats.non_utf8},
     }
@@ -280,23 +287,27 @@ def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo) -> None
         except OSError as exc:
             raise StoreError(f"cannot create the store folder {out}: {exc.strerror or exc}") from None
         write_bytes_atomic(vocab_bytes, vocab_path)
+    tokens_bytes = (json.dumps(tokens, sort_keys=True) + "\n").encode("utf-8")
+    if not (out / TOKENS_FILE).is_file() or (out / TOKENS_FILE).read_bytes() != tokens_bytes:
+        write_bytes_atomic(tokens_bytes, out / TOKENS_FILE)
     open_store(out, FORMAT, settings, extra=extra)
 
 
 def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, out, batch_size, bar) -> None:
     k, vocab_size, window = settings["k"], settings["vocab_size"], settings["max_length"]
     first = shard_slice(n_texts, index, num_shards).start
-    pieces: list[tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    pieces: list[tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray | None, str]] = []
     for offset, record in enumerate(records):
-        tok = tokenize_with_offsets(tokenizer, record)
+        tok = tokenize_with_offsets(tokenizer, record, settings.get("append_eos", False))
         if tok.input_ids.size and (tok.input_ids.min() < 0 or tok.input_ids.max() >= vocab_size):
             raise ExtractError(f"text {first + offset}: the tokenizer produced an id outside the model's {vocab_size} logits")
         n = len(tok.input_ids)
         for w, (s, e) in enumerate(windows_of(tok.input_ids, window)):
             char_end = int(tok.offsets[e]) if e < n else len(tok.text)
+            char_start = 0 if w == 0 else int(tok.offsets[s])  # window 0 holds the text's start, even untokenised
             pieces.append(
-                (first + offset, w, int(tok.offsets[s]), char_end, tok.input_ids[s:e], tok.offsets[s:e],
-                 None if tok.mask is None else tok.mask[s:e])
+                (first + offset, w, char_start, char_end, tok.input_ids[s:e], tok.offsets[s:e],
+                 None if tok.mask is None else tok.mask[s:e], tok.text[char_start:char_end])
             )
     name = shard_filename(index, num_shards)
     task = bar.add_task(f"{settings['model']} {index + 1}/{num_shards}", total=sum(len(p[4]) for p in pieces))
@@ -307,12 +318,12 @@ def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings
         chosen = order[lo : lo + batch_size]
         outs = forward_topk(net, [pieces[i][4] for i in chosen], k, vocab_size)
         for i, r in zip(chosen, outs):
-            text_id, w, cs, ce_, ids, offs, mask = pieces[i]
+            text_id, w, cs, ce_, ids, offs, mask, text = pieces[i]
             pred = r.ce[:-1].astype(np.float64)
             results[i] = Window(
                 text_id=text_id, window=w, char_start=cs, char_end=ce_, input_ids=ids, offsets=offs,
                 topk_ids=r.topk_ids, topk_logp=r.topk_logp, ce=r.ce,
-                mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask,
+                mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask, text=text,
             )
         bar.update(task, advance=sum(len(pieces[i][4]) for i in chosen))
     windows = [results[i] for i in range(len(pieces))]

@@ -41,7 +41,7 @@ from fusekit.store.shards import (
 from fusekit.store.types import AlignedWindow, Candidate
 
 FORMAT = "fusekit-aligned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: settings name each source's method; byte-span candidates
 REPORT = "report.json"
 CODEC_NOTE = (
     "one row per target window; c{c}_ids/probs are row-major [n, k_c] (int32 target ids, -1 empty; "

@@ -51,6 +51,7 @@ CODEC = "topk-rc/1"
 DEFAULT_STEP = 0.125
 DEFAULT_KNEE = 0.0
 VOCAB_FILE = "vocab.json"
+TOKENS_FILE = "tokens.json"  # what each id is (byte-fallback, special, empty) and the EOS id: align/vocab_info.py
 CE_BIN = 0.25  # CE histogram bins of 0.25 nats from 0; the last bin holds everything beyond
 CE_BINS = 80
 _DECODE_CHUNK = 256  # windows decoded per call (bounded memory, parallel decode)
@@ -63,6 +64,7 @@ _SCHEMA = {
     "mean_ce": pl.Float64,
     "has_mask": pl.Boolean,
     "payload": pl.Binary,
+    "text": pl.String,
 }
 
 
@@ -221,6 +223,7 @@ def encode_shard(
             "mean_ce": [float(w.mean_ce) for w in windows],
             "has_mask": [w.loss_mask is not None for w in windows],
             "payload": payloads,
+            "text": [w.text for w in windows],
         },
         schema=_SCHEMA,
     )
@@ -247,12 +250,13 @@ def decode_frame(
 ) -> list[Window]:
     """The windows of a slice of a shard's frame (exact ids; log-probs and CE as stored)."""
     rows = frame.select("text_id", "window", "char_start", "char_end", "n_tokens", "mean_ce", "has_mask", "payload").rows()
+    texts = frame["text"].to_list() if "text" in frame.columns else [None] * frame.height
     try:
         decoded = _core.codec_decode_windows([(r[7], r[4], r[2], r[6]) for r in rows], k, step, threads, knee)
     except ValueError as exc:
         raise StoreError(f"cannot decode a window: {exc}") from None
     out = []
-    for r, (inp, offsets, topk, logp, ce, mask) in zip(rows, decoded):
+    for r, text, (inp, offsets, topk, logp, ce, mask) in zip(rows, texts, decoded):
         if len(table) and (inp.size and inp.max() >= len(table) or topk.size and topk.max() >= len(table)):
             raise StoreError(f"text {r[0]} window {r[1]}: a token rank beyond the shard's table (damaged file)")
         out.append(
@@ -268,6 +272,7 @@ def decode_frame(
                 ce=ce,
                 mean_ce=r[5],
                 loss_mask=mask,
+                text=text,
             )
         )
     return out
@@ -310,7 +315,21 @@ class ExtractStore:
         if not self._sidecars:
             raise StoreError(f"{self.folder} has no complete shard yet (extraction not finished: re-run `fusekit extract`)")
         self.vocab: list[str] = self._read_vocab()
+        self.vocab_info = self._read_vocab_info()
         self._verified: set[str] = set()
+
+    def _read_vocab_info(self):
+        """What each id is (tokens.json); stores written before it existed get it guessed from spellings."""
+        from fusekit.align.vocab_info import VocabInfo
+
+        path = self.folder / TOKENS_FILE
+        if not path.is_file():
+            return VocabInfo.guess(self.vocab, self.scheme)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}; re-run `fusekit extract` into this folder to rewrite it") from None
+        return VocabInfo.from_json(self.vocab, data)
 
     def _owns(self, name: str) -> bool:
         return name in {shard_filename(i, self.num_shards) for i in range(self.num_shards)}

@@ -29,6 +29,7 @@ class Window:
     ce: np.ndarray  # float32 [n]: −log p(token t+1); NaN at the last position
     mean_ce: float  # mean of ce over the predicted positions (the window's "metric")
     loss_mask: np.ndarray | None = None  # bool [n] or None (= every position); chat data: assistant tokens
+    text: str | None = None  # the window's text, characters [char_start, char_end) (None: a store without texts)
 
 
 @dataclass

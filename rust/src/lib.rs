@@ -7,6 +7,7 @@ pub mod codec;
 pub mod dtw;
 pub mod levenshtein;
 pub mod topk;
+pub mod transfer;
 pub mod vocab_map;
 
 #[cfg(feature = "python")]

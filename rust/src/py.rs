@@ -6,7 +6,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
-use crate::{codec, dtw, topk, vocab_map};
+use crate::{codec, dtw, topk, transfer, vocab_map};
+use pyo3::types::PyBytes;
 
 fn to_chars(tokens: &[String]) -> Vec<Vec<char>> {
     tokens.iter().map(|t| t.chars().collect()).collect()
@@ -125,18 +126,27 @@ fn align_ids_batch<'py>(
 
 /// Returns (map, number of exact matches).
 #[pyfunction]
-#[pyo3(signature = (src_vocab, tgt_vocab, threads=None))]
+#[pyo3(signature = (src_vocab, tgt_vocab, threads=None, tgt_usable=None))]
 fn map_vocab<'py>(
     py: Python<'py>,
     src_vocab: Vec<String>,
     tgt_vocab: Vec<String>,
     threads: Option<usize>,
+    tgt_usable: Option<Vec<bool>>,
 ) -> PyResult<(Bound<'py, PyArray1<i64>>, usize)> {
-    if tgt_vocab.is_empty() {
+    let usable = tgt_usable.unwrap_or_else(|| vec![true; tgt_vocab.len()]);
+    if usable.len() != tgt_vocab.len() {
+        return Err(PyValueError::new_err(format!(
+            "tgt_usable has {} entries for a target vocabulary of {}",
+            usable.len(),
+            tgt_vocab.len()
+        )));
+    }
+    if !usable.iter().any(|&u| u) {
         return Err(PyValueError::new_err("target vocabulary is empty: nothing to map onto"));
     }
     let (a, b) = (to_chars(&src_vocab), to_chars(&tgt_vocab));
-    let (map, stats) = py.detach(|| on_pool(threads, || vocab_map::map_vocab(&a, &b)))?;
+    let (map, stats) = py.detach(|| on_pool(threads, || vocab_map::map_vocab_masked(&a, &b, &usable)))?;
     let map: Vec<i64> = map.into_iter().map(i64::from).collect();
     Ok((map.into_pyarray(py), stats.exact))
 }
@@ -171,7 +181,12 @@ fn align_topk<'py>(
         .collect::<PyResult<_>>()?;
     let src: Vec<u32> = src_ids.as_array().iter().map(|&v| to_u32(v, "src_ids")).collect::<PyResult<_>>()?;
     let tgt: Vec<u32> = tgt_ids.as_array().iter().map(|&v| to_u32(v, "tgt_ids")).collect::<PyResult<_>>()?;
-    let vmap: Vec<u32> = vocab_map.as_array().iter().map(|&v| to_u32(v, "vocab_map")).collect::<PyResult<_>>()?;
+    // −1 in the map: a source id with no target counterpart (special, padded): its mass is dropped.
+    let vmap: Vec<u32> = vocab_map
+        .as_array()
+        .iter()
+        .map(|&v| if v == -1 { Ok(topk::UNMAPPED) } else { to_u32(v, "vocab_map") })
+        .collect::<PyResult<_>>()?;
     let ids_view = src_topk_ids.as_array();
     let logp_view = src_topk_logp.as_array();
     if ids_view.shape() != logp_view.shape() {
@@ -224,6 +239,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(align_ids_batch, m)?)?;
     m.add_function(wrap_pyfunction!(map_vocab, m)?)?;
     m.add_function(wrap_pyfunction!(align_topk, m)?)?;
+    m.add_class::<TransferSource>()?;
+    m.add_class::<TransferTarget>()?;
+    m.add_function(wrap_pyfunction!(transfer_batch, m)?)?;
     m.add_function(wrap_pyfunction!(codec_encode_windows, m)?)?;
     m.add_function(wrap_pyfunction!(codec_decode_windows, m)?)?;
     Ok(())
@@ -380,6 +398,182 @@ fn codec_decode_windows<'py>(
                 Array2::from_shape_vec((n, k), w.logp).expect("shape").into_pyarray(py),
                 w.ce.into_pyarray(py),
                 w.mask.map(|m| m.into_pyarray(py)),
+            ))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byte-span transfer (see transfer.rs)
+
+fn byte_strings(tokens: &[Bound<'_, PyBytes>]) -> Vec<Vec<u8>> {
+    tokens.iter().map(|t| t.as_bytes().to_vec()).collect()
+}
+
+/// A source vocabulary for `transfer_batch`: byte strings (empty for special / padded ids) and its EOS id.
+#[pyclass(module = "fusekit._core", frozen)]
+pub struct TransferSource {
+    vocab: transfer::SourceVocab,
+}
+
+#[pymethods]
+impl TransferSource {
+    #[new]
+    #[pyo3(signature = (tokens, eos=None))]
+    fn new(tokens: Vec<Bound<'_, PyBytes>>, eos: Option<u32>) -> Self {
+        TransferSource { vocab: transfer::SourceVocab { tokens: byte_strings(&tokens), eos } }
+    }
+
+    fn __len__(&self) -> usize {
+        self.vocab.tokens.len()
+    }
+}
+
+/// A target vocabulary for `transfer_batch`: byte strings, which ids may receive mass, the preference
+/// among ids with equal bytes (lower rank wins) and its EOS id.
+#[pyclass(module = "fusekit._core", frozen)]
+pub struct TransferTarget {
+    vocab: transfer::TargetVocab,
+}
+
+#[pymethods]
+impl TransferTarget {
+    #[new]
+    #[pyo3(signature = (tokens, usable, rank, eos=None))]
+    fn new(tokens: Vec<Bound<'_, PyBytes>>, usable: Vec<bool>, rank: Vec<u8>, eos: Option<u32>) -> PyResult<Self> {
+        if usable.len() != tokens.len() || rank.len() != tokens.len() {
+            return Err(PyValueError::new_err("tokens, usable and rank must have the same length"));
+        }
+        Ok(TransferTarget { vocab: transfer::TargetVocab::new(&byte_strings(&tokens), &usable, &rank, eos) })
+    }
+
+    fn __len__(&self) -> usize {
+        self.vocab.size
+    }
+
+    /// The id the transfer gives these bytes (None when no emittable target token has them).
+    fn exact(&self, token: &[u8]) -> Option<u32> {
+        self.vocab.exact(token)
+    }
+}
+
+struct OwnedText {
+    text: Vec<u8>,
+    src_ids: Vec<u32>,
+    src_spans: Vec<(u32, u32)>,
+    tgt_ids: Vec<u32>,
+    tgt_spans: Vec<(u32, u32)>,
+    topk_ids: Vec<i32>,
+    topk_logp: Vec<f32>,
+    k: usize,
+}
+
+type TextArrays<'py> = (
+    Bound<'py, PyBytes>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray2<'py, f32>,
+);
+
+fn owned_text(n: usize, item: &TextArrays<'_>) -> PyResult<OwnedText> {
+    let (text, src_ids, src_spans, tgt_ids, tgt_spans, topk_ids, topk_logp) = item;
+    let err = |what: &str| PyValueError::new_err(format!("text {n}: {what}"));
+    let ids = |a: &PyReadonlyArray1<'_, i64>, what: &str| -> PyResult<Vec<u32>> {
+        a.as_array().iter().map(|&v| u32::try_from(v).map_err(|_| err(&format!("{what} id {v} is negative or too large")))).collect()
+    };
+    let spans = |a: &PyReadonlyArray2<'_, i64>, what: &str| -> PyResult<Vec<(u32, u32)>> {
+        let v = a.as_array();
+        if v.ncols() != 2 {
+            return Err(err(&format!("{what} spans must have shape (n, 2), got {:?}", v.shape())));
+        }
+        v.rows()
+            .into_iter()
+            .map(|r| match (u32::try_from(r[0]), u32::try_from(r[1])) {
+                (Ok(s), Ok(e)) => Ok((s, e)),
+                _ => Err(err(&format!("{what} span ({}, {}) is negative or too large", r[0], r[1]))),
+            })
+            .collect()
+    };
+    let (iv, lv) = (topk_ids.as_array(), topk_logp.as_array());
+    if iv.shape() != lv.shape() {
+        return Err(err(&format!("top-k ids {:?} and log-probs {:?} differ in shape", iv.shape(), lv.shape())));
+    }
+    Ok(OwnedText {
+        text: text.as_bytes().to_vec(),
+        src_ids: ids(src_ids, "source")?,
+        src_spans: spans(src_spans, "source")?,
+        tgt_ids: ids(tgt_ids, "target")?,
+        tgt_spans: spans(tgt_spans, "target")?,
+        topk_ids: iv.iter().map(|&v| i32::try_from(v).unwrap_or(-1)).collect(),
+        topk_logp: lv.iter().copied().collect(),
+        k: iv.ncols(),
+    })
+}
+
+type TransferArrays<'py> = (
+    Bound<'py, PyArray2<i32>>,
+    Bound<'py, PyArray2<f32>>,
+    Bound<'py, PyArray1<bool>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray1<u8>>,
+    Bound<'py, PyArray1<i32>>,
+);
+
+/// Transfer many texts' source top-k onto their target tokens, in parallel with the GIL released.
+/// Each item: (text bytes, src ids [m], src byte spans [m, 2], tgt ids [n], tgt byte spans [n, 2],
+/// src top-k ids [m, k], src top-k log-probs [m, k]). Returns per item (ids [n, out_k] i32,
+/// probs [n, out_k] f32, carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32).
+#[pyfunction]
+#[pyo3(signature = (source, target, items, out_k, threads=None))]
+fn transfer_batch<'py>(
+    py: Python<'py>,
+    source: &TransferSource,
+    target: &TransferTarget,
+    items: Vec<TextArrays<'py>>,
+    out_k: usize,
+    threads: Option<usize>,
+) -> PyResult<Vec<TransferArrays<'py>>> {
+    let owned: Vec<OwnedText> = items.iter().enumerate().map(|(n, it)| owned_text(n, it)).collect::<PyResult<_>>()?;
+    let results = py.detach(|| {
+        on_pool(threads, || {
+            owned
+                .par_iter()
+                .map(|t| {
+                    transfer::transfer(
+                        &transfer::TransferInputs {
+                            text: &t.text,
+                            src_ids: &t.src_ids,
+                            src_spans: &t.src_spans,
+                            tgt_ids: &t.tgt_ids,
+                            tgt_spans: &t.tgt_spans,
+                            src_topk_ids: &t.topk_ids,
+                            src_topk_logp: &t.topk_logp,
+                            k: t.k,
+                            out_k,
+                        },
+                        &source.vocab,
+                        &target.vocab,
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    })?;
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(n, r)| {
+            let r = r.map_err(|e| PyValueError::new_err(format!("text {n}: {e}")))?;
+            let rows = r.carried.len();
+            Ok((
+                Array2::from_shape_vec((rows, out_k), r.ids).expect("shape").into_pyarray(py),
+                Array2::from_shape_vec((rows, out_k), r.probs).expect("shape").into_pyarray(py),
+                r.carried.into_pyarray(py),
+                r.true_mass.into_pyarray(py),
+                r.kind.into_pyarray(py),
+                r.src_row.into_pyarray(py),
             ))
         })
         .collect()

@@ -13,6 +13,10 @@
 //! in FuseChat-2.0). The last position has no next token: it gets no entries at all (all −1), the
 //! training loss ignores it anyway.
 
+/// A vocabulary-map entry for a source id with no target counterpart (special or padded ids): its
+/// probability is dropped before renormalising, and the token never agrees with a target token.
+pub const UNMAPPED: u32 = u32::MAX;
+
 /// Result for one (source, target) sequence pair; arrays are row-major [n, k].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlignedTopk {
@@ -67,6 +71,7 @@ pub fn align_topk(x: &TopkInputs) -> Result<AlignedTopk, TopkError> {
         partner[j as usize] = i;
     }
     let map = |id: u32| -> Option<u32> { x.vocab_map.get(id as usize).copied() };
+    let usable = |t: u32| t != UNMAPPED;
     for &id in x.src_ids {
         if map(id).is_none() {
             return Err(TopkError::Shape(format!(
@@ -84,7 +89,7 @@ pub fn align_topk(x: &TopkInputs) -> Result<AlignedTopk, TopkError> {
     let mut merged: Vec<(i32, f32)> = Vec::with_capacity(k);
     for j in 0..n {
         let i = partner[j] as usize;
-        let agree = count[j] == 1 && map(x.src_ids[i]) == Some(x.tgt_ids[j]);
+        let agree = count[j] == 1 && map(x.src_ids[i]).is_some_and(usable) && map(x.src_ids[i]) == Some(x.tgt_ids[j]);
         let row_ids = &mut out.ids[j * k..(j + 1) * k];
         let row_probs = &mut out.probs[j * k..(j + 1) * k];
         if agree {
@@ -107,6 +112,9 @@ pub fn align_topk(x: &TopkInputs) -> Result<AlignedTopk, TopkError> {
                         x.vocab_map.len()
                     )));
                 };
+                if !usable(t) {
+                    continue;
+                }
                 let p = (lp - max).exp();
                 match merged.iter_mut().find(|(mid, _)| *mid == t as i32) {
                     Some(entry) => entry.1 += p,

@@ -42,10 +42,18 @@ pub struct VocabMapper<'t> {
 
 impl<'t> VocabMapper<'t> {
     pub fn new(tgt: &'t [Vec<char>]) -> Self {
+        Self::masked(tgt, &vec![true; tgt.len()])
+    }
+
+    /// Only targets with `usable[idx]` may be chosen (byte-fallback twins, special tokens are not).
+    pub fn masked(tgt: &'t [Vec<char>], usable: &[bool]) -> Self {
         let mut exact = HashMap::with_capacity(tgt.len());
         let max_len = tgt.iter().map(Vec::len).max().unwrap_or(0);
         let mut by_len = vec![Vec::new(); max_len + 1];
         for (idx, t) in tgt.iter().enumerate() {
+            if !usable.get(idx).copied().unwrap_or(false) {
+                continue;
+            }
             exact.entry(t.as_slice()).or_insert(idx as u32);
             by_len[t.len()].push(idx as u32);
         }
@@ -93,8 +101,13 @@ impl<'t> VocabMapper<'t> {
 
 /// Map every source string; `threads` = None uses rayon's global pool.
 pub fn map_vocab(src: &[Vec<char>], tgt: &[Vec<char>]) -> (Vec<u32>, MapStats) {
-    assert!(!tgt.is_empty(), "map_vocab needs a non-empty target vocabulary");
-    let mapper = VocabMapper::new(tgt);
+    map_vocab_masked(src, tgt, &vec![true; tgt.len()])
+}
+
+/// `map_vocab` choosing only among targets with `usable[idx]`.
+pub fn map_vocab_masked(src: &[Vec<char>], tgt: &[Vec<char>], usable: &[bool]) -> (Vec<u32>, MapStats) {
+    assert!(usable.iter().any(|&u| u), "map_vocab needs a non-empty target vocabulary");
+    let mapper = VocabMapper::masked(tgt, usable);
     let mapped: Vec<(u32, u32)> = src.par_iter().map(|s| mapper.map_one(s)).collect();
     let exact = mapped.iter().filter(|(_, d)| *d == 0).count();
     let stats = MapStats { exact, min_ed: mapped.len() - exact };

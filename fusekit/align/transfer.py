@@ -1,0 +1,223 @@
+"""Moving a source model's next-token distributions onto a target tokenizer's positions.
+
+Two methods, switchable per source (docs/ALIGN.md has the worked example):
+
+* ``bytespan`` (default): the chain-rule transfer on exact byte spans (`rust/src/transfer.rs`). Every
+  target position gets the source's probability of each target piece: 1:1 positions as FuseLLM carries
+  them, 1:n positions the first piece of each candidate and then the conditional continuation given the
+  pieces already emitted, n:1 positions the chain rule along the source positions the target token covers.
+  A model transferred onto itself gets its own distribution back.
+* ``fusellm``: the paper's rule — DTW over normalised token strings, exact/MinED vocabulary map, only
+  1:1 positions carry — with the byte-fallback-twin, special-token and padded-id bugs fixed.
+
+`transfer(text, source_tokenizer, target_tokenizer, …)` is the text-level API; `transfer_texts` is the
+batch form that `fusekit align` runs over extraction stores (one code path for both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+
+from fusekit import _core
+from fusekit.align.spans import byte_spans
+from fusekit.align.vocab_info import VocabInfo, vocab_info
+
+PROB_FLOOR = 1e-12  # like-for-like CE of a candidate that transferred no mass to the true token: −ln(1e-12) ≈ 27.6 nats
+
+
+class Method(str, Enum):
+    BYTESPAN = "bytespan"
+    FUSELLM = "fusellm"
+
+
+DEFAULT_METHOD = Method.BYTESPAN
+
+
+@dataclass
+class Transfer:
+    """A source's distributions on the target's positions of one text.
+
+    Row j predicts target token j+1 (the last row is empty). `ids` int32 [n, m] target ids (−1 empty),
+    `probs` float32 [n, m] (rows sum to 1 where non-empty), `carried` bool [n] (False: the row is the
+    one-hot fallback on the next target token), `true_prob` float32 [n]: the source's (unnormalised)
+    probability of the target's true next token, NaN where not carried — its −log is the like-for-like
+    CE. `source_row` int32 [n]: the source row the transfer started from, −1 on fallback.
+    """
+
+    ids: np.ndarray
+    probs: np.ndarray
+    carried: np.ndarray
+    true_prob: np.ndarray
+    source_row: np.ndarray
+
+    @property
+    def ce(self) -> np.ndarray:
+        """float32 [n], nats: −ln of the source's probability of the target's next token (NaN where not carried)."""
+        with np.errstate(divide="ignore"):
+            return np.where(self.carried, -np.log(np.maximum(self.true_prob, PROB_FLOOR)), np.nan).astype(np.float32)
+
+
+@dataclass
+class TextTokens:
+    """One model's tokens of one text: ids int64 [n] and character start offsets int64 [n]; `spans`
+    int64 [n, 2] byte spans when already known (else derived from the starts, `spans.byte_spans`)."""
+
+    ids: np.ndarray
+    starts: np.ndarray
+    spans: np.ndarray | None = None
+
+
+class Transferer:
+    """A source→target vocabulary pair, prepared once (Rust tables, vocabulary map) for many texts."""
+
+    def __init__(self, source: VocabInfo, target: VocabInfo, method: Method | str = DEFAULT_METHOD, vocab_map: np.ndarray | None = None, threads: int | None = None):
+        self.source, self.target, self.method, self.threads = source, target, Method(method), threads
+        self._src_len = np.fromiter((len(b) for b in source.bytes), np.int64, len(source))
+        self._tgt_len = np.fromiter((len(b) for b in target.bytes), np.int64, len(target))
+        if self.method is Method.BYTESPAN:
+            self._src = _core.TransferSource(source.bytes, source.eos)
+            self._tgt = _core.TransferTarget(target.bytes, target.usable.tolist(), target.twin.astype(np.uint8).tolist(), target.eos)
+        else:
+            from fusekit.align.tokens import TokenTable
+
+            self.vocab_map = vocab_map if vocab_map is not None else fusellm_vocab_map(source, target, threads)
+            self._src_table, self._tgt_table = TokenTable(list(source.strings)), TokenTable(list(target.strings))
+
+    def run(self, items: Sequence[tuple[str, TextTokens, TextTokens, np.ndarray, np.ndarray]], out_k: int) -> list[Transfer]:
+        """items: (text, source tokens, target tokens, source top-k ids [m, k], log-probs [m, k])."""
+        if self.method is Method.BYTESPAN:
+            batch = []
+            for text, src, tgt, topk_ids, topk_logp in items:
+                batch.append((
+                    text.encode("utf-8", "surrogatepass"),
+                    np.asarray(src.ids, np.int64),
+                    self.spans(text, src, self._src_len),
+                    np.asarray(tgt.ids, np.int64),
+                    self.spans(text, tgt, self._tgt_len),
+                    np.ascontiguousarray(topk_ids, dtype=np.int64),
+                    np.ascontiguousarray(topk_logp, dtype=np.float32),
+                ))
+            raw = _core.transfer_batch(self._src, self._tgt, batch, out_k, self.threads)
+            return [Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r) for i, p, c, t, _kind, r in raw]
+        return [self._fusellm(src, tgt, topk_ids, topk_logp, out_k) for _, src, tgt, topk_ids, topk_logp in items]
+
+    @staticmethod
+    def spans(text: str, tokens: TextTokens, lengths: np.ndarray) -> np.ndarray:
+        return tokens.spans if tokens.spans is not None else byte_spans(text, tokens.starts, lengths[tokens.ids])
+
+    def source_spans(self, text: str, tokens: TextTokens) -> np.ndarray:
+        """int64 [m, 2] byte spans of source tokens in `text`."""
+        return self.spans(text, tokens, self._src_len)
+
+    def _fusellm(self, src: TextTokens, tgt: TextTokens, topk_ids, topk_logp, out_k: int) -> Transfer:
+        from fusekit.align.tokens import align_ids_batch, align_topk
+
+        n = len(tgt.ids)
+        if not len(src.ids) or not n:
+            ids = np.full((n, out_k), -1, np.int32)
+            probs = np.zeros((n, out_k), np.float32)
+            if n:
+                ids[:-1, 0], probs[:-1, 0] = tgt.ids[1:], 1.0
+            return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
+        (path,) = align_ids_batch(self._src_table, self._tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
+        out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp)
+        k = out.ids.shape[1]
+        ids = np.full((n, out_k), -1, np.int32)
+        probs = np.zeros((n, out_k), np.float32)
+        w = min(k, out_k)
+        ids[:, :w], probs[:, :w] = out.ids[:, :w], out.probs[:, :w]
+        total = probs.sum(axis=1, keepdims=True)
+        probs = np.divide(probs, total, out=probs, where=total > 0)
+        true = np.full(n, np.nan, np.float32)
+        rows = np.flatnonzero(out.carried[:-1])
+        if rows.size:
+            # The paper's metric: the source's own CE at the aligned position, i.e. p of *its* next token.
+            pos = out.src_pos[rows]
+            nxt = np.asarray(src.ids)[np.minimum(pos + 1, len(src.ids) - 1)]
+            hit = np.asarray(topk_ids)[pos] == nxt[:, None]
+            lp = np.where(hit, np.asarray(topk_logp, np.float64)[pos], -np.inf).max(axis=1)
+            true[rows] = np.exp(lp)
+        return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32))
+
+
+def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None = None) -> np.ndarray:
+    """FuseLLM's vocabulary map (identical string, else MinED), int64 [V_s], −1 = no target (dropped).
+
+    Fixed against the reference: targets that the tokenizer never emits for their text (byte-fallback
+    twins), special and empty ids are never chosen; a source special token maps by role (EOS → EOS) or
+    not at all; a padded source id maps nowhere.
+    """
+    from fusekit.align.tokens import map_vocab_with_stats
+
+    ids, _ = map_vocab_with_stats(source.strings, target.strings, threads, tgt_usable=target.usable.tolist())
+    ids = np.asarray(ids, dtype=np.int64)
+    from fusekit.align.vocab_info import EMPTY, SPECIAL
+
+    ids[(source.kind == SPECIAL) | (source.kind == EMPTY)] = -1
+    if source.eos is not None and target.eos is not None:
+        ids[source.eos] = target.eos
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- text API
+
+
+def encode_offsets(tokenizer: Any, text: str) -> TextTokens:
+    """A tokenizer's ids and character start offsets of `text`, no special tokens added."""
+    if hasattr(tokenizer, "backend_tokenizer"):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+    else:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        ids, offs = enc.ids, enc.offsets
+    return TextTokens(np.asarray(ids, np.int64).reshape(-1), np.asarray([s for s, _ in offs], np.int64).reshape(-1))
+
+
+_CACHE: dict[tuple[int, int, Method], tuple[Any, Any, Transferer]] = {}
+
+
+def cached_transferer(source_tokenizer: Any, target_tokenizer: Any, method: Method) -> Transferer:
+    """One `Transferer` per (source, target, method) tokenizer objects in this process: the vocabulary
+    tables (and, for `fusellm`, the MinED map: minutes on 100k+ vocabularies) are built once."""
+    key = (id(source_tokenizer), id(target_tokenizer), method)
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not source_tokenizer or hit[1] is not target_tokenizer:
+        if len(_CACHE) >= 16:
+            _CACHE.clear()
+        hit = (source_tokenizer, target_tokenizer, Transferer(vocab_info(source_tokenizer), vocab_info(target_tokenizer), method))
+        _CACHE[key] = hit
+    return hit[2]
+
+
+def transfer(
+    text: str,
+    source_tokenizer: Any,
+    target_tokenizer: Any,
+    src_topk_ids: np.ndarray,
+    src_topk_logp: np.ndarray,
+    method: Method | str | None = None,
+    out_k: int | None = None,
+) -> Transfer:
+    """Move a source's top-k next-token distributions over `text` onto the target's tokens of `text`.
+
+    `src_topk_ids` int [n_s, k], `src_topk_logp` float [n_s, k] (log-probabilities, full softmax): row i
+    predicts source token i+1 of `source_tokenizer(text, add_special_tokens=False)`. Returns a `Transfer`
+    whose row j predicts target token j+1 of the target's tokens of `text`; `out_k` entries per row
+    (default: k). Tokenizers: `tokenizers.Tokenizer` or transformers fast tokenizers. `method`: "bytespan"
+    (default) or "fusellm". Raises ValueError on arrays that do not match the source's tokens.
+    """
+    topk_ids, topk_logp = np.asarray(src_topk_ids), np.asarray(src_topk_logp)
+    src = encode_offsets(source_tokenizer, text)
+    tgt = encode_offsets(target_tokenizer, text)
+    if topk_ids.ndim != 2 or topk_ids.shape != topk_logp.shape or topk_ids.shape[0] != len(src.ids):
+        raise ValueError(
+            f"src_topk_ids {topk_ids.shape} and src_topk_logp {topk_logp.shape} must both be [n_s, k] with "
+            f"n_s = {len(src.ids)} source tokens of the text"
+        )
+    method = Method(method or DEFAULT_METHOD)
+    t = cached_transferer(source_tokenizer, target_tokenizer, method)
+    return t.run([(text, src, tgt, topk_ids, topk_logp)], out_k or topk_ids.shape[1])[0]
