@@ -1,0 +1,65 @@
+"""The real tokenizers in the project root's sibling `shared/tokenizers/` (vocabulary-only GGUF files).
+
+Not a test module: tests import `real_tokenizer(name)`, which returns the fast tokenizer (built once,
+cached on disk under the fusekit tokenizer cache) or skips the test with the reason it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+# Short names, as in the files' names `ggml-vocab-<name>.gguf`.
+NAMES = (
+    "llama-spm",
+    "phi-3",
+    "mpt",
+    "gpt-neox",
+    "gpt-2",
+    "llama-bpe",
+    "qwen2",
+    "starcoder",
+    "falcon",
+    "deepseek-llm",
+)
+
+
+def shared_tokenizers_dir() -> Path:
+    """$FUSEKIT_SHARED_TOKENIZERS, else `<project root>/../shared/tokenizers` (may not exist)."""
+    env = os.environ.get("FUSEKIT_SHARED_TOKENIZERS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of `name`, or `pytest.skip` when the folder or file is absent."""
+    if name not in NAMES:
+        raise ValueError(f"unknown real tokenizer {name!r}: pick one of {', '.join(NAMES)}")
+    folder = shared_tokenizers_dir()
+    if not folder.is_dir():
+        pytest.skip(f"real tokenizers not available: {folder} is absent (set FUSEKIT_SHARED_TOKENIZERS)")
+    path = folder / f"ggml-vocab-{name}.gguf"
+    if not path.is_file():
+        pytest.skip(f"real tokenizer {name!r} not available: {path} is absent")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _load(path: Path, cache_dir: Path | None):
+    from fusekit.gguf_tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(path, cache_dir=cache_dir)
+
+
+def real_tokenizer(name: str, cache_dir: str | Path | None = None):
+    """The `transformers` fast tokenizer of `name` (one of `NAMES`), loaded once per process.
+
+    `cache_dir` defaults to fusekit's tokenizer cache (`$FUSEKIT_CACHE/tokenizers` or
+    `~/.cache/fusekit/tokenizers`), so only the first run on a machine pays the 2-30 s build.
+    Skips the calling test when the shared folder or the file is absent.
+    """
+    return _load(gguf_path(name), Path(cache_dir) if cache_dir is not None else None)
