@@ -25,9 +25,32 @@ def align_ids_batch(
     threads: Optional[int] = None,
 ) -> list[npt.NDArray[np.int64]]: ...
 def map_vocab(
-    src_vocab: Sequence[str], tgt_vocab: Sequence[str], threads: Optional[int] = None
+    src_vocab: Sequence[str], tgt_vocab: Sequence[str], threads: Optional[int] = None, tgt_usable: Optional[Sequence[bool]] = None
 ) -> tuple[npt.NDArray[np.int64], int]:
-    """(target index per source token, number of exact matches)."""
+    """(target index per source token, number of exact matches); only `tgt_usable` targets are chosen."""
+
+class TransferSource:
+    """A source vocabulary for `transfer_batch`: byte strings (b"" for special / padded ids), EOS id."""
+
+    def __init__(self, tokens: Sequence[bytes], eos: Optional[int] = None) -> None: ...
+    def __len__(self) -> int: ...
+
+class TransferTarget:
+    """A target vocabulary: byte strings, which ids may take mass, preference among equal bytes, EOS id."""
+
+    def __init__(self, tokens: Sequence[bytes], usable: Sequence[bool], rank: Sequence[int], eos: Optional[int] = None) -> None: ...
+    def __len__(self) -> int: ...
+    def exact(self, token: bytes) -> Optional[int]: ...
+
+def transfer_batch(
+    source: TransferSource,
+    target: TransferTarget,
+    items: Sequence[tuple[bytes, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]],
+    out_k: int,
+    threads: Optional[int] = None,
+) -> list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int32]]]:
+    """Per text (text, src ids, src byte spans [m, 2], tgt ids, tgt byte spans [n, 2], top-k ids, log-probs):
+    (ids [n, out_k], probs [n, out_k], carried [n], true-token mass [n], kind [n], source row [n])."""
 
 def align_topk(
     path: npt.NDArray[np.int64],

@@ -38,6 +38,10 @@ class Layout:
     def results(self) -> Path:
         return self.root / "results.json"
 
+    @property
+    def prepared(self) -> Path:
+        return self.root / "corpus-pieces.jsonl"
+
 
 @dataclass
 class RunResult:
@@ -57,18 +61,29 @@ def extract_all(recipe: Recipe, layout: Layout, progress: bool = True) -> None:
     from fusekit.extract import extract
 
     opts = recipe.extract
+    data, field = recipe.corpus.data, recipe.corpus.field
+    if opts.prepare:
+        from fusekit.prepare import prepare_corpus
+        from fusekit.train.model_io import load_tokenizer
+
+        if not layout.prepared.is_file():
+            _stage("prepare · pieces every model sees whole")
+            models = [recipe.target, *recipe.sources]
+            stats = prepare_corpus(data, layout.prepared, [load_tokenizer(m.model) for m in models], opts.max_length, field)
+            console.print(f"{stats.pieces:,} pieces from {stats.texts:,} texts ({stats.cut:,} cut)")
+        data, field = str(layout.prepared), field
     for spec in [recipe.target, *recipe.sources]:
         _stage(f"extract · {spec.name}")
         extract(
             spec.model,
-            recipe.corpus.data,
+            data,
             layout.extract(spec.name),
             top_k=opts.top_k,
             max_length=opts.max_length,
             batch_size=opts.batch_size,
             device=opts.device,
             dtype=opts.dtype,
-            field=recipe.corpus.field,
+            field=field,
             append_eos=opts.append_eos,
             progress=progress,
         )

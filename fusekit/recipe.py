@@ -56,6 +56,9 @@ class ExtractOptions(_Strict):
     device: Literal["cpu", "cuda"] | None = Field(None, description="Default: cuda when available.")
     dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="Default: bf16 on cuda, fp32 on cpu.")
     append_eos: bool = Field(True, description="End every plain text with the end-of-sequence token (FuseLLM's reference).")
+    prepare: bool = Field(
+        False, description="Cut long texts once into pieces of max_length tokens under every model (fusekit prepare) before extracting."
+    )
 
 
 class AlignOptions(_Strict):

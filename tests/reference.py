@@ -82,3 +82,76 @@ def align_topk(path, src_ids, tgt_ids, vocab_map, src_topk_ids, src_topk_logp):
         else:
             out.append(({}, False))
     return out
+
+
+def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src_eos, tgt_lookup, tgt_eos, topk_ids, topk_logp):
+    """The byte-span chain-rule transfer (docs/ALIGN.md), written out as plainly as possible.
+
+    `src_bytes[id]`: a source token's bytes (b"" for special / padded); `tgt_lookup`: bytes → the target id
+    that may take mass for them. Returns per target row ({target id: unnormalised mass}, kind) where kind
+    is "fallback", "last" or "carried"; rows are not truncated.
+    """
+
+    def longest_prefix(s: bytes):
+        for length in range(len(s), 0, -1):
+            if s[:length] in tgt_lookup:
+                return tgt_lookup[s[:length]]
+        return None
+
+    def candidates(row):
+        return [(int(v), math.exp(lp)) for v, lp in zip(topk_ids[row], topk_logp[row]) if v >= 0 and math.isfinite(lp)]
+
+    out = []
+    n, m = len(tgt_ids), len(src_ids)
+    for j in range(n):
+        if j == n - 1:
+            out.append(({}, "last"))
+            break
+        truth = int(tgt_ids[j + 1])
+        b, e = tgt_spans[j + 1]
+        mass: dict[int, float] = {}
+
+        def add(t, w):
+            if t is not None and w > 0:
+                mass[t] = mass.get(t, 0.0) + w
+
+        if truth == tgt_eos and b == e:
+            us = [u for u in range(1, m) if src_ids[u] == src_eos and src_spans[u][0] >= b]
+            if us:
+                u = us[-1]
+                for v, p in candidates(u - 1):
+                    add(truth if v == src_eos else longest_prefix(src_bytes[v]), p)
+        else:
+            holding = [u for u in range(m) if src_spans[u][0] <= b < src_spans[u][1]]
+            if holding and holding[0] >= 1:
+                u = holding[0]
+                need = text[src_spans[u][0] : b]
+
+                def consistent(v):
+                    return v == src_ids[u] or (len(src_bytes[v]) > len(need) and src_bytes[v].startswith(need))
+
+                z = 1.0 if not need else sum(p for v, p in candidates(u - 1) if consistent(v))
+
+                def walk(t, w, depth):
+                    for v, p in candidates(t - 1):
+                        if v == src_ids[t]:
+                            if src_spans[t][1] >= e:
+                                add(truth, w * p)
+                            elif t + 1 < m and depth + 1 < 64:
+                                walk(t + 1, w * p, depth + 1)
+                            else:
+                                add(longest_prefix(text[b : src_spans[t][1]]), w * p)
+                        elif depth == 0:
+                            if need and not consistent(v):
+                                continue
+                            if not need and v == src_eos:
+                                add(tgt_eos, w * p)
+                                continue
+                            add(longest_prefix(src_bytes[v][len(need) :]), w * p)
+                        elif src_bytes[v]:
+                            add(longest_prefix(text[b : src_spans[t][0]] + src_bytes[v]), w * p)
+
+                if z > 0:
+                    walk(u, 1.0 / z, 0)
+        out.append((mass, "carried" if mass else "fallback"))
+    return out

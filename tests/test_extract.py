@@ -67,10 +67,13 @@ def test_stored_topk_and_ce_are_the_models_own(arch, models, corpus_file, texts,
         seen.append(text_id)
         text = texts[text_id]
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        np.testing.assert_array_equal(np.concatenate([w.input_ids for w in windows]), enc["input_ids"])
-        np.testing.assert_array_equal(np.concatenate([w.offsets for w in windows]), [s for s, _ in enc["offset_mapping"]])
+        # Every plain text ends with the end-of-sequence token, placed after its last character.
+        assert tok.eos_token_id is not None
+        np.testing.assert_array_equal(np.concatenate([w.input_ids for w in windows]), enc["input_ids"] + [tok.eos_token_id])
+        np.testing.assert_array_equal(np.concatenate([w.offsets for w in windows]), [s for s, _ in enc["offset_mapping"]] + [len(text)])
         assert [w.window for w in windows] == list(range(len(windows)))
-        assert windows[0].char_start == enc["offset_mapping"][0][0] and windows[-1].char_end == len(text)
+        assert windows[0].char_start == 0 and windows[-1].char_end == len(text)
+        assert "".join(w.text for w in windows) == text  # each window keeps its text
         for a, b in zip(windows, windows[1:]):
             assert a.char_end == b.char_start
         for w in windows:
@@ -91,7 +94,8 @@ def test_stored_topk_and_ce_are_the_models_own(arch, models, corpus_file, texts,
                 assert w.mean_ce == pytest.approx(float(o.loss), rel=1e-5)
     assert seen == sorted(seen) and len(seen) == len(texts)
     assert store.window_count() == sum(1 for _ in store.iter_windows())
-    assert store.token_count() == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert store.token_count() == sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert store.vocab_info.eos == tok.eos_token_id
 
 
 def test_padded_embedding_gets_unique_placeholders(models, corpus_file, tmp_path, tokenizers_by_kind):

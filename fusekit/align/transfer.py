@@ -76,8 +76,6 @@ class Transferer:
 
     def __init__(self, source: VocabInfo, target: VocabInfo, method: Method | str = DEFAULT_METHOD, vocab_map: np.ndarray | None = None, threads: int | None = None):
         self.source, self.target, self.method, self.threads = source, target, Method(method), threads
-        self._src_len = np.fromiter((len(b) for b in source.bytes), np.int64, len(source))
-        self._tgt_len = np.fromiter((len(b) for b in target.bytes), np.int64, len(target))
         if self.method is Method.BYTESPAN:
             self._src = _core.TransferSource(source.bytes, source.eos)
             self._tgt = _core.TransferTarget(target.bytes, target.usable.tolist(), target.twin.astype(np.uint8).tolist(), target.eos)
@@ -95,9 +93,9 @@ class Transferer:
                 batch.append((
                     text.encode("utf-8", "surrogatepass"),
                     np.asarray(src.ids, np.int64),
-                    self.spans(text, src, self._src_len),
+                    self.spans(text, src, self.source.bytes),
                     np.asarray(tgt.ids, np.int64),
-                    self.spans(text, tgt, self._tgt_len),
+                    self.spans(text, tgt, self.target.bytes),
                     np.ascontiguousarray(topk_ids, dtype=np.int64),
                     np.ascontiguousarray(topk_logp, dtype=np.float32),
                 ))
@@ -106,12 +104,12 @@ class Transferer:
         return [self._fusellm(src, tgt, topk_ids, topk_logp, out_k) for _, src, tgt, topk_ids, topk_logp in items]
 
     @staticmethod
-    def spans(text: str, tokens: TextTokens, lengths: np.ndarray) -> np.ndarray:
-        return tokens.spans if tokens.spans is not None else byte_spans(text, tokens.starts, lengths[tokens.ids])
+    def spans(text: str, tokens: TextTokens, table: Sequence[bytes]) -> np.ndarray:
+        return tokens.spans if tokens.spans is not None else byte_spans(text, tokens.starts, [table[i] for i in tokens.ids.tolist()])
 
     def source_spans(self, text: str, tokens: TextTokens) -> np.ndarray:
         """int64 [m, 2] byte spans of source tokens in `text`."""
-        return self.spans(text, tokens, self._src_len)
+        return self.spans(text, tokens, self.source.bytes)
 
     def _fusellm(self, src: TextTokens, tgt: TextTokens, topk_ids, topk_logp, out_k: int) -> Transfer:
         from fusekit.align.tokens import align_ids_batch, align_topk

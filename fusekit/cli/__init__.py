@@ -3,6 +3,7 @@
 
 from fusekit.cli.app import app
 from fusekit.cli import run  # noqa: F401  (run, plan, demo, fusechat)
+from fusekit.cli import prepare  # noqa: F401
 from fusekit.cli import extract  # noqa: F401
 from fusekit.cli import inspect  # noqa: F401, A004  (the `fusekit inspect` command)
 from fusekit.cli import align  # noqa: F401

@@ -24,12 +24,18 @@ def align_command(
         None, "--vocab-map-cache", help="Folder of cached vocabulary maps (default ~/.cache/fusekit/vocab-maps)."
     ),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards as Ray tasks: 'auto' (the running cluster), an address, or 'local'."),
+    method: List[str] = typer.Option(
+        ["bytespan"], "--method", "-M",
+        help="How a source reaches the target's tokens: 'bytespan' (chain-rule transfer on byte spans, every position) "
+        "or 'fusellm' (the paper's 1:1 carry). Once for all sources, or once per --source, in order.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars and the report table."),
 ) -> None:
     """Align each SOURCE store onto the TARGET store's tokens and write the candidates of fusion to OUT.
 
-    Prints, per source, the share of target positions carried 1:1, fallen back to one-hot, the top-k mass
-    kept after the vocabulary map and the map's exact/MinED shares; OUT/report.json holds the same.
+    Prints, per source, the share of target positions that took the source's distribution, the
+    perfect-source recall (the share a source that always knows its next token would pass on), the mass on
+    ids the target never emits (must be 0) and the vocabulary's exact matches; OUT/report.json holds the same.
     """
     from fusekit.align.store import align_store
 
@@ -42,5 +48,6 @@ def align_command(
         workers=workers,
         vocab_map_cache=vocab_map_cache,
         ray=ray,
+        method=method[0] if len(method) == 1 else list(method),
         progress=progress,
     )

@@ -26,6 +26,7 @@ class CorpusError(ValueError):
 class Record:
     text: str | None = None
     messages: list[dict] | None = None
+    eos: bool = True  # False: a piece of a longer document that `fusekit prepare` cut (no end of document)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def _read_records(path: Path, field: str, stats: CorpusStats) -> Iterator[Record
                         stats.skip("empty", f"{path}:{lineno}")
                 elif isinstance(obj, dict) and isinstance(obj.get(field), str):
                     if obj[field].strip():
-                        yield Record(text=obj[field])
+                        yield Record(text=obj[field], eos=obj.get("eos") is not False)
                     else:
                         stats.skip("empty", f"{path}:{lineno}")
                 else:
@@ -157,7 +158,7 @@ def _read_records(path: Path, field: str, stats: CorpusStats) -> Iterator[Record
 def record_key(record: Record) -> bytes:
     """The bytes that identify a record (its text, or its messages as canonical JSON)."""
     if record.text is not None:
-        return b"T" + record.text.encode("utf-8")
+        return (b"T" if record.eos else b"P") + record.text.encode("utf-8")
     return b"M" + json.dumps(record.messages, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -219,7 +220,7 @@ def tokenize_with_offsets(tokenizer, record: Record, append_eos: bool = False) -
             mask |= (offsets >= lo) & (offsets < hi)
     ids = np.asarray(enc["input_ids"], dtype=np.int64).reshape(-1)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if append_eos and record.text is not None and isinstance(eos, int):
+    if append_eos and record.text is not None and record.eos and isinstance(eos, int):
         ids = np.append(ids, np.int64(eos))
         offsets = np.append(offsets, np.int64(len(text)))
     return TokenizedText(text, ids, offsets, mask)

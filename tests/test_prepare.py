@@ -1,0 +1,46 @@
+"""`fusekit prepare`: pieces within every tokenizer's budget, the text kept whole, EOS only at the end."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from fusekit.eval.corpus import read_records, tokenize_with_offsets
+from fusekit.prepare import prepare_corpus
+
+
+def test_pieces_fit_every_tokenizer_and_rebuild_the_text(tmp_path, tokenizers_by_kind, corpus_texts):
+    toks = [tokenizers_by_kind["bpe"], tokenizers_by_kind["unigram"]]
+    texts = corpus_texts[:6] + ["short one", "x" * 3000]  # long prose, a short text, one unbroken run
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    stats = prepare_corpus(data, tmp_path / "out.jsonl", toks, max_length=64)
+    records = list(read_records(tmp_path / "out.jsonl"))
+    assert stats.texts == len(texts) and stats.pieces == len(records) > len(texts) and stats.cut >= 2
+    for r in records:
+        for t in toks:
+            assert len(t(r.text, add_special_tokens=False)["input_ids"]) <= 63
+    # Concatenating the pieces of each document gives the document back; only its last piece ends it.
+    rebuilt, current = [], ""
+    for r in records:
+        current += r.text
+        if r.eos:
+            rebuilt.append(current)
+            current = ""
+    assert rebuilt == texts
+    tok = tokenizers_by_kind["bpe"]
+    middle = next(r for r in records if not r.eos)
+    assert tokenize_with_offsets(tok, middle, append_eos=True).input_ids[-1] != tok.eos_token_id or tok.eos_token_id is None
+
+
+def test_cli_prepare_names_its_output(tmp_path, tokenizers_by_kind):
+    from fusekit import zoo
+    from fusekit.cli import app
+
+    model = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], tmp_path / "m", seed=0, hidden=32)
+    data = tmp_path / "in.txt"
+    data.write_text("alpha beta gamma\n" * 3)
+    result = CliRunner().invoke(app, ["prepare", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "o.jsonl"), "--max-length", "64"])
+    assert result.exit_code == 0, result.output
+    assert "3 pieces from 3 texts (0 cut)" in result.output

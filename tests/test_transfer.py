@@ -1,0 +1,199 @@
+"""The byte-span transfer on real tokenizers: self-identity, a slow reference, perfect-source recall,
+no mass on ids a tokenizer never emits, chat with two templates, end of document."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import fusekit
+from fusekit.align.recall import perfect_source_topk, recalled
+from fusekit.align.remap import remap_spans
+from fusekit.align.transfer import TextTokens, Transferer, encode_offsets
+from fusekit.align.vocab_info import EMPTY, SPECIAL, vocab_info
+
+import reference
+from real_tokenizers import real_tokenizer
+
+HARD_TEXT = (
+    "Tokyo 東京 and 北京 ☕😀👩‍👩‍👧 — café vs cafe\u0301, naïve Å\u030a.\r\n"
+    "\tdef f(x):\r\n\t\treturn x * 1234567 + 3.14159\n"
+    "    | col | 42 |   7 |\n 2024-05-17: 99% of 1,234,567\n"
+)
+
+
+def _random_topk(n: int, k: int, vocab_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = (rng.integers(0, vocab_size, (n, 1)) + np.arange(k) * 7919) % vocab_size  # k distinct ids a row
+    logits = rng.normal(size=(n, k)) * 2
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True)) - 0.05  # a top-k holds < 1 of the mass
+    return ids, logp.astype(np.float32)
+
+
+def _merged_expectation(info, ids_row, logp_row) -> dict[int, float]:
+    """The source's own row as the transfer must give it back onto the same tokenizer: byte-fallback twins
+    onto their ordinary token, EOS kept, other specials and padded ids dropped, renormalised."""
+    preferred: dict[str, int] = {}
+    for i, (s, ok) in enumerate(zip(info.strings, info.usable.tolist())):
+        if ok:
+            preferred.setdefault(s, i)
+    out: dict[int, float] = {}
+    for v, lp in zip(ids_row.tolist(), logp_row.tolist()):
+        if v == info.eos:
+            t = v
+        elif info.kind[v] in (SPECIAL, EMPTY):
+            continue
+        else:
+            t = preferred.get(info.strings[v])
+            if t is None:
+                continue
+        out[t] = out.get(t, 0.0) + math.exp(lp)
+    total = sum(out.values())
+    return {t: p / total for t, p in out.items()}
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-spm", "smollm2", "unigram"])
+def test_a_tokenizer_onto_itself_gives_its_own_distribution_back(name, tokenizers_by_kind, request):
+    if name == "smollm2":
+        tok = request.getfixturevalue("smollm2_tokenizer")
+    elif name == "unigram":
+        tok = tokenizers_by_kind["unigram"]
+    else:
+        tok = real_tokenizer(name)
+    src = encode_offsets(tok, HARD_TEXT)
+    info = vocab_info(tok)
+    ids, logp = _random_topk(len(src.ids), 6, len(info), seed=len(name))
+    ids[:-1, 0] = src.ids[1:]  # the true next token among them, as a model's top-k usually has it
+    ids[:-1, 1:] = np.where(ids[:-1, 1:] == ids[:-1, :1], (ids[:-1, 1:] + 1) % len(info), ids[:-1, 1:])
+    out = fusekit.transfer(HARD_TEXT, tok, tok, ids, logp)
+    # A special token in the text (the small Unigram's <unk> for characters it lacks) has no text to
+    # transfer: the row predicting it falls back; every other row is the source's own.
+    unknown = info.kind[src.ids[1:]] == SPECIAL
+    assert (out.carried[:-1] == ~unknown).all() and not out.carried[-1]
+    for j in np.flatnonzero(~unknown).tolist():
+        got = {int(t): float(p) for t, p in zip(out.ids[j], out.probs[j]) if t >= 0}
+        want = _merged_expectation(info, ids[j], logp[j])
+        assert got.keys() == want.keys(), j
+        for t in want:
+            assert got[t] == pytest.approx(want[t], abs=1e-5)
+        assert out.true_prob[j] == pytest.approx(math.exp(logp[j, 0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("pair", [("gpt-2", "llama-spm"), ("llama-spm", "phi-3"), ("mpt", "llama-spm"), ("llama-spm", "gpt-2")])
+def test_rust_transfer_equals_the_slow_reference(pair):
+    src_tok, tgt_tok = real_tokenizer(pair[0]), real_tokenizer(pair[1])
+    t = Transferer(vocab_info(src_tok), vocab_info(tgt_tok))
+    text = HARD_TEXT
+    src, tgt = encode_offsets(src_tok, text), encode_offsets(tgt_tok, text)
+    ids, logp = _random_topk(len(src.ids), 5, len(t.source), seed=7)
+    ids[::2, 0] = np.r_[src.ids[1:], 0][::2]  # the true token at every other row: chains and misses both
+    (got,) = t.run([(text, src, tgt, ids, logp)], out_k=64)
+    lookup: dict[bytes, int] = {}
+    for i, (b, ok) in enumerate(zip(t.target.bytes, t.target.usable.tolist())):
+        if ok and b and (b not in lookup or (t.target.twin[lookup[b]] and not t.target.twin[i])):
+            lookup[b] = i
+    want = reference.transfer(
+        text.encode(), src.ids.tolist(), t.spans(text, src, t.source.bytes).tolist(), tgt.ids.tolist(), t.spans(text, tgt, t.target.bytes).tolist(),
+        t.source.bytes, t.source.eos, lookup, t.target.eos, ids.tolist(), logp.tolist(),
+    )
+    for j, (mass, kind) in enumerate(want):
+        assert got.carried[j] == (kind == "carried"), j
+        if kind != "carried":
+            continue
+        total = sum(mass.values())
+        row = {int(i): float(p) for i, p in zip(got.ids[j], got.probs[j]) if i >= 0}
+        assert row.keys() == mass.keys(), j
+        for i, w in mass.items():
+            assert row[i] == pytest.approx(w / total, abs=1e-5)
+        truth = int(tgt.ids[j + 1])
+        assert got.true_prob[j] == pytest.approx(mass.get(truth, 0.0), rel=1e-4, abs=1e-9)
+
+
+def _recall(src_tok, tgt_tok, texts, method="bytespan") -> float:
+    hits = total = 0
+    for text in texts:
+        src, tgt = encode_offsets(src_tok, text), encode_offsets(tgt_tok, text)
+        ids, logp = perfect_source_topk(src.ids, 8, len(src_tok))
+        r = recalled(fusekit.transfer(text, src_tok, tgt_tok, ids, logp, method=method), tgt.ids)
+        hits, total = hits + int(r.sum()), total + len(r)
+    return hits / total
+
+
+@pytest.mark.parametrize("pair", [("gpt-2", "llama-spm"), ("mpt", "llama-spm"), ("llama-spm", "phi-3"), ("smollm2", "llama-spm")])
+def test_perfect_source_recall_on_real_pairs(pair, request):
+    from fusekit.align.probe_texts import probe_texts
+
+    load = lambda n: request.getfixturevalue("smollm2_tokenizer") if n == "smollm2" else real_tokenizer(n)  # noqa: E731
+    src_tok, tgt_tok = load(pair[0]), load(pair[1])
+    texts = [t for kind in probe_texts().values() for t in kind[:3]]
+    new = _recall(src_tok, tgt_tok, texts)
+    paper = _recall(src_tok, tgt_tok, texts, method="fusellm")
+    assert new >= 0.97
+    assert new >= paper
+
+
+def test_no_mass_on_twins_specials_or_padding():
+    """A source spreading mass over every kind of id, onto Llama-2 (byte fallback, specials)."""
+    src_tok, tgt_tok = real_tokenizer("gpt-neox"), real_tokenizer("llama-spm")
+    tgt_info = vocab_info(tgt_tok)
+    src = encode_offsets(src_tok, HARD_TEXT)
+    size = len(src_tok) + 64  # a padded embedding: ids past the tokenizer are empty
+    s_info = vocab_info(src_tok, size=size)
+    assert (s_info.kind == EMPTY).sum() == 64
+    ids, logp = _random_topk(len(src.ids), 16, size, seed=3)
+    ids[:, 2] = len(src_tok) + np.arange(len(src.ids)) % 64
+    special = np.flatnonzero(s_info.kind >= SPECIAL)
+    ids[:, 1] = special[np.arange(len(src.ids)) % len(special)]
+    ids[:-1, 0] = src.ids[1:]
+    t = Transferer(s_info, tgt_info)
+    (out,) = t.run([(HARD_TEXT, src, encode_offsets(tgt_tok, HARD_TEXT), ids, logp)], out_k=16)
+    bad = tgt_info.twin | (tgt_info.kind == SPECIAL) | (tgt_info.kind == EMPTY)
+    bad[tgt_info.eos] = False
+    live = out.ids >= 0
+    assert live.any() and not bad[out.ids[live]].any()
+    assert tgt_info.twin.sum() >= 90  # Llama-2 has byte twins (<0x2C> and ","): they exist, and take nothing
+
+
+def test_chat_rendered_by_two_templates_aligns_every_assistant_position():
+    src_tok, tgt_tok = real_tokenizer("gpt-2"), real_tokenizer("llama-spm")
+    turns = [("user", "What is 12 × 7?"), ("assistant", "12 × 7 = 84. Multiply 12 by 7 — that's 84 ✅.")]
+    src_text = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns)
+    tgt_text = "".join(f"[INST] {c} [/INST]" if r == "user" else f" {c}</s>" for r, c in turns)
+    content = turns[1][1]
+    lo = tgt_text.encode().index(content.encode())
+    hi = lo + len(content.encode())
+    t = Transferer(vocab_info(src_tok), vocab_info(tgt_tok))
+    src, tgt = encode_offsets(src_tok, src_text), encode_offsets(tgt_tok, tgt_text)
+    spans = remap_spans(src_text.encode(), tgt_text.encode(), t.source_spans(src_text, src))
+    ids, logp = perfect_source_topk(src.ids, 8, len(t.source))
+    (out,) = t.run([(tgt_text, TextTokens(src.ids, src.starts, spans), tgt, ids, logp)], out_k=8)
+    tgt_spans = t.spans(tgt_text, tgt, t.target.bytes)
+    rows = [j for j in range(len(tgt.ids) - 1) if lo <= tgt_spans[j + 1][0] and tgt_spans[j + 1][1] <= hi and tgt_spans[j + 1][1] > tgt_spans[j + 1][0]]
+    assert len(rows) > 10
+    r = recalled(out, tgt.ids)
+    assert r[rows].all()
+    # Template markup is never aligned: the rows predicting "[/INST]" pieces carry nothing.
+    inst = tgt_text.encode().index(b" [/INST]")
+    markup = [j for j in range(len(tgt.ids) - 1) if inst < tgt_spans[j + 1][0] < inst + 8]
+    assert markup and not out.carried[markup].any()
+
+
+def test_end_of_document_maps_by_role():
+    src_tok, tgt_tok = real_tokenizer("gpt-2"), real_tokenizer("llama-spm")
+    text = "The end of a document."
+    t = Transferer(vocab_info(src_tok), vocab_info(tgt_tok))
+    src, tgt = encode_offsets(src_tok, text), encode_offsets(tgt_tok, text)
+    src = TextTokens(np.r_[src.ids, src_tok.eos_token_id], np.r_[src.starts, len(text)])
+    tgt = TextTokens(np.r_[tgt.ids, tgt_tok.eos_token_id], np.r_[tgt.starts, len(text)])
+    ids, logp = perfect_source_topk(src.ids, 8, len(t.source))
+    (out,) = t.run([(text, src, tgt, ids, logp)], out_k=8)
+    assert recalled(out, tgt.ids)[-1]  # the last text token's row predicts EOS
+    assert out.ids[-2, 0] == tgt_tok.eos_token_id
+
+
+def test_bad_arrays_are_clear_errors():
+    tok = real_tokenizer("gpt-2")
+    with pytest.raises(ValueError, match="n_s"):
+        fusekit.transfer("some text", tok, tok, np.zeros((1, 3), np.int64), np.zeros((1, 3), np.float32))
