@@ -145,3 +145,13 @@ def test_real_tokenizer_helper(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEKIT_SHARED_TOKENIZERS", str(tmp_path / "absent"))
     with pytest.raises(pytest.skip.Exception, match="absent"):
         real_tokenizers.real_tokenizer("qwen2")
+
+
+def test_both_metadata_readers_agree():
+    """The fast metadata reader (transformers') and the fallback (gguf.GGUFReader) read the same fields."""
+    from fusekit.gguf_tokenizer import _read_fields, _read_fields_gguf
+
+    path = FOLDER / "ggml-vocab-llama-spm.gguf"
+    fast = _read_fields(path)
+    assert len(fast["tokenizer.ggml.tokens"]) == 32000
+    assert fast == _read_fields_gguf(path)
