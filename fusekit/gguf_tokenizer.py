@@ -84,7 +84,8 @@ def load_gguf_tokenizer(path: str | Path, cache_dir: str | Path | None = None) -
     (`gguf_vocab_size`, the model's embedding rows), padding placeholders included (see module doc).
 
     Supported: whatever transformers' GGUF loader supports (Llama SentencePiece, GPT-2, Llama-3, Qwen2,
-    Falcon, StarCoder, DeepSeek, Phi-3, ...), with the fixes in `_FIXES`, plus `mpt` and `gptneox`.
+    Falcon, StarCoder, DeepSeek, Phi-3, ...) with the fixes the module docstring lists, plus `mpt` and
+    `gptneox` built here.
 
     Raises `FileNotFoundError` when `path` is not a file and `GGUFTokenizerError` when the file has no
     vocabulary transformers or this module can read.
@@ -96,6 +97,8 @@ def load_gguf_tokenizer(path: str | Path, cache_dir: str | Path | None = None) -
     entry = root / f"{file_sha256(p)}-v{_CACHE_FORMAT}"
     if not (entry / "tokenizer.json").is_file():
         fields = _read_fields(p)
+        if "tokenizer.ggml.tokens" not in fields:
+            raise GGUFTokenizerError(f"{p} has no tokenizer.ggml.tokens: it holds no vocabulary")
         tokenizer = _build(p, fields)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
