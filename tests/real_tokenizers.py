@@ -1,12 +1,17 @@
 """The real tokenizers in the project root's sibling `shared/tokenizers/` (vocabulary-only GGUF files).
 
-Not a test module: tests import `real_tokenizer(name)`, which returns the fast tokenizer (built once,
-cached on disk under the fusekit tokenizer cache) or skips the test with the reason it cannot.
+Not a test module: tests import `real_tokenizer(name)`, which returns the fast tokenizer or skips the
+test with the reason it cannot. Each tokenizer is built once per pytest process (2-30 s each, about a
+minute for all ten on two cores) into one cache folder shared by every test module: a temporary folder
+removed at exit, or `$FUSEKIT_CACHE/tokenizers` when FUSEKIT_CACHE is set (then it persists across runs).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,18 +53,29 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+@lru_cache(maxsize=1)
+def cache_dir() -> Path:
+    """$FUSEKIT_CACHE/tokenizers when FUSEKIT_CACHE is set, else one temporary folder for this process."""
+    root = os.environ.get("FUSEKIT_CACHE")
+    if root:
+        return Path(root) / "tokenizers"
+    folder = Path(tempfile.mkdtemp(prefix="fusekit-real-tokenizers-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 @lru_cache(maxsize=None)
-def _load(path: Path, cache_dir: Path | None):
+def _load(path: Path, cache_dir: Path):
     from fusekit.gguf_tokenizer import load_gguf_tokenizer
 
     return load_gguf_tokenizer(path, cache_dir=cache_dir)
 
 
-def real_tokenizer(name: str, cache_dir: str | Path | None = None):
+def real_tokenizer(name: str):
     """The `transformers` fast tokenizer of `name` (one of `NAMES`), loaded once per process.
 
-    `cache_dir` defaults to fusekit's tokenizer cache (`$FUSEKIT_CACHE/tokenizers` or
-    `~/.cache/fusekit/tokenizers`), so only the first run on a machine pays the 2-30 s build.
-    Skips the calling test when the shared folder or the file is absent.
+    Returns a `transformers.PreTrainedTokenizerFast` whose ids are the GGUF file's (see
+    `fusekit.gguf_tokenizer`); callers share it, so do not mutate it. Skips the calling test when the
+    shared folder or the file is absent.
     """
-    return _load(gguf_path(name), Path(cache_dir) if cache_dir is not None else None)
+    return _load(gguf_path(name), cache_dir())

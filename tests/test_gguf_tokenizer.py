@@ -48,17 +48,11 @@ def tok_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def loaded(tok_cache):
-    from fusekit.gguf_tokenizer import load_gguf_tokenizer
+def loaded():
+    """real_tokenizer: built once per process into a cache shared with other test modules."""
+    from real_tokenizers import real_tokenizer
 
-    cache: dict[str, object] = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = load_gguf_tokenizer(FOLDER / f"ggml-vocab-{name}.gguf", cache_dir=tok_cache)
-        return cache[name]
-
-    return get
+    return real_tokenizer
 
 
 @pytest.mark.parametrize("name", fixture_names())
@@ -116,11 +110,11 @@ def test_neox_layout(loaded):
     assert tok.decode(ids) == text
 
 
-def test_cache_is_reused(tok_cache, loaded):
+def test_cache_is_reused(tok_cache):
     from fusekit.gguf_tokenizer import file_sha256, load_gguf_tokenizer
 
     path = FOLDER / "ggml-vocab-phi-3.gguf"
-    loaded("phi-3")
+    load_gguf_tokenizer(path, cache_dir=tok_cache)
     entries = [p for p in tok_cache.iterdir() if p.name.startswith(file_sha256(path))]
     assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
     stamp = (entries[0] / "tokenizer.json").stat().st_mtime_ns
@@ -145,3 +139,29 @@ def test_real_tokenizer_helper(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEKIT_SHARED_TOKENIZERS", str(tmp_path / "absent"))
     with pytest.raises(pytest.skip.Exception, match="absent"):
         real_tokenizers.real_tokenizer("qwen2")
+
+
+def test_both_metadata_readers_agree():
+    """The fast metadata reader (transformers') and the fallback (gguf.GGUFReader) read the same fields."""
+    from fusekit.gguf_tokenizer import _read_fields, _read_fields_gguf
+
+    path = FOLDER / "ggml-vocab-llama-spm.gguf"
+    fast = _read_fields(path)
+    assert len(fast["tokenizer.ggml.tokens"]) == 32000
+    assert fast == _read_fields_gguf(path)
+
+
+def test_file_without_vocabulary_is_a_clear_error(tmp_path):
+    """A GGUF file holding only `general.architecture` (written by hand: magic, v3, 0 tensors, 1 key)."""
+    import struct
+
+    from fusekit.gguf_tokenizer import GGUFTokenizerError, load_gguf_tokenizer
+
+    key, value = b"general.architecture", b"llama"
+    blob = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    blob += struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(blob)
+    with pytest.raises(GGUFTokenizerError, match="no tokenizer.ggml.tokens"):
+        load_gguf_tokenizer(path, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
