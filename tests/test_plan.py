@@ -61,7 +61,7 @@ def test_plan_matches_what_run_writes(tiny_recipe):
     records = list(read_records(recipe.corpus.data))
     for spec in [recipe.target, *recipe.sources]:
         tok = load_tokenizer(spec.model)
-        expected = sum(len(tokenize_record(tok, r)[0]) for r in records)
+        expected = sum(len(tokenize_record(tok, r, append_eos=True)[0]) for r in records)  # extraction ends each text with EOS
         assert plan["models"][spec.name]["tokens"] == expected
 
     result = run_recipe(recipe, progress=False)

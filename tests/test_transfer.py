@@ -197,3 +197,43 @@ def test_bad_arrays_are_clear_errors():
     tok = real_tokenizer("gpt-2")
     with pytest.raises(ValueError, match="n_s"):
         fusekit.transfer("some text", tok, tok, np.zeros((1, 3), np.int64), np.zeros((1, 3), np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama2(tmp_path_factory):
+    """A tiny random model on the real Llama-2 vocabulary (SentencePiece with byte fallback)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusekit import zoo
+
+    tok = real_tokenizer("llama-spm")
+    folder = zoo.build_tiny_model("llama", tok, tmp_path_factory.mktemp("llama2") / "m", seed=1, hidden=16, layers=1)
+    return tok, AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("window", [7, 64, 2048])
+def test_a_model_aligned_onto_itself_through_stores_at_any_window_length(window, tmp_path, tiny_llama2):
+    """The store path: one extraction of a tiny model on the real Llama-2 vocabulary (byte fallback),
+    aligned onto itself, gives every position's own distribution back (twins and specials merged as in
+    the text-level test), across every window boundary."""
+    from align_store_data import memory_store
+
+    from fusekit.store.aligned_store import AlignedStore
+
+    tok, model = tiny_llama2
+    texts = [HARD_TEXT, "Plain words, then digits 0123456789 and more words.\n" * 3]
+    store = memory_store(model, tok, texts, k=5, max_length=window, name="self")
+    fusekit.align_store(store, [store], tmp_path / "aligned", progress=False)
+    info = store.vocab_info
+    rows = 0
+    for w in AlignedStore(tmp_path / "aligned").iter_windows():
+        own, back = w.candidates
+        for j in range(len(w.input_ids) - 1):
+            logp = np.log(np.maximum(own.probs[j], 1e-30))
+            want = _merged_expectation(info, own.ids[j], logp)
+            got = {int(t): float(p) for t, p in zip(back.ids[j], back.probs[j]) if t >= 0}
+            assert got.keys() == want.keys(), (w.text_id, w.window, j)
+            for t in want:
+                assert got[t] == pytest.approx(want[t], abs=2e-3)  # fp16 probabilities in the store
+            rows += 1
+    assert rows > 60

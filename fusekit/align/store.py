@@ -318,11 +318,12 @@ def bytespan_candidates(chunk: Sequence[_WholeText], transferer: Transferer, out
                 "the byte-span transfer needs the texts, and these extraction stores were written without them "
                 "(an older fusekit): re-run `fusekit extract`, or align with --method fusellm"
             )
-        tgt_tok = TextTokens(tt.ids, tt.offsets)
-        src_tok = TextTokens(st.ids, st.offsets)
+        # Byte spans once per text: the real and the perfect-source transfer share them.
+        tgt_tok = TextTokens(tt.ids, tt.offsets, transferer.spans(tt.text, TextTokens(tt.ids, tt.offsets), transferer.target.bytes))
+        src_spans = transferer.source_spans(st.text, TextTokens(st.ids, st.offsets))
         if st.text != tt.text:  # chat: each model rendered its own template around the same messages
-            src_spans = transferer.source_spans(st.text, src_tok)
-            src_tok = TextTokens(st.ids, st.offsets, remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans))
+            src_spans = remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans)
+        src_tok = TextTokens(st.ids, st.offsets, src_spans)
         items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp))
         ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
         perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
