@@ -68,7 +68,7 @@ class TrainVariant(_Strict):
 class TrainOptions(_Strict):
     variants: list[TrainVariant] = Field(
         default_factory=lambda: [
-            TrainVariant(name="fusellm-minc", fusion="min_ce"),
+            TrainVariant(name="fusellm-mince", fusion="min_ce"),
             TrainVariant(name="fusellm-avgce", fusion="avg_ce"),
             TrainVariant(name="clm-only", lam=1.0),
         ]

@@ -31,12 +31,15 @@ from fusekit.extract.errors import ExtractError
 from fusekit.extract.model import (
     config_identity,
     forward_topk,
+    forward_topk_packed,
     load_config,
     load_net,
     logit_size,
     model_context,
     model_fingerprint,
     model_name,
+    pack_windows,
+    packing_supported,
     resolve_device,
     resolve_dtype,
     store_vocab,
@@ -45,6 +48,8 @@ from fusekit.extract.model import (
 from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, VOCAB_FILE, encode_shard
 from fusekit.store.shards import (
     MANIFEST,
+    MAX_SHARDS,
+    ShardLock,
     StoreError,
     clean_temporaries,
     complete_shards,
@@ -65,7 +70,6 @@ from fusekit.store.types import Window
 
 # A default shard holds about this many characters (~1M tokens): a killed run loses at most that much.
 SHARD_CHARS = 4_000_000
-MAX_SHARDS = 99_999
 
 
 @dataclass
@@ -184,6 +188,7 @@ def extract(
     field: str = "text",
     trust_remote_code: bool = False,
     progress: bool = True,
+    pack: bool = True,
 ) -> Path:
     """Run MODEL over DATA and store, per token, its top-k next-token distribution and CE in OUT.
 
@@ -191,9 +196,13 @@ def extract(
     text files, JSONL (`field`, or chat `messages`) or Parquet. Texts are cut into windows of
     min(max_length, model context) tokens. The corpus is split by text into `num_shards` shards (default:
     about 1M tokens each); `shard="I/N"` does only shard I of N (0-based), so N jobs can share the work.
-    Complete shards are skipped, so re-running after a crash resumes. Returns OUT.
+    Complete shards are skipped, so re-running after a crash resumes; a shard another process is writing
+    (a per-shard lock) is skipped with a message. A re-run without `num_shards` reuses the store's.
+    `pack`: several windows per row of `max_length` tokens (attention kept inside each window), so no
+    compute goes to padding; models that do not keep packed windows apart get padded batches.
+    Returns OUT.
     """
-    from fusekit.train.model_io import load_tokenizer
+    from fusekit.train.model_io import load_tokenizer, require_fast_tokenizer
 
     if top_k < 1:
         raise ExtractError(f"--top-k must be at least 1, got {top_k}")
@@ -211,13 +220,13 @@ def extract(
     out = Path(out)
     info = scan_corpus(data, field)
     if num_shards is None:
-        num_shards = default_num_shards(info)
+        num_shards = _store_num_shards(out) or default_num_shards(info)
     if num_shards > info.n_texts:
         raise ExtractError(f"{num_shards} shards for {info.n_texts} texts: some shards would be empty; use at most {info.n_texts}")
 
     dev = resolve_device(device)
     dtype_name = resolve_dtype(dtype, dev)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    tokenizer = require_fast_tokenizer(load_tokenizer(model, trust_remote_code=trust_remote_code), model)
     config = load_config(model, trust_remote_code)
     vocab_size = logit_size(config)
     if top_k > vocab_size:
@@ -253,13 +262,72 @@ def extract(
 
     shards = [only] if only is not None else list(range(num_shards))
     pending = [i for i in shards if not shard_is_complete(out, shard_filename(i, num_shards))]
+    busy: list[str] = []
     if pending:
         net = load_net(model, dtype_name, dev, trust_remote_code)
+        log = ShardLog(len(pending), enabled=progress)
         with _bar(progress) as bar:
             for index, records in _records_by_shard(data, field, info.n_texts, num_shards, pending):
-                _extract_shard(net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, out, batch_size, bar)
+                name = shard_filename(index, num_shards)
+                with ShardLock(out, name) as lock:
+                    if not lock.acquire():
+                        busy.append(name)
+                        log.say(f"{out / name}: another process (pid {lock.holder()}) is writing it; skipped")
+                        continue
+                    if shard_is_complete(out, name):  # finished by another process meanwhile
+                        continue
+                    tokens = _extract_shard(
+                        net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, out, batch_size, bar, pack
+                    )
+                log.done(f"shard {index + 1}/{num_shards}", tokens)
     _note_complete(out, num_shards)
+    if busy:
+        log.say(
+            f"{len(busy)} shard(s) were being written by another process and are not checked here; "
+            f"re-run (or `fusekit inspect {out}`) once it has finished"
+        )
     return out
+
+
+def _store_num_shards(out: Path) -> int | None:
+    """The shard count of an existing extraction store at OUT (so a re-run need not repeat --num-shards)."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    if manifest.get("format") != FORMAT:
+        return None
+    value = manifest.get("settings", {}).get("num_shards")
+    return value if isinstance(value, int) and 1 <= value <= MAX_SHARDS else None
+
+
+class ShardLog:
+    """One line per finished shard on stderr (tokens/s, ETA) when the progress bar cannot show: outside a
+    terminal (a batch job's log file). Quiet with progress off, and in a terminal the bar says it all."""
+
+    def __init__(self, shards: int, enabled: bool = True):
+        import sys
+        import time
+
+        self.total, self.finished, self.tokens = shards, 0, 0
+        self.start = time.perf_counter()
+        self.enabled = enabled and not sys.stderr.isatty()
+
+    def say(self, line: str) -> None:
+        import sys
+
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self, label: str, tokens: int) -> None:
+        import time
+
+        self.finished += 1
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        left = elapsed / self.finished * (self.total - self.finished)
+        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        self.say(f"{label}: {tokens:,} tokens, {rate:,.0f} tokens/s; {self.finished}/{self.total} of this run done, ETA {eta}")
 
 
 def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo) -> None:
@@ -283,7 +351,8 @@ def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo) -> None
     open_store(out, FORMAT, settings, extra=extra)
 
 
-def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, out, batch_size, bar) -> None:
+def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, out, batch_size, bar, pack: bool = True) -> int:
+    """Compute, code and write one shard and its sidecar; returns its number of tokens."""
     k, vocab_size, window = settings["k"], settings["vocab_size"], settings["max_length"]
     first = shard_slice(n_texts, index, num_shards).start
     pieces: list[tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -299,22 +368,36 @@ def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings
                  None if tok.mask is None else tok.mask[s:e])
             )
     name = shard_filename(index, num_shards)
-    task = bar.add_task(f"{settings['model']} {index + 1}/{num_shards}", total=sum(len(p[4]) for p in pieces))
-    # Longest first, so a batch pads little; the order is a pure function of the shard (deterministic bytes).
-    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][4]))
+    tokens = sum(len(p[4]) for p in pieces)
+    task = bar.add_task(f"{settings['model']} {index + 1}/{num_shards}", total=tokens)
     results: dict[int, Window] = {}
-    for lo in range(0, len(order), batch_size):
-        chosen = order[lo : lo + batch_size]
-        outs = forward_topk(net, [pieces[i][4] for i in chosen], k, vocab_size)
-        for i, r in zip(chosen, outs):
-            text_id, w, cs, ce_, ids, offs, mask = pieces[i]
-            pred = r.ce[:-1].astype(np.float64)
-            results[i] = Window(
-                text_id=text_id, window=w, char_start=cs, char_end=ce_, input_ids=ids, offsets=offs,
-                topk_ids=r.topk_ids, topk_logp=r.topk_logp, ce=r.ce,
-                mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask,
-            )
-        bar.update(task, advance=sum(len(pieces[i][4]) for i in chosen))
+
+    def keep(i: int, r) -> None:
+        text_id, w, cs, ce_, ids, offs, mask = pieces[i]
+        pred = r.ce[:-1].astype(np.float64)
+        results[i] = Window(
+            text_id=text_id, window=w, char_start=cs, char_end=ce_, input_ids=ids, offsets=offs,
+            topk_ids=r.topk_ids, topk_logp=r.topk_logp, ce=r.ce,
+            mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask,
+        )
+
+    # The grouping is a pure function of the shard's window lengths, so the bytes are deterministic.
+    token_ids = [p[4] for p in pieces]
+    if pack and packing_supported(net, vocab_size):
+        rows = pack_windows([len(t) for t in token_ids], window)  # each row ≤ one window of tokens
+        for lo in range(0, len(rows), batch_size):
+            group = rows[lo : lo + batch_size]
+            for i, r in forward_topk_packed(net, token_ids, group, k, vocab_size).items():
+                keep(i, r)
+            bar.update(task, advance=sum(len(token_ids[i]) for row in group for i in row))
+    else:
+        # Longest first, so a batch pads little.
+        order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][4]))
+        for lo in range(0, len(order), batch_size):
+            chosen = order[lo : lo + batch_size]
+            for i, r in zip(chosen, forward_topk(net, [token_ids[i] for i in chosen], k, vocab_size)):
+                keep(i, r)
+            bar.update(task, advance=sum(len(token_ids[i]) for i in chosen))
     windows = [results[i] for i in range(len(pieces))]
     frame, meta, stats = encode_shard(
         windows, k=k, vocab_size=vocab_size, step=settings["codec_step"], knee=settings["codec_knee"],
@@ -327,6 +410,7 @@ def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings
         "texts": [span.start, span.stop],
     })
     bar.update(task, visible=False)
+    return tokens
 
 
 def _note_complete(out: Path, num_shards: int) -> None:
