@@ -303,13 +303,14 @@ def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> Non
     (None for a weights-only folder: then only the vocabulary size is compared). Windows given in
     memory carry no manifest and are not checked. Raises TrainDataError naming both.
     """
-    settings = getattr(getattr(source, "store", None), "settings", None)
+    store = getattr(source, "_store", None)
+    settings = getattr(store, "settings", None)
     target = settings.get("target") if isinstance(settings, dict) else None
     if not isinstance(target, dict):
         return
     from fusekit.extract.model import logit_size, tokenizer_fingerprint
 
-    folder = getattr(source.store, "folder", "the aligned store")
+    folder = getattr(store, "folder", "the aligned store")
     built_for = target.get("model") or "another model"
     size, want = logit_size(config), target.get("vocab_size")
     if want is not None and int(want) != size:

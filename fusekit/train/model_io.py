@@ -83,7 +83,7 @@ def model_ref_problem(model: str | Path, base: Path | None = None) -> str | None
         if parent.is_dir():
             import difflib
 
-            close = difflib.get_close_matches(p.name, [c.name for c in parent.iterdir()], n=1)
+            close = difflib.get_close_matches(p.name, sorted(c.name for c in parent.iterdir()), n=1, cutoff=0.5)
             hint = f"; did you mean {parent / close[0]}?" if close else f" ({parent} exists but holds no {p.name})"
         return f"no model at {p}{hint}"
     if _in_hub_cache(text):
