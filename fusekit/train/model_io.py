@@ -89,9 +89,9 @@ def model_ref_problem(model: str | Path, base: Path | None = None) -> str | None
     if _in_hub_cache(text):
         return None
     if constants.HF_HUB_OFFLINE:
-        return f"{text} is neither a local path nor a model in the Hugging Face cache (HF_HUB_OFFLINE is set); check the path"
+        return f"{text} does not exist locally and is not a model in the Hugging Face cache (HF_HUB_OFFLINE is set); check the path"
     if not _hub_reachable(constants.ENDPOINT):
-        return f"{text} is neither a local path nor a cached hub model, and the hub ({constants.ENDPOINT}) cannot be reached; check the path"
+        return f"{text} does not exist locally, is not a cached hub model, and the hub ({constants.ENDPOINT}) cannot be reached; check the path"
     return None
 
 
