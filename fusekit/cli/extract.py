@@ -27,6 +27,8 @@ def extract_command(
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on GPU)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (only for models you trust)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards on Ray: 'auto' (the running cluster), an address, or 'local'."),
+    ray_workers: Optional[int] = typer.Option(None, help="Ray workers, one model each (default: one per GPU, else per CPU)."),
     pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack short windows into shared rows (no compute on padding)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (a line per shard when not in a terminal)."),
 ) -> None:
@@ -40,7 +42,7 @@ def extract_command(
 
     extract(
         model, data, out, top_k=top_k, max_length=max_length, batch_size=batch_size, shard=shard, num_shards=num_shards,
-        device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, progress=progress, pack=pack,
+        device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, progress=progress, pack=pack, ray=ray, ray_workers=ray_workers,
     )
     store = ExtractStore(out)
     done = [n for n, _, ok in store.shard_ranges() if ok]

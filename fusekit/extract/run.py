@@ -10,6 +10,7 @@ Order of work (each step can be killed; a re-run picks up where it stopped):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,8 @@ from fusekit.store.shards import (
     shard_is_complete,
     shard_slice,
     update_manifest,
+    parquet_bytes,
     write_bytes_atomic,
-    write_parquet_atomic,
 )
 from fusekit.store.types import Window
 
@@ -189,6 +190,8 @@ def extract(
     trust_remote_code: bool = False,
     progress: bool = True,
     pack: bool = True,
+    ray: str | None = None,
+    ray_workers: int | None = None,
 ) -> Path:
     """Run MODEL over DATA and store, per token, its top-k next-token distribution and CE in OUT.
 
@@ -200,7 +203,9 @@ def extract(
     (a per-shard lock) is skipped with a message. A re-run without `num_shards` reuses the store's.
     `pack`: several windows per row of `max_length` tokens (attention kept inside each window), so no
     compute goes to padding; models that do not keep packed windows apart get padded batches.
-    Returns OUT.
+    `ray` ("auto", an address or "local"): the shards run on `ray_workers` Ray actors (default: one per
+    GPU of the cluster, else one per CPU), each loading the model once; the files are byte-identical to
+    a serial run's. Returns OUT.
     """
     from fusekit.train.model_io import load_tokenizer, require_fast_tokenizer
 
@@ -224,8 +229,9 @@ def extract(
     if num_shards > info.n_texts:
         raise ExtractError(f"{num_shards} shards for {info.n_texts} texts: some shards would be empty; use at most {info.n_texts}")
 
-    dev = resolve_device(device)
-    dtype_name = resolve_dtype(dtype, dev)
+    # Under Ray the model runs on the workers: the driver needs no GPU, only a dtype for the settings.
+    dev = resolve_device(device if ray is None else "cpu")
+    dtype_name = resolve_dtype(dtype, dev if ray is None or device is None else _device_kind(device))
     tokenizer = require_fast_tokenizer(load_tokenizer(model, trust_remote_code=trust_remote_code), model)
     config = load_config(model, trust_remote_code)
     vocab_size = logit_size(config)
@@ -263,7 +269,35 @@ def extract(
     shards = [only] if only is not None else list(range(num_shards))
     pending = [i for i in shards if not shard_is_complete(out, shard_filename(i, num_shards))]
     busy: list[str] = []
-    if pending:
+    if pending and ray is not None:
+        from fusekit.extract.ray_runner import ExtractJob, run_on_ray
+
+        job = ExtractJob(str(model), dtype_name, device, trust_remote_code, settings, digest, num_shards, info.n_texts, batch_size, pack)
+        log = ShardLog(len(pending), enabled=progress)
+        locks: dict[int, ShardLock] = {}
+
+        def claimed() -> Iterator[tuple[int, list[Record]]]:
+            for index, records in _records_by_shard(data, field, info.n_texts, num_shards, pending):
+                name = shard_filename(index, num_shards)
+                lock = ShardLock(out, name)
+                if not lock.acquire():
+                    busy.append(name)
+                    log.say(f"{out / name}: another process (pid {lock.holder()}) is writing it; skipped")
+                elif shard_is_complete(out, name):
+                    lock.release()
+                else:
+                    locks[index] = lock
+                    yield index, records
+
+        try:
+            for done in run_on_ray(ray, job, claimed(), ray_workers):
+                publish_shard(out, done)
+                locks.pop(done.index).release()
+                log.done(f"shard {done.index + 1}/{num_shards}", done.tokens)
+        finally:
+            for lock in locks.values():
+                lock.release()
+    elif pending:
         net = load_net(model, dtype_name, dev, trust_remote_code)
         log = ShardLog(len(pending), enabled=progress)
         with _bar(progress) as bar:
@@ -276,10 +310,11 @@ def extract(
                         continue
                     if shard_is_complete(out, name):  # finished by another process meanwhile
                         continue
-                    tokens = _extract_shard(
-                        net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, out, batch_size, bar, pack
+                    done = compute_shard(
+                        net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, batch_size, bar, pack
                     )
-                log.done(f"shard {index + 1}/{num_shards}", tokens)
+                    publish_shard(out, done)
+                log.done(f"shard {index + 1}/{num_shards}", done.tokens)
     _note_complete(out, num_shards)
     if busy:
         log.say(
@@ -287,6 +322,15 @@ def extract(
             f"re-run (or `fusekit inspect {out}`) once it has finished"
         )
     return out
+
+
+def _device_kind(device: str):
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ExtractError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
 
 
 def _store_num_shards(out: Path) -> int | None:
@@ -351,8 +395,8 @@ def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo) -> None
     open_store(out, FORMAT, settings, extra=extra)
 
 
-def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, out, batch_size, bar, pack: bool = True) -> int:
-    """Compute, code and write one shard and its sidecar; returns its number of tokens."""
+def compute_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, batch_size, bar, pack: bool = True) -> "ShardOutput":
+    """Run the model over one shard's records and code it (nothing is written here)."""
     k, vocab_size, window = settings["k"], settings["vocab_size"], settings["max_length"]
     first = shard_slice(n_texts, index, num_shards).start
     pieces: list[tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -403,14 +447,31 @@ def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings
         windows, k=k, vocab_size=vocab_size, step=settings["codec_step"], knee=settings["codec_knee"],
         metadata={"fusekit.settings_sha256": digest, "fusekit.shard": f"{index}/{num_shards}"},
     )
-    sha = write_parquet_atomic(frame, out / name, meta)
+    data = parquet_bytes(frame, meta)
     span = shard_slice(n_texts, index, num_shards)
-    record_shard(out, name, {
-        **stats.as_dict(), "sha256": sha, "bytes": (out / name).stat().st_size, "rows": frame.height,
+    info = {
+        **stats.as_dict(), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": frame.height,
         "texts": [span.start, span.stop],
-    })
+    }
     bar.update(task, visible=False)
-    return tokens
+    return ShardOutput(index, name, data, info, tokens)
+
+
+@dataclass
+class ShardOutput:
+    """One computed shard, not yet written: its Parquet bytes and sidecar entries."""
+
+    index: int
+    name: str
+    data: bytes
+    info: dict
+    tokens: int
+
+
+def publish_shard(out: Path, shard: ShardOutput) -> None:
+    """Write the shard atomically, then its sidecar (which marks it complete)."""
+    write_bytes_atomic(shard.data, out / shard.name)
+    record_shard(out, shard.name, shard.info)
 
 
 def _note_complete(out: Path, num_shards: int) -> None:
