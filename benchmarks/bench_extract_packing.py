@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per method; the fastest counts")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
     width = args.max_length or (512 if args.quick else 2048)
@@ -102,7 +103,12 @@ def main() -> None:
     assert packing_supported(net, vocab), "this model does not keep packed windows apart"
     k = 10
     run("packed", net, windows[:4], args.batch_size, width, k, vocab)  # warm-up
-    figures = {m: run(m, net, windows, args.batch_size, width, k, vocab) for m in ("plain loop", "padded, sorted", "packed")}
+    figures: dict[str, tuple] = {}
+    for _ in range(args.repeat):  # interleaved, best of: the machine may be shared
+        for m in ("plain loop", "padded, sorted", "packed"):
+            got = run(m, net, windows, args.batch_size, width, k, vocab)
+            if m not in figures or got[0] < figures[m][0]:
+                figures[m] = got
     base = figures["plain loop"]
     real = sum(lengths)
     rows = []

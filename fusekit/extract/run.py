@@ -229,9 +229,12 @@ def extract(
     if num_shards > info.n_texts:
         raise ExtractError(f"{num_shards} shards for {info.n_texts} texts: some shards would be empty; use at most {info.n_texts}")
 
-    # Under Ray the model runs on the workers: the driver needs no GPU, only a dtype for the settings.
-    dev = resolve_device(device if ray is None else "cpu")
-    dtype_name = resolve_dtype(dtype, dev if ray is None or device is None else _device_kind(device))
+    if ray is None:
+        dev = resolve_device(device)
+        dtype_name = resolve_dtype(dtype, dev)
+    else:  # the model runs on the workers: the driver needs no GPU, only the dtype for the settings
+        dev = _device_kind(device or "cpu")
+        dtype_name = resolve_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"), dev)
     tokenizer = require_fast_tokenizer(load_tokenizer(model, trust_remote_code=trust_remote_code), model)
     config = load_config(model, trust_remote_code)
     vocab_size = logit_size(config)
