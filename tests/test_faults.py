@@ -269,3 +269,45 @@ def test_whole_texts_are_tokenised_without_the_too_long_warning(world, caplog):
         assert not warned()
         tok(long.text)  # the plain call still warns: the test can see the warning
         assert warned()
+
+
+def test_help_and_the_plan_table_fit_80_columns():
+    import subprocess
+    import sys
+
+    # Every option name and every help word must be there in full (rich panels cut them with "…").
+    code = (
+        "import sys, typer; from typer.testing import CliRunner; from fusekit.cli import app\n"
+        "group = typer.main.get_command(app)\n"
+        "for cmd in sys.argv[1:]:\n"
+        "    r = CliRunner().invoke(app, [cmd, '--help'], terminal_width=80)\n"
+        "    assert r.exit_code == 0, (cmd, r.output)\n"
+        "    names = [o for prm in group.commands[cmd].params for o in [*prm.opts, *prm.secondary_opts] if o.startswith('--')]\n"
+        "    missing = [o for o in names if o not in r.output]\n"
+        "    wide = [ln for ln in r.output.splitlines() if len(ln) > 80]\n"
+        "    print(cmd, len(missing) + len(wide), missing[:2], wide[:1])\n"
+    )
+    commands = ["demo", "run", "plan", "fusechat", "extract", "align", "train", "merge", "eval", "inspect"]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *commands], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, check=True
+    ).stdout
+    assert [line.split(" ", 2)[1] for line in out.splitlines()] == ["0"] * len(commands), out
+
+    from rich.console import Console
+
+    from fusekit.plan import plan_table
+
+    row = dict(tokens=123_456_789, windows=1_234_567, params=1.7e9, extract_bytes=2.5e9, extract_bytes_per_token=20.3,
+               extract_flops=1.2e18, extract_seconds=12_345)
+    plan = {
+        "corpus": {"texts": 123_456, "sample_texts": 8}, "models": {"target-llama": row, "a-long-source-name": row},
+        "align": dict(tokens=123_456_789, bytes=3e9, bytes_per_token=25.1, seconds=3000),
+        "train": dict(variants=["a", "b", "c"], tokens_per_variant=123_456_789, bytes=4e9, flops=3e18, seconds=99_999),
+        "eval": dict(datasets=["heldout"], flops=1e15), "total_bytes": 1.2e10,
+    }
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(plan_table(plan))
+    text = console.export_text()
+    assert "…" not in text and max(len(ln) for ln in text.splitlines()) <= 80
+    for cell in ("target-llama", "123.5M", "1.7B", "2.5 GB", "20.3", "1.2e18", "3.4 h", "12.0 GB"):
+        assert cell in text, (cell, text)
