@@ -160,7 +160,8 @@ def main() -> None:
 
             open_store(out, "bench", settings)
             bar = extract_run._bar(False)
-            extract_run._extract_shard(net, tokenizer, records, 0, 1, len(records), settings, "0" * 64, out, args.batch_size, bar)
+            done = extract_run.compute_shard(net, tokenizer, records, 0, 1, len(records), settings, "0" * 64, args.batch_size, bar)
+            extract_run.publish_shard(out, done)
 
         times = {"bare": [], "extract": []}
         for rep in range(0 if args.no_speed else 2 if args.quick else 3):  # interleaved, best of: the machine is shared

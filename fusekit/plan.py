@@ -199,7 +199,7 @@ def _size(n: float) -> str:
 
 
 def _flops(n: float) -> str:
-    return f"{n:.2e}"
+    return f"{n:.1e}".replace("e+", "e")
 
 
 def _secs(s: float | None) -> str:
@@ -208,23 +208,42 @@ def _secs(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
 
 
+def _count(n: float) -> str:
+    """1234567 → 1.2M: counts that fit a narrow column."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def plan_table(plan: dict) -> Table:
-    table = Table(title=f"plan · corpus of {plan['corpus']['texts']} texts (bytes and speed measured on {plan['corpus']['sample_texts']})", title_justify="left")
-    for col in ("stage", "model", "tokens", "windows", "params", "disk", "B/token", "compute", "time (est.)"):
-        table.add_column(col, justify="left" if col in ("stage", "model") else "right")
+    """The plan as a table that fits 80 columns: compact numbers, no side borders, names may wrap
+    (window counts are in the JSON plan)."""
+    from rich import box
+
+    table = Table(
+        title=f"plan · {plan['corpus']['texts']:,} texts (bytes and speed measured on {plan['corpus']['sample_texts']})",
+        title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+    )
+    for col in ("stage", "model", "tokens", "params", "disk", "B/tok", "FLOPs", "time"):
+        left = col in ("stage", "model")
+        if col == "model":
+            table.add_column(col, overflow="fold", min_width=12, ratio=1)
+        else:
+            table.add_column(col, justify="left" if left else "right", no_wrap=True)
     for name, m in plan["models"].items():
         table.add_row(
-            "extract", name, f"{m['tokens']:,}", f"{m['windows']:,}", f"{m['params'] / 1e6:.1f}M",
+            "extract", name, _count(m["tokens"]), _count(m["params"]),
             _size(m["extract_bytes"]), f"{m['extract_bytes_per_token']:.1f}", _flops(m["extract_flops"]),
             _secs(m["extract_seconds"]),
         )
     a = plan["align"]
-    table.add_row("align", "→ target", f"{a['tokens']:,}", "", "", _size(a["bytes"]), f"{a['bytes_per_token']:.1f}", "CPU", _secs(a["seconds"]))
+    table.add_row("align", "→ target", _count(a["tokens"]), "", _size(a["bytes"]), f"{a['bytes_per_token']:.1f}", "CPU", _secs(a["seconds"]))
     tr = plan["train"]
     table.add_row(
-        "train", f"{len(tr['variants'])} variants", f"{tr['tokens_per_variant']:,} each", "", "", _size(tr["bytes"]), "",
+        "train", f"{len(tr['variants'])} variants (tokens each)", _count(tr["tokens_per_variant"]), "", _size(tr["bytes"]), "",
         _flops(tr["flops"]), _secs(tr["seconds"]),
     )
-    table.add_row("eval", ", ".join(plan["eval"]["datasets"]) or "—", "", "", "", "", "", _flops(plan["eval"]["flops"]), "")
-    table.add_row("total", "", "", "", "", _size(plan["total_bytes"]), "", "", "")
+    table.add_row("eval", ", ".join(plan["eval"]["datasets"]) or "—", "", "", "", "", _flops(plan["eval"]["flops"]), "")
+    table.add_row("total", "", "", "", _size(plan["total_bytes"]), "", "", "")
     return table

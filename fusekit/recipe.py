@@ -25,7 +25,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelSpec(_Strict):
@@ -78,7 +77,7 @@ class TrainVariant(_Strict):
 class TrainOptions(_Strict):
     variants: list[TrainVariant] = Field(
         default_factory=lambda: [
-            TrainVariant(name="fusellm-minc", fusion="min_ce"),
+            TrainVariant(name="fusellm-mince", fusion="min_ce"),
             TrainVariant(name="fusellm-avgce", fusion="avg_ce"),
             TrainVariant(name="clm-only", lam=1.0),
         ]
@@ -143,9 +142,12 @@ class Recipe(JobSpec):
             local = Path(path_of(spec.model))
             if local.exists():
                 return spec.model_copy(update={"model": str(local)})
-            if _HUB_ID.match(spec.model) and not spec.model.startswith("."):
-                return spec  # a hub id: checked when it is loaded
-            problems.append(f"model {spec.name!r}: {spec.model} does not exist (looked at {local})")
+            from fusekit.train.model_io import model_ref_problem
+
+            problem = model_ref_problem(spec.model, base)
+            if problem is None:
+                return spec  # a hub id that is cached or can be downloaded
+            problems.append(f"model {spec.name!r}: {problem}")
             return spec
 
         def data(spec: DataSpec) -> DataSpec:

@@ -33,12 +33,12 @@ def test_quick_demo_runs_end_to_end_and_resumes_to_the_same_results(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
 
-    names = ["target (before)", "code-expert", "prose-expert", "api-expert", "fusellm-minc", "fusellm-avgce", "clm-only"]
+    names = ["target (before)", "code-expert", "prose-expert", "api-expert", "fusellm-mince", "fusellm-avgce", "clm-only"]
     assert {(r["model"], r["dataset"]) for r in results["eval"]} == {(m, d) for m in names for d in DOMAINS}
     for row in results["eval"]:
         # nats/char and nats/token describe the same total loss.
         assert abs(row["nats_per_char"] * row["chars"] - row["mean_ce"] * row["tokens"]) < 1e-6 * row["mean_ce"] * row["tokens"]
-    assert set(results["ce_per_token"]) == {"target (before)", "fusellm-minc", "fusellm-avgce", "clm-only"}
+    assert set(results["ce_per_token"]) == {"target (before)", "fusellm-mince", "fusellm-avgce", "clm-only"}
     assert set(results["nats_per_char"]) == set(names)
     assert set(results["claim"]["average_ce"]) == {"before", "clm", "min_ce", "avg_ce"}
     # Continual training on the fusion corpus must help the briefly pre-trained target at all.
@@ -49,7 +49,7 @@ def test_quick_demo_runs_end_to_end_and_resumes_to_the_same_results(tmp_path):
     assert all(0 < s["carried_share"] <= 1 for s in report["sources"])
     assert (out / "results.png").stat().st_size > 10_000
     assert (out / "run" / "aligned" / "report.json").is_file()
-    assert "fusellm-minc" in (out / "recipe.yaml").read_text()
+    assert "fusellm-mince" in (out / "recipe.yaml").read_text()
 
     # The run is resumable: a second invocation skips every finished stage and reproduces the numbers.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

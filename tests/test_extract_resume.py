@@ -88,7 +88,8 @@ def test_inspect_reports_and_detects_a_corrupt_shard(model_dir, corpus_file, tmp
     assert bad.exit_code == 1
     assert "part-00002-of-00004.parquet: sha256 mismatch" in bad.output.replace("\n", " ")
     store = ExtractStore(out)
-    assert not store.complete()
+    with pytest.raises(StoreError, match="part-00002-of-00004.parquet: sha256 mismatch"):
+        store.complete()  # corrupt is not "incomplete": the file is named
     with pytest.raises(StoreError, match="part-00002-of-00004.parquet: sha256 mismatch"):
         list(store.iter_texts())
 

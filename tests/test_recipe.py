@@ -38,7 +38,7 @@ def test_a_valid_recipe_resolves_paths_relative_to_its_file(tmp_path, valid):
     assert recipe.workdir == str(tmp_path / "work")
     assert recipe.target.model == str(tmp_path / "target")
     assert [s.model for s in recipe.sources] == [str(tmp_path / "s1"), str(tmp_path / "s2")]
-    assert [v.name for v in recipe.train.variants] == ["fusellm-minc", "fusellm-avgce", "clm-only"]
+    assert [v.name for v in recipe.train.variants] == ["fusellm-mince", "fusellm-avgce", "clm-only"]
     assert recipe.train.variants[2].lam == 1.0  # the CLM-only baseline
 
 

@@ -20,7 +20,7 @@ def extract_command(
     out: Path = typer.Option(..., "--out", "-o", help="Store folder (created; re-running resumes it)."),
     top_k: int = typer.Option(10, "--top-k", "-k", help="Next-token candidates kept per position."),
     max_length: int = typer.Option(2048, help="Window length in tokens (capped by the model's context)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    batch_size: int = typer.Option(8, help="Rows of --max-length tokens per forward pass (windows packed into rows)."),
     shard: Optional[str] = typer.Option(None, help="Do only shard I of N (0-based, e.g. 0/4), so N jobs can share a corpus."),
     num_shards: Optional[int] = typer.Option(None, help="Shards of the whole run (default: about 1M tokens each)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
@@ -28,7 +28,10 @@ def extract_command(
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code (only for models you trust)."),
     append_eos: bool = typer.Option(True, "--eos/--no-eos", help="End every plain text with the tokenizer's end-of-sequence token (FuseLLM's reference does)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards on Ray: 'auto' (the running cluster), an address, or 'local'."),
+    ray_workers: Optional[int] = typer.Option(None, help="Ray workers, one model each (default: one per GPU, else per CPU)."),
+    pack: bool = typer.Option(True, "--pack/--no-pack", help="Pack short windows into shared rows (no compute on padding)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (a line per shard when not in a terminal)."),
 ) -> None:
     """Store MODEL's top-k next-token distribution and cross-entropy for every token of DATA in OUT.
 
@@ -41,7 +44,7 @@ def extract_command(
     extract(
         model, data, out, top_k=top_k, max_length=max_length, batch_size=batch_size, shard=shard, num_shards=num_shards,
         device=device, dtype=dtype, field=field, trust_remote_code=trust_remote_code, append_eos=append_eos,
-        progress=progress,
+        progress=progress, pack=pack, ray=ray, ray_workers=ray_workers,
     )
     store = ExtractStore(out)
     done = [n for n, _, ok in store.shard_ranges() if ok]
@@ -52,10 +55,10 @@ def extract_command(
     console.print(
         f"[bold]{out}[/]: {len(done)}/{store.num_shards} shards, {s['tokens']:,} tokens, "
         f"{s['bytes_per_token']:.1f} B/token, compression KL {s['kl_mean']:.2e} nats, mean CE {s['ce_mean']:.3f}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     if skipped:
         console.print(
             f"skipped {corpus.get('skipped_empty', 0)} empty and {corpus.get('skipped_non_utf8', 0)} non-UTF-8 texts of {data}",
-            style="yellow", highlight=False,
+            style="yellow", highlight=False, soft_wrap=True,
         )

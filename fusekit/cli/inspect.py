@@ -63,7 +63,7 @@ def inspect_command(
     if problems:
         if missing_only:
             raise typer.Exit(2)
-        fail(f"{folder}: {len(problems)} problem(s): " + "; ".join(p for p in problems if ": missing shard" not in p))
+        fail(f"{folder}: {len(problems)} problem(s):\n" + "\n".join(p for p in problems if ": missing shard" not in p))
 
 
 def _print(folder: Path, manifest: dict, sidecars: dict, summary: dict | None, problems: list[str], ce_bin: float) -> None:

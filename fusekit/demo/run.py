@@ -25,7 +25,7 @@ from fusekit.recipe import Recipe
 
 console = Console(stderr=True)
 
-VARIANTS = {"clm": "clm-only", "min_ce": "fusellm-minc", "avg_ce": "fusellm-avgce"}
+VARIANTS = {"clm": "clm-only", "min_ce": "fusellm-mince", "avg_ce": "fusellm-avgce"}
 
 
 def demo_recipe(cfg: DemoConfig, assets: DemoAssets, workdir: Path, real: Path | None) -> Recipe:

@@ -211,7 +211,9 @@ def tokenize_with_offsets(tokenizer, record: Record, append_eos: bool = False) -
         text, spans = record.text, None
     else:
         text, spans = _render_chat(tokenizer, record.messages or [])
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    # verbose=False: whole texts are tokenised on purpose (windows are cut afterwards), so no "longer than the
+    # maximum sequence length" warning.
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
     offsets = np.array([s for s, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1)
     mask = None
     if spans is not None:
@@ -230,7 +232,7 @@ def tokenize_record(tokenizer, record: Record, append_eos: bool = False) -> tupl
     """Token ids (no special tokens added: windows as extraction cuts them; the end-of-sequence token
     after a plain text with `append_eos`) and, for chat records, a mask of the assistant tokens."""
     if record.text is not None and not append_eos:
-        return np.asarray(tokenizer(record.text, add_special_tokens=False)["input_ids"], dtype=np.int64), None
+        return np.asarray(tokenizer(record.text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64), None
     tokenized = tokenize_with_offsets(tokenizer, record, append_eos)
     return tokenized.input_ids, tokenized.mask
 

@@ -10,6 +10,7 @@ Order of work (each step can be killed; a re-run picks up where it stopped):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,12 +33,15 @@ from fusekit.extract.errors import ExtractError
 from fusekit.extract.model import (
     config_identity,
     forward_topk,
+    forward_topk_packed,
     load_config,
     load_net,
     logit_size,
     model_context,
     model_fingerprint,
     model_name,
+    pack_windows,
+    packing_supported,
     resolve_device,
     resolve_dtype,
     store_vocab,
@@ -46,6 +50,8 @@ from fusekit.extract.model import (
 from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, TOKENS_FILE, VOCAB_FILE, encode_shard
 from fusekit.store.shards import (
     MANIFEST,
+    MAX_SHARDS,
+    ShardLock,
     StoreError,
     clean_temporaries,
     complete_shards,
@@ -59,14 +65,13 @@ from fusekit.store.shards import (
     shard_is_complete,
     shard_slice,
     update_manifest,
+    parquet_bytes,
     write_bytes_atomic,
-    write_parquet_atomic,
 )
 from fusekit.store.types import Window
 
 # A default shard holds about this many characters (~1M tokens): a killed run loses at most that much.
 SHARD_CHARS = 4_000_000
-MAX_SHARDS = 99_999
 
 
 @dataclass
@@ -186,6 +191,9 @@ def extract(
     trust_remote_code: bool = False,
     append_eos: bool = True,
     progress: bool = True,
+    pack: bool = True,
+    ray: str | None = None,
+    ray_workers: int | None = None,
 ) -> Path:
     """Run MODEL over DATA and store, per token, its top-k next-token distribution and CE in OUT.
 
@@ -195,9 +203,15 @@ def extract(
     about 1M tokens each); `shard="I/N"` does only shard I of N (0-based), so N jobs can share the work.
     `append_eos` (default, as the FuseLLM reference) ends every plain text with the tokenizer's
     end-of-sequence token. Every window keeps its text, so alignment works on exact byte spans.
-    Complete shards are skipped, so re-running after a crash resumes. Returns OUT.
+    Complete shards are skipped, so re-running after a crash resumes; a shard another process is writing
+    (a per-shard lock) is skipped with a message. A re-run without `num_shards` reuses the store's.
+    `pack`: several windows per row of `max_length` tokens (attention kept inside each window), so no
+    compute goes to padding; models that do not keep packed windows apart get padded batches.
+    `ray` ("auto", an address or "local"): the shards run on `ray_workers` Ray actors (default: one per
+    GPU of the cluster, else one per CPU), each loading the model once; the files are byte-identical to
+    a serial run's. Returns OUT.
     """
-    from fusekit.train.model_io import load_tokenizer
+    from fusekit.train.model_io import load_tokenizer, require_fast_tokenizer
 
     if top_k < 1:
         raise ExtractError(f"--top-k must be at least 1, got {top_k}")
@@ -215,13 +229,17 @@ def extract(
     out = Path(out)
     info = scan_corpus(data, field)
     if num_shards is None:
-        num_shards = default_num_shards(info)
+        num_shards = _store_num_shards(out) or default_num_shards(info)
     if num_shards > info.n_texts:
         raise ExtractError(f"{num_shards} shards for {info.n_texts} texts: some shards would be empty; use at most {info.n_texts}")
 
-    dev = resolve_device(device)
-    dtype_name = resolve_dtype(dtype, dev)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    if ray is None:
+        dev = resolve_device(device)
+        dtype_name = resolve_dtype(dtype, dev)
+    else:  # the model runs on the workers: the driver needs no GPU, only the dtype for the settings
+        dev = _device_kind(device or "cpu")
+        dtype_name = resolve_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"), dev)
+    tokenizer = require_fast_tokenizer(load_tokenizer(model, trust_remote_code=trust_remote_code), model)
     config = load_config(model, trust_remote_code)
     vocab_size = logit_size(config)
     if top_k > vocab_size:
@@ -260,13 +278,110 @@ def extract(
 
     shards = [only] if only is not None else list(range(num_shards))
     pending = [i for i in shards if not shard_is_complete(out, shard_filename(i, num_shards))]
-    if pending:
+    busy: list[str] = []
+    if pending and ray is not None:
+        from fusekit.extract.ray_runner import ExtractJob, run_on_ray
+
+        job = ExtractJob(str(model), dtype_name, device, trust_remote_code, settings, digest, num_shards, info.n_texts, batch_size, pack)
+        log = ShardLog(len(pending), enabled=progress)
+        locks: dict[int, ShardLock] = {}
+
+        def claimed() -> Iterator[tuple[int, list[Record]]]:
+            for index, records in _records_by_shard(data, field, info.n_texts, num_shards, pending):
+                name = shard_filename(index, num_shards)
+                lock = ShardLock(out, name)
+                if not lock.acquire():
+                    busy.append(name)
+                    log.say(f"{out / name}: another process (pid {lock.holder()}) is writing it; skipped")
+                elif shard_is_complete(out, name):
+                    lock.release()
+                else:
+                    locks[index] = lock
+                    yield index, records
+
+        try:
+            for done in run_on_ray(ray, job, claimed(), ray_workers):
+                publish_shard(out, done)
+                locks.pop(done.index).release()
+                log.done(f"shard {done.index + 1}/{num_shards}", done.tokens)
+        finally:
+            for lock in locks.values():
+                lock.release()
+    elif pending:
         net = load_net(model, dtype_name, dev, trust_remote_code)
+        log = ShardLog(len(pending), enabled=progress)
         with _bar(progress) as bar:
             for index, records in _records_by_shard(data, field, info.n_texts, num_shards, pending):
-                _extract_shard(net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, out, batch_size, bar)
+                name = shard_filename(index, num_shards)
+                with ShardLock(out, name) as lock:
+                    if not lock.acquire():
+                        busy.append(name)
+                        log.say(f"{out / name}: another process (pid {lock.holder()}) is writing it; skipped")
+                        continue
+                    if shard_is_complete(out, name):  # finished by another process meanwhile
+                        continue
+                    done = compute_shard(
+                        net, tokenizer, records, index, num_shards, info.n_texts, settings, digest, batch_size, bar, pack
+                    )
+                    publish_shard(out, done)
+                log.done(f"shard {index + 1}/{num_shards}", done.tokens)
     _note_complete(out, num_shards)
+    if busy:
+        log.say(
+            f"{len(busy)} shard(s) were being written by another process and are not checked here; "
+            f"re-run (or `fusekit inspect {out}`) once it has finished"
+        )
     return out
+
+
+def _device_kind(device: str):
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ExtractError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+
+
+def _store_num_shards(out: Path) -> int | None:
+    """The shard count of an existing extraction store at OUT (so a re-run need not repeat --num-shards)."""
+    if not (out / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(out)
+    if manifest.get("format") != FORMAT:
+        return None
+    value = manifest.get("settings", {}).get("num_shards")
+    return value if isinstance(value, int) and 1 <= value <= MAX_SHARDS else None
+
+
+class ShardLog:
+    """One line per finished shard on stderr (tokens/s, ETA) when the progress bar cannot show: outside a
+    terminal (a batch job's log file). Quiet with progress off, and in a terminal the bar says it all."""
+
+    def __init__(self, shards: int, enabled: bool = True):
+        import sys
+        import time
+
+        self.total, self.finished, self.tokens = shards, 0, 0
+        self.start = time.perf_counter()
+        self.enabled = enabled and not sys.stderr.isatty()
+
+    def say(self, line: str) -> None:
+        import sys
+
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self, label: str, tokens: int) -> None:
+        import time
+
+        self.finished += 1
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        left = elapsed / self.finished * (self.total - self.finished)
+        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        self.say(f"{label}: {tokens:,} tokens, {rate:,.0f} tokens/s; {self.finished}/{self.total} of this run done, ETA {eta}")
 
 
 def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo, tokens: dict) -> None:
@@ -293,7 +408,8 @@ def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo, tokens:
     open_store(out, FORMAT, settings, extra=extra)
 
 
-def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, out, batch_size, bar) -> None:
+def compute_shard(net, tokenizer, records, index, num_shards, n_texts, settings, digest, batch_size, bar, pack: bool = True) -> "ShardOutput":
+    """Run the model over one shard's records and code it (nothing is written here)."""
     k, vocab_size, window = settings["k"], settings["vocab_size"], settings["max_length"]
     first = shard_slice(n_texts, index, num_shards).start
     pieces: list[tuple[int, int, int, int, np.ndarray, np.ndarray, np.ndarray | None, str]] = []
@@ -310,34 +426,66 @@ def _extract_shard(net, tokenizer, records, index, num_shards, n_texts, settings
                  None if tok.mask is None else tok.mask[s:e], tok.text[char_start:char_end])
             )
     name = shard_filename(index, num_shards)
-    task = bar.add_task(f"{settings['model']} {index + 1}/{num_shards}", total=sum(len(p[4]) for p in pieces))
-    # Longest first, so a batch pads little; the order is a pure function of the shard (deterministic bytes).
-    order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][4]))
+    tokens = sum(len(p[4]) for p in pieces)
+    task = bar.add_task(f"{settings['model']} {index + 1}/{num_shards}", total=tokens)
     results: dict[int, Window] = {}
-    for lo in range(0, len(order), batch_size):
-        chosen = order[lo : lo + batch_size]
-        outs = forward_topk(net, [pieces[i][4] for i in chosen], k, vocab_size)
-        for i, r in zip(chosen, outs):
-            text_id, w, cs, ce_, ids, offs, mask, text = pieces[i]
-            pred = r.ce[:-1].astype(np.float64)
-            results[i] = Window(
-                text_id=text_id, window=w, char_start=cs, char_end=ce_, input_ids=ids, offsets=offs,
-                topk_ids=r.topk_ids, topk_logp=r.topk_logp, ce=r.ce,
-                mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask, text=text,
-            )
-        bar.update(task, advance=sum(len(pieces[i][4]) for i in chosen))
+
+    def keep(i: int, r) -> None:
+        text_id, w, cs, ce_, ids, offs, mask, text = pieces[i]
+        pred = r.ce[:-1].astype(np.float64)
+        results[i] = Window(
+            text_id=text_id, window=w, char_start=cs, char_end=ce_, input_ids=ids, offsets=offs,
+            topk_ids=r.topk_ids, topk_logp=r.topk_logp, ce=r.ce,
+            mean_ce=float(pred.mean()) if pred.size else float("nan"), loss_mask=mask, text=text,
+        )
+
+    # The grouping is a pure function of the shard's window lengths, so the bytes are deterministic.
+    token_ids = [p[4] for p in pieces]
+    if pack and packing_supported(net, vocab_size):
+        rows = pack_windows([len(t) for t in token_ids], window)  # each row ≤ one window of tokens
+        for lo in range(0, len(rows), batch_size):
+            group = rows[lo : lo + batch_size]
+            for i, r in forward_topk_packed(net, token_ids, group, k, vocab_size).items():
+                keep(i, r)
+            bar.update(task, advance=sum(len(token_ids[i]) for row in group for i in row))
+    else:
+        # Longest first, so a batch pads little.
+        order = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][4]))
+        for lo in range(0, len(order), batch_size):
+            chosen = order[lo : lo + batch_size]
+            for i, r in zip(chosen, forward_topk(net, [token_ids[i] for i in chosen], k, vocab_size)):
+                keep(i, r)
+            bar.update(task, advance=sum(len(token_ids[i]) for i in chosen))
     windows = [results[i] for i in range(len(pieces))]
     frame, meta, stats = encode_shard(
         windows, k=k, vocab_size=vocab_size, step=settings["codec_step"], knee=settings["codec_knee"],
         metadata={"fusekit.settings_sha256": digest, "fusekit.shard": f"{index}/{num_shards}"},
     )
-    sha = write_parquet_atomic(frame, out / name, meta)
+    data = parquet_bytes(frame, meta)
     span = shard_slice(n_texts, index, num_shards)
-    record_shard(out, name, {
-        **stats.as_dict(), "sha256": sha, "bytes": (out / name).stat().st_size, "rows": frame.height,
+    info = {
+        **stats.as_dict(), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "rows": frame.height,
         "texts": [span.start, span.stop],
-    })
+    }
     bar.update(task, visible=False)
+    return ShardOutput(index, name, data, info, tokens)
+
+
+@dataclass
+class ShardOutput:
+    """One computed shard, not yet written: its Parquet bytes and sidecar entries."""
+
+    index: int
+    name: str
+    data: bytes
+    info: dict
+    tokens: int
+
+
+def publish_shard(out: Path, shard: ShardOutput) -> None:
+    """Write the shard atomically, then its sidecar (which marks it complete)."""
+    write_bytes_atomic(shard.data, out / shard.name)
+    record_shard(out, shard.name, shard.info)
 
 
 def _note_complete(out: Path, num_shards: int) -> None:

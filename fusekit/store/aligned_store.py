@@ -35,7 +35,11 @@ from fusekit.store.shards import (
     _PARQUET_OPTIONS,
     StoreError,
     complete_shards,
+    edited_manifest_error,
+    foreign_sidecars,
     read_manifest,
+    sha256_file,
+    shard_count,
     shard_filename,
 )
 from fusekit.store.types import AlignedWindow, Candidate
@@ -177,12 +181,19 @@ class AlignedStore:
         if self.manifest.get("format") != FORMAT:
             raise StoreError(f"{self.folder} holds a {self.manifest.get('format')!r} store, not an aligned store ({FORMAT!r})")
         self.settings: dict = self.manifest.get("settings", {})
-        self.ks: list[int] = [int(k) for k in self.settings["ks"]]
-        self.num_shards = int(self.settings["num_shards"])
-        self.rows_per_group = int(self.settings["row_group_rows"])
+        try:
+            self.ks: list[int] = [int(k) for k in self.settings["ks"]]
+            self.rows_per_group = int(self.settings["row_group_rows"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{self.folder / 'manifest.json'} lacks a valid setting {exc}; the store is damaged") from None
+        self.num_shards = shard_count(self.folder, self.settings)
         done = complete_shards(self.folder)
         names = [shard_filename(i, self.num_shards) for i in range(self.num_shards)]
         missing = [i for i, name in enumerate(names) if name not in done]
+        if missing and not done:
+            foreign = foreign_sidecars(self.folder)
+            if foreign:
+                raise edited_manifest_error(self.folder, foreign)
         if missing:
             shown = ", ".join(f"{i}/{self.num_shards}" for i in missing[:8])
             raise StoreError(
@@ -190,6 +201,8 @@ class AlignedStore:
                 f"{', …' if len(missing) > 8 else ''}); finish `fusekit align` (re-run it, or run the missing --shard I/N)"
             )
         self._files = [self.folder / name for name in names]
+        self._sha = [done[name].get("sha256") for name in names]
+        self._verified: set[int] = set()
         self._rows = np.array([int(done[name]["rows"]) for name in names], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._rows)])
         self._cached: tuple[int, int] | None = None
@@ -208,10 +221,32 @@ class AlignedStore:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def _shard(self, i: int, **scan) -> pl.DataFrame:
+        """Shard i (or a slice of it: `scan` = offset, length, columns), its sha256 checked on first use;
+        a corrupt or unreadable shard is a StoreError naming the file."""
+        path = self._files[i]
+        if i not in self._verified:
+            try:
+                ok = sha256_file(path) == self._sha[i]
+            except OSError as exc:
+                raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if not ok:
+                raise StoreError(f"{path}: sha256 mismatch (the shard is corrupt or was changed; delete it and re-run `fusekit align`)")
+            self._verified.add(i)
+        try:
+            frame = pl.scan_parquet(path)
+            if "columns" in scan:
+                frame = frame.select(scan["columns"])
+            if "offset" in scan:
+                frame = frame.slice(scan["offset"], scan["length"])
+            return frame.collect()
+        except Exception as exc:  # polars' own error types
+            raise StoreError(f"{path} cannot be read as Parquet ({str(exc).splitlines()[0]}); delete it and re-run `fusekit align`") from None
+
     def window_lengths(self) -> np.ndarray:
         """Tokens per window, in store order (reads only the `n` column)."""
         if self._lengths is None:
-            parts = [pl.read_parquet(f, columns=["n"])["n"].to_numpy() for f in self._files]
+            parts = [self._shard(i, columns=["n"])["n"].to_numpy() for i in range(len(self._files))]
             self._lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         return self._lengths
 
@@ -228,14 +263,14 @@ class AlignedStore:
         if self._cached != (shard, group):
             self._block = None  # drop the old block before decoding the next one
             start = group * self.rows_per_group
-            df = pl.scan_parquet(self._files[shard]).slice(start, self.rows_per_group).collect()
+            df = self._shard(shard, offset=start, length=self.rows_per_group)
             self._block, self._cached = _Decoded(df, self.ks), (shard, group)
         return self._block.window_at(local - group * self.rows_per_group)
 
     def iter_windows(self) -> Iterator[AlignedWindow]:
         """Every window in store order, one decoded shard at a time."""
-        for f in self._files:
-            block = _Decoded(pl.read_parquet(f), self.ks)
+        for i in range(len(self._files)):
+            block = _Decoded(self._shard(i), self.ks)
             for i in range(len(block)):
                 yield block.window_at(i)
             del block

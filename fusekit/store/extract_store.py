@@ -35,11 +35,14 @@ from fusekit.eval.corpus import corpus_fingerprint  # noqa: F401  (re-exported f
 from fusekit.store.shards import (
     StoreError,
     complete_shards,
+    edited_manifest_error,
+    foreign_sidecars,
     read_manifest,
     settings_digest,
+    sha256_file,
+    shard_count,
     shard_filename,
     shard_slice,
-    sha256_file,
 )
 from fusekit.store.types import Window
 
@@ -297,7 +300,7 @@ class ExtractStore:
         try:
             self.k: int = int(self.settings["k"])
             self.n_texts: int = int(self.settings["n_texts"])
-            self.num_shards: int = int(self.settings["num_shards"])
+            self.num_shards: int = shard_count(self.folder, self.settings)
             self.step: float = float(self.settings["codec_step"])
             self.knee: float = float(self.settings["codec_knee"])
             self.tokenizer_fingerprint: str = self.settings["tokenizer_fingerprint"]
@@ -313,6 +316,9 @@ class ExtractStore:
             name: info for name, info in complete_shards(self.folder).items() if info.get("sha256") and self._owns(name)
         }
         if not self._sidecars:
+            foreign = foreign_sidecars(self.folder)
+            if foreign:
+                raise edited_manifest_error(self.folder, foreign)
             raise StoreError(f"{self.folder} has no complete shard yet (extraction not finished: re-run `fusekit extract`)")
         self.vocab: list[str] = self._read_vocab()
         self.vocab_info = self._read_vocab_info()
@@ -357,15 +363,19 @@ class ExtractStore:
         ]
 
     def complete(self) -> bool:
-        """Every shard of the run is present and its sha256 matches its sidecar."""
-        if len(self._sidecars) != self.num_shards:
-            return False
+        """Every shard of the run is present (False when some are still missing).
+
+        Raises StoreError naming the file when a present shard's sha256 differs from its sidecar's: a
+        corrupt shard is not a missing one.
+        """
         for name, info in self._sidecars.items():
             if name not in self._verified:
                 if sha256_file(self.folder / name) != info.get("sha256"):
-                    return False
+                    raise StoreError(
+                        f"{self.folder / name}: sha256 mismatch (the shard is corrupt or was changed; delete it and re-run extraction)"
+                    )
                 self._verified.add(name)
-        return True
+        return len(self._sidecars) == self.num_shards
 
     def sidecar(self, filename: str) -> dict:
         return self._sidecars[filename]

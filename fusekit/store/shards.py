@@ -28,6 +28,8 @@ import polars as pl
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 _TMP_MARK = ".tmp-"
+MAX_SHARDS = 99_999  # shard names carry 5 digits
+_MISSING_SHOWN = 10  # missing shards named one by one; the rest are counted in one line
 # Parquet bytes must not depend on the machine: fixed compression, level and row-group size.
 _PARQUET_OPTIONS: dict[str, Any] = dict(compression="zstd", compression_level=9, statistics=False, row_group_size=4096)
 
@@ -159,6 +161,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def shard_count(folder: str | Path, settings: dict) -> int:
+    """The store's `num_shards`, checked: an int in 1..MAX_SHARDS, else StoreError naming manifest.json."""
+    value = settings.get("num_shards")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise StoreError(
+            f"{Path(folder) / MANIFEST}: num_shards {value!r} is not a shard count (1–{MAX_SHARDS:,}); "
+            "the manifest is damaged or was edited: restore it or write the store again"
+        )
+    return value
+
+
 def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -255,6 +268,29 @@ def complete_shards(folder: str | Path) -> dict[str, dict]:
     return out
 
 
+def foreign_sidecars(folder: str | Path) -> list[str]:
+    """Sidecars in `folder` whose shard exists but whose settings digest is not manifest.json's.
+
+    Non-empty while no sidecar matches means manifest.json was edited (or copied from another run).
+    """
+    folder = Path(folder)
+    digest = settings_digest(read_manifest(folder).get("settings", {}))
+    out = []
+    for side in sorted(folder.glob("*.parquet.json")):
+        info = _read_sidecar(side)
+        if info is not None and info.get("settings_sha256") != digest and (folder / side.name[: -len(".json")]).is_file():
+            out.append(side.name)
+    return out
+
+
+def edited_manifest_error(folder: str | Path, sidecars: list[str]) -> StoreError:
+    return StoreError(
+        f"{Path(folder) / MANIFEST} does not match its shards: the settings of {sidecars[0]}"
+        f"{f' and {len(sidecars) - 1} other sidecar(s)' if len(sidecars) > 1 else ''} differ (manifest.json was "
+        "edited or comes from another run); restore the original manifest.json, or write the store again"
+    )
+
+
 def shard_is_complete(folder: str | Path, filename: str) -> bool:
     """The resume rule: the file and its sidecar exist, the sidecar belongs to this store, the hash matches."""
     folder = Path(folder)
@@ -272,6 +308,11 @@ def verify_store(folder: str | Path) -> list[str]:
     settings = manifest.get("settings", {})
     digest = settings_digest(settings)
     n_shards = settings.get("num_shards")
+    if n_shards is not None:
+        try:
+            n_shards = shard_count(folder, settings)
+        except StoreError as exc:
+            return [f"{MANIFEST}: {str(exc).split(': ', 1)[1]}"]
     problems: list[str] = []
     known = {MANIFEST, *(manifest.get("extra_files") or [])}
     for path in sorted(folder.iterdir()):
@@ -300,8 +341,74 @@ def verify_store(folder: str | Path) -> list[str]:
         elif sha256_file(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 mismatch (the file is corrupt or was changed; delete it and re-run)")
     if n_shards is not None:
-        for i in range(int(n_shards)):
-            name = shard_filename(i, int(n_shards))
-            if not (folder / name).is_file():
-                problems.append(f"{name}: missing shard (not extracted yet: run with --shard {i}/{n_shards})")
+        missing = [i for i in range(n_shards) if not (folder / shard_filename(i, n_shards)).is_file()]
+        for i in missing[:_MISSING_SHOWN]:
+            problems.append(f"{shard_filename(i, n_shards)}: missing shard (not written yet: re-run, or run --shard {i}/{n_shards})")
+        if len(missing) > _MISSING_SHOWN:
+            problems.append(f"{len(missing) - _MISSING_SHOWN:,} more: missing shards (not written yet: re-run to finish the store)")
     return problems
+
+
+class ShardLock:
+    """An exclusive, non-blocking lock on one shard of a store, so concurrent runs into one folder do not
+    both compute it. `acquire()` → True when this process now owns the shard, False when another holds it.
+
+    The lock is `flock` on a hidden file next to the shard (`.NAME.tmp-lock`, skipped by `verify_store`
+    and by the folder checks); the kernel drops it when its holder dies, even by kill -9, so a dead
+    run never blocks a re-run. On release the file is removed; an acquirer that locked a file which was
+    removed meanwhile (its inode no longer at the path) retries on the new one.
+    """
+
+    def __init__(self, folder: str | Path, filename: str):
+        self.path = Path(folder) / f".{filename}{_TMP_MARK}lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _write_error(self.path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError:  # a filesystem without flock: no protection, but no failure either
+                self._fd = fd
+                return True
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._fd = fd
+                return True
+            os.close(fd)  # the holder released and removed it between our open and flock: try again
+
+    def holder(self) -> str:
+        """The pid written by the process holding the lock ('?' when unknown)."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "ShardLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

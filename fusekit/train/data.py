@@ -293,3 +293,35 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool) -> Ba
             at += n
         position_ids[r, at:] = np.arange(width - at)
     return Batch(input_ids, position_ids, labels, t_ids, t_p)
+
+
+def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> None:
+    """Refuse an aligned store built for another target model, before any training step.
+
+    The aligned manifest records the target's tokenizer fingerprint and vocabulary size
+    (`settings.target`); `config` is the model's (its logits count) and `tokenizer` the model's own
+    (None for a weights-only folder: then only the vocabulary size is compared). Windows given in
+    memory carry no manifest and are not checked. Raises TrainDataError naming both.
+    """
+    store = getattr(source, "_store", None)
+    settings = getattr(store, "settings", None)
+    target = settings.get("target") if isinstance(settings, dict) else None
+    if not isinstance(target, dict):
+        return
+    from fusekit.extract.model import logit_size, tokenizer_fingerprint
+
+    folder = getattr(store, "folder", "the aligned store")
+    built_for = target.get("model") or "another model"
+    size, want = logit_size(config), target.get("vocab_size")
+    if want is not None and int(want) != size:
+        raise TrainDataError(
+            f"{folder} was aligned for {built_for} (vocabulary of {want} tokens), but {model_ref} predicts {size}: "
+            "train the model whose extraction store was the --target of `fusekit align`, or align again for this one"
+        )
+    want_fp = target.get("tokenizer_fingerprint")
+    if tokenizer is not None and want_fp and getattr(tokenizer, "backend_tokenizer", None) is not None:
+        if tokenizer_fingerprint(tokenizer) != want_fp:
+            raise TrainDataError(
+                f"{folder} was aligned for {built_for}, whose tokenizer differs from {model_ref}'s (same vocabulary size, "
+                "other tokens): train the model whose extraction store was the --target of `fusekit align`, or align again for this one"
+            )

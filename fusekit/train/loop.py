@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -21,7 +22,7 @@ import torch
 from fusekit.store.types import AlignedWindow
 from fusekit.train import checkpoint as ckpt
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
-from fusekit.train.data import DataPlan, open_source
+from fusekit.train.data import DataPlan, check_target, open_source
 from fusekit.train.ddp import Dist, init_distributed, unwrap, wrap
 from fusekit.train.loss import fused_loss
 from fusekit.train.model_io import load_model, load_tokenizer, quiet_transformers
@@ -140,6 +141,7 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         granularity=cfg.granularity,
         with_target=cfg.lam < 1.0,
     )
+    check_target(plan.source, tokenizer, net.config, model_ref)
     net.to(dev).train()
     optimizer = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan.total_steps, cfg.warmup_ratio))
@@ -149,6 +151,8 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+        if d.is_main:
+            print(f"resuming {out} from step {step} of {plan.total_steps} ({start_ckpt})", file=sys.stderr, flush=True)
         if rng is not None:
             ckpt.set_rng_state(rng)
     model = wrap(net, d, dev, cfg.fsdp)

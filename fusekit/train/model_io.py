@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -24,29 +26,124 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Files from which transformers can build a tokenizer; a model folder without any of them has none.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+    "merges.txt", "tokenizer_config.json",
+)
+
+
+@lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Can this machine open a connection to the hub at all? (One quick probe per process.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects is not in the cache
+        return False
+    return isinstance(found, str)
+
+
+def model_ref_problem(model: str | Path, base: Path | None = None) -> str | None:
+    """Why `model` (a path that does not exist locally) cannot be a model, or None for a usable hub id.
+
+    A name is taken for a local path, and refused naming it, when it looks like one (starts with . / ~,
+    has more than one /, ends in .gguf) or when its first part is an existing local folder (a typo such
+    as models/gtp). A hub id must be in the Hugging Face cache or the hub must be reachable (checked with
+    one 3 s connection, not ~50 s of download retries).
+    """
+    from huggingface_hub import constants
+
+    text = str(model)
+    p = Path(text).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    if p.exists():
+        return None
+    parent = p.parent
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or p.suffix == ".gguf" or not _HUB_ID.match(text)
+    if not looks_local and "/" in text and parent.is_dir():
+        looks_local = True
+    if looks_local:
+        hint = ""
+        if parent.is_dir():
+            import difflib
+
+            close = difflib.get_close_matches(p.name, sorted(c.name for c in parent.iterdir()), n=1, cutoff=0.5)
+            hint = f"; did you mean {parent / close[0]}?" if close else f" ({parent} exists but holds no {p.name})"
+        return f"no model at {p}{hint}"
+    if _in_hub_cache(text):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return f"{text} does not exist locally and is not a model in the Hugging Face cache (HF_HUB_OFFLINE is set); check the path"
+    if not _hub_reachable(constants.ENDPOINT):
+        return f"{text} does not exist locally, is not a cached hub model, and the hub ({constants.ENDPOINT}) cannot be reached; check the path"
+    return None
+
+
 def _split(model: str | Path) -> tuple[str, dict]:
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise ModelLoadError(f"no GGUF file at {p}")
+            raise ModelLoadError(model_ref_problem(model) or f"no GGUF file at {p}")
         return str(p.parent), {"gguf_file": p.name}
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} is not a model folder (no config.json); give a saved model folder or a .gguf")
         return str(p), {}
-    if str(model).startswith((".", "/", "~")) or str(model).count("/") > 1:
-        raise ModelLoadError(f"no model at {p}")
+    problem = model_ref_problem(model)
+    if problem:
+        raise ModelLoadError(problem)
     return str(model), {}  # a hub id
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer (a folder's tokenizer files, the .gguf's vocabulary, or the hub's).
+
+    Raises ModelLoadError naming the model when it has no tokenizer files or they cannot be read.
+    """
     from transformers import AutoTokenizer
 
     where, extra = _split(model)
+    folder = Path(where)
+    if not extra and folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, …): save the tokenizer "
+            "into the model folder (tokenizer.save_pretrained(folder))"
+        )
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {model}: {exc}") from None
+    except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelLoadError(f"cannot load a tokenizer from {model}: {first}") from None
+
+
+def require_fast_tokenizer(tokenizer, model: str | Path):
+    """`tokenizer` when it has a fast (Rust `tokenizers`) backend; else ModelLoadError naming `model`.
+
+    fusekit needs the fast backend for character offsets and the normalised vocabulary.
+    """
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ModelLoadError(
+            f"the tokenizer of {model} ({type(tokenizer).__name__}) has no fast backend; fusekit needs one for "
+            "character offsets: save the model with a tokenizer.json (AutoTokenizer.from_pretrained(..., "
+            "use_fast=True).save_pretrained(folder))"
+        )
+    return tokenizer
 
 
 def load_model(model: str | Path, dtype=None, trust_remote_code: bool = False):
