@@ -133,3 +133,17 @@ def test_resume_refuses_pickled_state_that_would_run_code(tiny, tmp_path):
     with pytest.raises(TrainError, match="trainer_state.pt.*can run code"):
         fusekit.train(model, windows, out, lam=0.8, resume=True, **FAST)
     assert not marker.exists()
+
+
+def test_fusechat_configs_train_with_fusechat_recipe_and_recipes_with_fusellm():
+    from fusekit.fusechat import FuseChatRecipe
+    from fusekit.recipe import TrainOptions
+
+    spec = {"workdir": "w", "pivot": {"name": "p", "model": "p"}, "sources": [{"name": "s", "model": "s"}],
+            "corpus": {"name": "c", "data": "c.jsonl"}}
+    for train_block in ({}, {"train": {"lr": 1e-4}}):
+        recipe = FuseChatRecipe.model_validate({**spec, **train_block}).as_recipe()
+        cfg = build_config(**{k: v for k, v in recipe.train.model_dump().items() if k not in ("variants",)})
+        assert (cfg.preset, cfg.epochs, cfg.weight_decay, cfg.loss_on) == ("fusechat", 3.0, 0.0, "assistant")
+        assert cfg.lr == train_block.get("train", {}).get("lr", 5e-6)
+    assert TrainOptions().preset is None and build_config(preset=TrainOptions().preset).preset == "fusellm"
