@@ -50,37 +50,44 @@ class _LinearFusionCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         clm = torch.zeros((), dtype=torch.float32, device=hidden.device)
         fusion = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            h = hidden[lo:hi]
-            z = h @ weight.t()  # autocast decides the matmul precision (bf16 on GPU)
-            if bias is not None:
-                z = z + bias
-            mm_dtype = z.dtype
-            z = z.float()
-            lse = torch.logsumexp(z, dim=-1)
-            z_label = z.gather(1, safe_labels[lo:hi, None])[:, 0]
-            clm += torch.where(valid[lo:hi], lse - z_label, 0.0).sum()
-            if with_target:
-                p = probs[lo:hi]
-                fusion += (mass[lo:hi] * lse - (p * z.gather(1, ids[lo:hi])).sum(-1)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g.mul_(coef[lo:hi, None])
-            g.scatter_add_(1, safe_labels[lo:hi, None], hard[lo:hi, None])
-            if with_target:
-                g.scatter_add_(1, ids[lo:hi], -(1.0 - lam) * probs[lo:hi])
-            if need_b:
-                grad_b += g.sum(0)
-            gm = g.to(mm_dtype)
-            if need_h:
-                grad_h[lo:hi] = (gm @ weight.to(mm_dtype)).to(hidden.dtype)
-            if need_w:
-                if mm_dtype == torch.float32 and h.dtype == torch.float32:
-                    grad_w.addmm_(gm.t(), h)
-                else:
-                    grad_w += (gm.t() @ h.to(mm_dtype)).float()
+        # The matmuls run in autocast's dtype when autocast is on (bf16 on GPU), else in the inputs' dtype;
+        # the weight is cast once here, not once per chunk.
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind):
+            mm_dtype = torch.get_autocast_dtype(kind)
+        else:
+            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm_dtype)
+        with torch.autocast(kind, enabled=False):
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                h = hidden[lo:hi].to(mm_dtype)
+                z = (h @ w.t()).float()
+                if bias is not None:
+                    z += bias.float()
+                lse = torch.logsumexp(z, dim=-1)
+                z_label = z.gather(1, safe_labels[lo:hi, None])[:, 0]
+                clm += torch.where(valid[lo:hi], lse - z_label, 0.0).sum()
+                if with_target:
+                    p = probs[lo:hi]
+                    fusion += (mass[lo:hi] * lse - (p * z.gather(1, ids[lo:hi])).sum(-1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g.mul_(coef[lo:hi, None])
+                g.scatter_add_(1, safe_labels[lo:hi, None], hard[lo:hi, None])
+                if with_target:
+                    g.scatter_add_(1, ids[lo:hi], -(1.0 - lam) * probs[lo:hi])
+                if need_b:
+                    grad_b += g.sum(0)
+                gm = g.to(mm_dtype)
+                if need_h:
+                    grad_h[lo:hi] = gm @ w
+                if need_w:
+                    if mm_dtype == torch.float32:
+                        grad_w.addmm_(gm.t(), h)
+                    else:
+                        grad_w += (gm.t() @ h).float()
         total = lam * clm + (1.0 - lam) * fusion
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.has = (need_h, need_w, need_b)
