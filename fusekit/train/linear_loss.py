@@ -65,16 +65,19 @@ class _LinearFusionCE(torch.autograd.Function):
                 z = (h @ w.t()).float()
                 if bias is not None:
                     z += bias.float()
-                lse = torch.logsumexp(z, dim=-1)
                 z_label = z.gather(1, safe_labels[lo:hi, None])[:, 0]
+                z_ids = z.gather(1, ids[lo:hi]) if with_target else None
+                # One exp pass: softmax in place of the logits, logsumexp from its normaliser.
+                top = z.amax(dim=-1)
+                e = z.sub_(top[:, None]).exp_()
+                norm = e.sum(-1)
+                lse = top + norm.log()
                 clm += torch.where(valid[lo:hi], lse - z_label, 0.0).sum()
                 if with_target:
-                    p = probs[lo:hi]
-                    fusion += (mass[lo:hi] * lse - (p * z.gather(1, ids[lo:hi])).sum(-1)).sum()
+                    fusion += (mass[lo:hi] * lse - (probs[lo:hi] * z_ids).sum(-1)).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                g = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g.mul_(coef[lo:hi, None])
+                g = e.mul_((coef[lo:hi] / norm)[:, None])
                 g.scatter_add_(1, safe_labels[lo:hi, None], hard[lo:hi, None])
                 if with_target:
                     g.scatter_add_(1, ids[lo:hi], -(1.0 - lam) * probs[lo:hi])
