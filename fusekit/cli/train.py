@@ -52,14 +52,15 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (always at the end)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps; the schedule spans them."),
     stop_after: Optional[int] = typer.Option(None, help="Checkpoint and stop after N steps of this invocation (for time-limited jobs)."),
-    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP instead of DDP."),
+    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP2 (per transformer block) instead of DDP."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train MODEL on λ·CLM + (1−λ)·fusion loss over the aligned store; the model ends up in OUT.
 
-    Multi-GPU: torchrun --nproc-per-node N --no-python fusekit train … (DDP; --fsdp to shard).
+    Multi-GPU: torchrun --nproc-per-node N --no-python fusekit train … (DDP; --fsdp to shard with FSDP2).
+    At the end it prints tokens/s and peak memory.
     """
     from fusekit.train import train
 

@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Checkpoint and stop after this many steps in this invocation (schedule unchanged)."
     )
     log_every: int = Field(1, ge=1)
-    fsdp: bool = Field(False, description="Shard the model with torch FSDP under torchrun instead of DDP.")
+    fsdp: bool = Field(False, description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP.")
 
     # Options that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fusekit.train.linear_loss import linear_fusion_loss
-from fusekit.train.loss import LossSums, fused_loss
+from fusekit.train.loss import fused_loss
 
 
 def output_layer(lm: nn.Module) -> nn.Linear | None:
@@ -90,6 +90,3 @@ class FusionStep(nn.Module):
             sums = linear_fusion_loss(seen[-1], head.weight, head.bias, labels, target_ids, target_probs, lam)
         return sums.total, sums.clm, sums.fusion
 
-
-def as_sums(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> LossSums:
-    return LossSums(*out)
