@@ -8,7 +8,7 @@ import torch
 from fusekit import zoo
 from fusekit.train.head import FusionStep, head_problem
 from fusekit.train.linear_loss import linear_fusion_loss
-from fusekit.train.loss import IGNORE, dense_fused_loss
+from fusekit.train.loss import dense_fused_loss
 from test_loss import make_batch
 
 
