@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +92,15 @@ class TrainOptions(_Strict):
     lam_end: float | None = Field(None, ge=0, le=1)
     teacher_temperature: float | None = Field(None, gt=0)
     loss_on: Literal["all", "assistant"] | None = None
+
+    def resolved(self, name: str) -> Any:
+        """An option's value: as set here, else the preset's (FuseLLM's when no preset is named)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        from fusekit.train.config import PRESETS, TrainConfig
+
+        return PRESETS[self.preset or "fusellm"].get(name, TrainConfig.model_fields[name].default)
 
     @field_validator("variants")
     @classmethod

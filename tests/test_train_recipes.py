@@ -147,3 +147,11 @@ def test_fusechat_configs_train_with_fusechat_recipe_and_recipes_with_fusellm():
         assert (cfg.preset, cfg.epochs, cfg.weight_decay, cfg.loss_on) == ("fusechat", 3.0, 0.0, "assistant")
         assert cfg.lr == train_block.get("train", {}).get("lr", 5e-6)
     assert TrainOptions().preset is None and build_config(preset=TrainOptions().preset).preset == "fusellm"
+
+
+def test_recipe_train_options_resolve_unset_values_from_their_preset():
+    from fusekit.recipe import TrainOptions
+
+    assert TrainOptions().resolved("epochs") == 1.0 and TrainOptions(preset="fusechat").resolved("epochs") == 3.0
+    assert TrainOptions(preset="fusechat", epochs=0.5).resolved("epochs") == 0.5
+    assert TrainOptions().resolved("lam_schedule") == "constant"
