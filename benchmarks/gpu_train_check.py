@@ -132,7 +132,7 @@ def main() -> None:
         for head in ("off", "on"):
             out = fusekit.train(
                 target, work / "aligned", work / f"train-{head}", fused_head=head, max_steps=args.steps,
-                epochs=100.0, batch_size=args.batch, max_length=args.length, lr=1e-5, lam=0.9,
+                epochs=1000.0, batch_size=args.batch, max_length=args.length, lr=1e-5, lam=0.9,
                 dtype="bf16" if cuda else "fp32", device=str(device), progress=False,
             )
             summary = json.loads((out / "fusekit_train.json").read_text())["final"]
