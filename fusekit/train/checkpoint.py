@@ -110,7 +110,8 @@ def save_checkpoint(
 
 
 def _refuse_pickles(ckpt: Path) -> None:
-    pickles = sorted(p.name for p in ckpt.glob("*.pt")) + sorted(p.name for p in ckpt.glob("*.pkl"))
+    # fusekit writes safetensors and JSON only; .pt/.pkl/.bin files are pickles (or claim to be).
+    pickles = sorted(p.name for pattern in ("*.pt", "*.pkl", "*.bin") for p in ckpt.glob(pattern))
     if pickles:
         raise CheckpointError(
             f"{ckpt} holds {', '.join(pickles)}: pickled state, which can run code when loaded, so fusekit "
