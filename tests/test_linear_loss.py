@@ -119,3 +119,24 @@ def test_a_model_that_transforms_its_logits_is_caught(tokenizers_by_kind):
     assert "transforms" in head_problem(lm, torch.device("cpu"))
     config.final_logit_softcapping = None
     assert head_problem(Gemma2ForCausalLM(config), torch.device("cpu")) is None
+
+
+def test_loop_falls_back_to_logits_with_a_warning_or_refuses_when_asked(tmp_path):
+    import numpy as np
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    import fusekit
+    from fusekit.train import TrainConfigError
+    from fusion_data import random_window
+
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    rng = np.random.default_rng(0)
+    windows = [random_window(rng, n=12, k=3, vocab=64, sources=1, text_id=i) for i in range(2)]
+    kw = dict(lam=0.5, batch_size=1, max_length=12, max_steps=1, progress=False)
+    with pytest.raises(TrainConfigError, match="fused_head on: Gemma2ForCausalLM: its logits are not"):
+        fusekit.train(tmp_path / "gemma2", windows, tmp_path / "on", fused_head="on", **kw)
+    with pytest.warns(UserWarning, match="training through full \\[B, L, V\\] logits"):
+        out = fusekit.train(tmp_path / "gemma2", windows, tmp_path / "auto", **kw)
+    assert (out / "model.safetensors").is_file()
