@@ -155,3 +155,19 @@ def test_recipe_train_options_resolve_unset_values_from_their_preset():
     assert TrainOptions().resolved("epochs") == 1.0 and TrainOptions(preset="fusechat").resolved("epochs") == 3.0
     assert TrainOptions(preset="fusechat", epochs=0.5).resolved("epochs") == 0.5
     assert TrainOptions().resolved("lam_schedule") == "constant"
+
+
+def test_safe_state_round_trips_plain_values_and_tensors_and_refuses_objects(tmp_path):
+    import random
+
+    from fusekit.train.safe_state import UnsafeStateError, load_state, save_state
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "t": torch.arange(5, dtype=torch.int16),
+             "opt": {0: {"step": torch.tensor(3.0)}}, "tag": {"__tuple__": 1}, "x": (1, None, "a", 2.5)}
+    save_state(tmp_path / "s", state)
+    back = load_state(tmp_path / "s")
+    assert back["python"] == state["python"] and back["x"] == state["x"] and back["tag"] == {"__tuple__": 1}
+    assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][1].dtype == np.uint32
+    assert torch.equal(back["t"], state["t"]) and torch.equal(back["opt"][0]["step"], torch.tensor(3.0))
+    with pytest.raises(UnsafeStateError, match="cannot save a _Payload"):
+        save_state(tmp_path / "bad", {"p": _Payload(tmp_path / "never")})
