@@ -55,7 +55,7 @@ class MergeOptions(_Strict):
 
 class FuseChatRecipe(JobSpec):
     pivot: ModelSpec
-    train: TrainOptions = TrainOptions(variants=[TrainVariant(name="pair")])
+    train: TrainOptions = TrainOptions(variants=[TrainVariant(name="pair")], preset="fusechat")
     pair: PairOptions = PairOptions()
     merge: MergeOptions = MergeOptions()
 
@@ -77,7 +77,7 @@ class FuseChatRecipe(JobSpec):
             eval=self.eval,
             extract=self.extract,
             align=self.align,
-            train=self.train.model_copy(update={"variants": [variant]}),
+            train=self.train.model_copy(update={"variants": [variant], "preset": self.train.preset or "fusechat"}),
         )
 
 

@@ -132,6 +132,11 @@ def train_variant(recipe: Recipe, variant, aligned: Path, out: Path, progress: b
         dtype=opts.dtype,
         seed=opts.seed,
         max_steps=opts.max_steps,
+        preset=opts.preset,
+        lam_schedule=opts.lam_schedule,
+        lam_end=opts.lam_end,
+        teacher_temperature=opts.teacher_temperature,
+        loss_on=opts.loss_on,
         resume=True,
         progress=progress,
     )

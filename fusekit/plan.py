@@ -169,7 +169,7 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
     t = recipe.train
     target = plan["models"][recipe.target.name]
     forward_rate = target["tokens"] / target["extract_seconds"] if target["extract_seconds"] > 0 else 0.0
-    train_tokens = math.ceil(target["tokens"] * t.epochs)
+    train_tokens = math.ceil(target["tokens"] * t.resolved("epochs"))
     per_variant_flops = 6 * target["params"] * train_tokens
     plan["train"] = {
         "variants": [v.name for v in t.variants],

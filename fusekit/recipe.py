@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -75,6 +75,9 @@ class TrainVariant(_Strict):
 
 
 class TrainOptions(_Strict):
+    """A recipe's `train:` block. Options left unset come from `preset` (fusekit.train.config.PRESETS):
+    FuseLLM's recipe for recipes, FuseChat's for FuseChat configs."""
+
     variants: list[TrainVariant] = Field(
         default_factory=lambda: [
             TrainVariant(name="fusellm-mince", fusion="min_ce"),
@@ -82,17 +85,31 @@ class TrainOptions(_Strict):
             TrainVariant(name="clm-only", lam=1.0),
         ]
     )
-    lr: float = Field(1e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
+    preset: Literal["fusellm", "fusechat"] | None = Field(None, description="The paper's recipe behind unset options.")
+    lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(2048, ge=8)
-    warmup_ratio: float = Field(0.008, ge=0, lt=1)
-    weight_decay: float = Field(0.1, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
     clip: float = Field(1.0, gt=0)
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per variant.")
+    lam_schedule: Literal["constant", "linear", "hard_and_decay"] | None = None
+    lam_end: float | None = Field(None, ge=0, le=1)
+    teacher_temperature: float | None = Field(None, gt=0)
+    loss_on: Literal["all", "assistant"] | None = None
+
+    def resolved(self, name: str) -> Any:
+        """An option's value: as set here, else the preset's (FuseLLM's when no preset is named)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        from fusekit.train.config import PRESETS, TrainConfig
+
+        return PRESETS[self.preset or "fusellm"].get(name, TrainConfig.model_fields[name].default)
 
     @field_validator("variants")
     @classmethod

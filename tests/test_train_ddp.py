@@ -58,4 +58,4 @@ def test_two_processes_equal_one_with_double_accumulation(tokenizers_by_kind, tm
     ddp_w, one_w = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(single / "model.safetensors"))
     for name in one_w:
         torch.testing.assert_close(ddp_w[name], one_w[name], rtol=0, atol=1e-6)
-    assert (tmp_path / "ddp" / "checkpoints" / "step-00000004" / "rng-rank1.pt").is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000004" / "rng-rank1.json").is_file()

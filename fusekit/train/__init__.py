@@ -4,9 +4,10 @@
 """
 
 from fusekit._callable import make_module_callable
-from fusekit.train.config import TrainConfig, TrainConfigError, build_config
+from fusekit.train.config import PRESETS, TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import TrainDataError
 from fusekit.train.loop import TrainError, train
+from fusekit.train.linear_loss import linear_fusion_loss
 from fusekit.train.loss import dense_fused_loss, fused_loss
 from fusekit.train.model_io import ModelLoadError
 
@@ -14,6 +15,7 @@ make_module_callable(__name__, train)
 
 __all__ = [
     "ModelLoadError",
+    "PRESETS",
     "TrainConfig",
     "TrainConfigError",
     "TrainDataError",
@@ -21,5 +23,6 @@ __all__ = [
     "build_config",
     "dense_fused_loss",
     "fused_loss",
+    "linear_fusion_loss",
     "train",
 ]

@@ -19,14 +19,47 @@ class TrainConfigError(ValueError):
     """A training configuration that cannot be used, with what to fix."""
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # FuseLLM (arXiv 2401.10491 §4.1): λ 0.9, lr 1e-5, 1 epoch, AdamW(0.9, 0.95), wd 0.1, 0.8 % warm-up.
+    "fusellm": dict(lam=0.9, lr=1e-5, epochs=1.0, weight_decay=0.1, warmup_ratio=0.008, betas=(0.9, 0.95),
+                    loss_on="all"),
+    # FuseChat (arXiv 2402.16107 §4.1): lr 5e-6, 3 epochs, no weight decay, 3 % warm-up, HF's default
+    # AdamW β2 0.999; loss on assistant tokens only.
+    "fusechat": dict(lam=0.9, lr=5e-6, epochs=3.0, weight_decay=0.0, warmup_ratio=0.03, betas=(0.9, 0.999),
+                     loss_on="assistant"),
+}
+
+
 class TrainConfig(BaseModel):
-    """Defaults are the FuseLLM setup (FUSION-METHOD.md §5), scaled per device by batch size."""
+    """Defaults are the FuseLLM setup (FUSION-METHOD.md §5), scaled per device by batch size.
+
+    `preset` names the paper whose recipe fills every option the user leaves unset (`PRESETS`).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    preset: Literal["fusellm", "fusechat"] = Field("fusellm", description="The paper's recipe behind the defaults.")
 
     fusion: str = Field("min_ce", description="Fusion rule: min_ce or avg_ce (or any registered rule).")
     granularity: Literal["window", "token"] = "window"
     lam: float = Field(0.9, ge=0.0, le=1.0, description="Weight of CLM; 1.0 = plain continual training.")
+    lam_schedule: Literal["constant", "linear", "hard_and_decay"] = Field(
+        "constant",
+        description="λ over the run: constant; linear from lam to lam_end; hard_and_decay = FuseAI's rule "
+        "λ_t = λ + (1 − λ)·t/T (to 1, i.e. the fusion weight decays to 0).",
+    )
+    lam_end: float = Field(1.0, ge=0.0, le=1.0, description="λ at the last step of a linear schedule.")
+    teacher_temperature: float = Field(
+        1.0, gt=0, description="Fused target p ∝ p^(1/T) over its ids, mass kept (FuseAI's distill_teacher_temperature)."
+    )
+    loss_on: Literal["all", "assistant"] = Field(
+        "all", description="assistant: every window must carry a loss_mask (chat data), else training stops."
+    )
+    fused_head: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Chunked output layer + loss without [N, V] logits: auto falls back to the logits path "
+        "(with a warning) for models whose head is not a plain linear layer; on refuses them.",
+    )
     lr: float = Field(1e-5, gt=0)
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1, description="Packed rows per micro-batch (per process).")
@@ -46,10 +79,26 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Checkpoint and stop after this many steps in this invocation (schedule unchanged)."
     )
     log_every: int = Field(1, ge=1)
-    fsdp: bool = Field(False, description="Shard the model with torch FSDP under torchrun instead of DDP.")
+    fsdp: bool = Field(False, description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP.")
 
     # Options that may differ between an interrupted run and its resumption.
-    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({"save_every", "keep_checkpoints", "stop_after", "log_every"})
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
+        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head"}
+    )
+
+    def lam_at(self, step: int, total_steps: int) -> float:
+        """λ for optimizer step `step` (0-based) of `total_steps`."""
+        if self.lam_schedule == "constant":
+            return self.lam
+        end = 1.0 if self.lam_schedule == "hard_and_decay" else self.lam_end
+        return self.lam + (end - self.lam) * step / max(1, total_steps)
+
+    @property
+    def uses_target(self) -> bool:
+        """Whether any step weighs the fusion term (then the fused targets are read)."""
+        if self.lam_schedule == "constant":
+            return self.lam < 1.0
+        return min(self.lam, 1.0 if self.lam_schedule == "hard_and_decay" else self.lam_end) < 1.0
 
     def identity(self) -> dict[str, Any]:
         """The options a checkpoint must agree on to be resumed."""
@@ -75,16 +124,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(
     config: TrainConfig | str | Path | dict[str, Any] | None = None, **overrides: Any
 ) -> TrainConfig:
-    """Defaults < config (object, mapping or YAML/TOML file) < overrides that are not None."""
+    """Defaults < the preset's recipe < config (object, mapping or YAML/TOML file) < overrides that are not None.
+
+    The preset is the one named by the overrides, else by the config, else FuseLLM's.
+    """
     if isinstance(config, TrainConfig):
-        base = config.model_dump()
+        given = config.model_dump()
     elif isinstance(config, dict):
-        base = dict(config)
+        given = dict(config)
     elif config is not None:
-        base = read_config_file(config)
+        given = read_config_file(config)
     else:
-        base = {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
+        given = {}
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    preset = given.get("preset", "fusellm")
+    if preset not in PRESETS:
+        raise TrainConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    base = {**PRESETS[preset], **given}
     try:
         cfg = TrainConfig.model_validate(base)
     except ValidationError as exc:

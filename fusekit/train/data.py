@@ -75,8 +75,47 @@ def position_mask(window: AlignedWindow) -> np.ndarray:
     return keep
 
 
-def window_example(window: AlignedWindow, fusion: str, granularity: str, with_target: bool) -> Example:
+def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Teacher temperature on a sparse target: p_T ∝ p^(1/T) over each position's non-zero ids, with the
+    position's mass kept.
+
+    probs float32 [n, m] (0 at empty slots). A target whose probabilities are a softmax over kept top-k
+    logits (FUSION-METHOD.md §1) becomes the softmax of those logits / T — what FuseAI's trainer does
+    with `distill_teacher_temperature`. T = 1 returns `probs` unchanged; T > 1 flattens, T < 1 sharpens.
+    """
+    if temperature == 1.0:
+        return probs
+    p = probs.astype(np.float64)
+    mass = p.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        logp = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) / temperature, -np.inf)
+    top = logp.max(-1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    w = np.exp(logp - top)
+    total = w.sum(-1, keepdims=True)
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0) * mass, 0.0).astype(np.float32)
+
+
+def window_example(
+    window: AlignedWindow,
+    fusion: str,
+    granularity: str,
+    with_target: bool,
+    temperature: float = 1.0,
+    require_loss_mask: bool = False,
+) -> Example:
+    """One window's labels and (when `with_target`) its fused, temperature-scaled target.
+
+    `require_loss_mask`: the window must say which tokens are trained on (chat data, assistant tokens);
+    raises TrainDataError when it does not.
+    """
     ids = np.asarray(window.input_ids, dtype=np.int64)
+    if require_loss_mask and window.loss_mask is None:
+        raise TrainDataError(
+            f"window (text {window.text_id}, window {window.window}) has no loss_mask, but the loss is on "
+            "assistant tokens only (preset fusechat / loss_on: assistant): align chat data (messages), "
+            "or train with loss_on: all"
+        )
     keep = position_mask(window)
     labels = np.full(len(ids), IGNORE, dtype=np.int64)
     labels[:-1] = ids[1:]
@@ -85,7 +124,7 @@ def window_example(window: AlignedWindow, fusion: str, granularity: str, with_ta
         return Example(ids, labels, None, None)
     fused = fuse_window(window, fusion, granularity)
     probs = np.where(keep[:, None], fused.probs, 0.0).astype(np.float32)
-    return Example(ids, labels, fused.ids, probs)
+    return Example(ids, labels, fused.ids, with_temperature(probs, temperature))
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -203,6 +242,8 @@ class DataPlan:
         fusion: str = "min_ce",
         granularity: str = "window",
         with_target: bool = True,
+        temperature: float = 1.0,
+        require_loss_mask: bool = False,
     ):
         self.source = source
         self.max_length, self.batch_size, self.piece_length = max_length, batch_size, piece_length
@@ -210,6 +251,7 @@ class DataPlan:
         self.seed = seed
         self.shuffle = shuffle and source.random_access
         self.fusion, self.granularity, self.with_target = fusion, granularity, with_target
+        self.temperature, self.require_loss_mask = temperature, require_loss_mask
         lengths = source.lengths()
         if len(lengths) == 0 or int(lengths.sum()) == 0:
             raise TrainDataError("the aligned data holds no windows: nothing to train on")
@@ -255,7 +297,9 @@ class DataPlan:
         def example(item: int) -> Example:
             if item not in cache:
                 window = self.source.get(int(order[item]))
-                cache[item] = window_example(window, self.fusion, self.granularity, self.with_target)
+                cache[item] = window_example(
+                    window, self.fusion, self.granularity, self.with_target, self.temperature, self.require_loss_mask
+                )
             return cache[item]
 
         segments = [[(example(item), s, e) for item, s, e in row] for row in chosen]

@@ -1,14 +1,14 @@
 """The distributed branch of the loop: process group set-up under torchrun, and the few collectives used.
 
 Single process: every function is a no-op. Under `torchrun --nproc-per-node N`, ranks join a group
-(NCCL on CUDA, gloo on CPU) and the loop wraps the model in DDP — or FSDP with `fsdp=True`, for models
+(NCCL on CUDA, gloo on CPU) and the loop wraps the model in DDP — or FSDP2 with `fsdp=True`, for models
 that do not fit one GPU.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -73,22 +73,55 @@ def init_distributed() -> Dist:
 
 
 def wrap(model: torch.nn.Module, d: Dist, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard`: each transformer block its own unit, then the root) with `fsdp`.
+
+    FSDP2 keeps parameters as DTensors sharded over ranks; it runs on CUDA (NCCL) and on CPU (gloo).
+    Build the optimizer after this call, over the returned module's parameters.
+    """
     if not d.enabled:
         return model
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch.distributed.fsdp import fully_shard
 
-        if device.type != "cuda":
-            raise TrainConfigError("FSDP needs GPUs (torch's FSDP refuses CPU tensors); on CPU train with DDP (no --fsdp)")
-        # One FSDP unit per transformer block, so only one block's full weights exist at a time.
-        names = set(getattr(model, "_no_split_modules", None) or [])
-        layers = {type(m) for m in model.modules() if type(m).__name__ in names}
-        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers) if layers else None
-        return FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True, device_id=device)
+        # One unit per transformer block, so only one block's full weights exist at a time; the root
+        # unit holds embeddings, final norm and output layer (tied weights stay together there).
+        names = set(getattr(getattr(model, "lm", model), "_no_split_modules", None) or [])
+        blocks = [m for m in model.modules() if type(m).__name__ in names]
+        if not blocks:
+            raise TrainConfigError(
+                f"FSDP: cannot find the transformer blocks of {type(getattr(model, 'lm', model)).__name__} "
+                "(no _no_split_modules); train with DDP (no --fsdp)"
+            )
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch: without `sync`, gradients accumulate locally (DDP's no_sync;
+    FSDP2's set_requires_gradient_sync)."""
+    if sync:
+        return nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _Fsdp2NoSync(model)
+    return nullcontext()
+
+
+class _Fsdp2NoSync:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

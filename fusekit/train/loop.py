@@ -11,6 +11,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,8 +24,8 @@ from fusekit.store.types import AlignedWindow
 from fusekit.train import checkpoint as ckpt
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
-from fusekit.train.ddp import Dist, init_distributed, unwrap, wrap
-from fusekit.train.loss import fused_loss
+from fusekit.train.ddp import Dist, gradient_sync, init_distributed, wrap
+from fusekit.train.head import FusionStep, head_problem
 from fusekit.train.model_io import load_model, load_tokenizer, quiet_transformers
 from fusekit.train.progress import TrainProgress
 
@@ -77,7 +78,10 @@ def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
         raise TrainError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     saved = done["config"] if done else None
     if found and saved is None:
-        saved = torch.load(found[-1] / ckpt.STATE_FILE, map_location="cpu", weights_only=False)["config"]
+        try:
+            saved = ckpt.read_state(found[-1])["config"]
+        except ckpt.CheckpointError as exc:
+            raise TrainError(str(exc)) from None
     if saved is not None:
         now = cfg.identity()
         diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
@@ -114,8 +118,6 @@ def train(
 
 
 def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
-    if d.enabled and cfg.fsdp and (resume or cfg.save_every):
-        raise TrainConfigError("FSDP runs save the final model only: drop --save-every/--resume, or use DDP")
     start_ckpt = _check_out(out, cfg, resume)
     if ckpt.read_done(out) is not None:
         return out  # finished earlier with the same options
@@ -139,30 +141,38 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         max_steps=cfg.max_steps,
         fusion=cfg.fusion,
         granularity=cfg.granularity,
-        with_target=cfg.lam < 1.0,
+        with_target=cfg.uses_target,
+        temperature=cfg.teacher_temperature,
+        require_loss_mask=cfg.loss_on == "assistant",
     )
     check_target(plan.source, tokenizer, net.config, model_ref)
     net.to(dev).train()
-    optimizer = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    fsdp = cfg.fsdp and d.enabled
+    model = wrap(FusionStep(net, _fused_head(net, cfg, dev, d)), d, dev, fsdp)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan.total_steps, cfg.warmup_ratio))
     step = 0
     if start_ckpt is not None:
-        state, rng = ckpt.load_trainer_state(start_ckpt, d)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            state, rng = ckpt.load_trainer_state(start_ckpt, d)
+        except ckpt.CheckpointError as exc:
+            raise TrainError(str(exc)) from None
+        ckpt.load_optimizer(model, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if d.is_main:
             print(f"resuming {out} from step {step} of {plan.total_steps} ({start_ckpt})", file=sys.stderr, flush=True)
         if rng is not None:
             ckpt.set_rng_state(rng)
-    model = wrap(net, d, dev, cfg.fsdp)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     metrics = _open_metrics(out, step, d)
     meta = {"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref}
     bar = TrainProgress(plan.total_steps, step, enabled=progress and d.is_main)
     last: dict[str, float] = {}
-    started, steps_here = time.perf_counter(), 0
+    started, steps_here, tokens_here = time.perf_counter(), 0, 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
     def load(s: int):
         return [plan.micro_batch(i) if i is not None else plan.empty_batch() for i in plan.micro_indices(s, d.rank)]
@@ -181,26 +191,25 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
             # Sum over tokens / tokens in the whole step; DDP averages over ranks, hence × world size.
             scale = d.world_size / max(count, 1.0)
             sums = torch.zeros(3, dtype=torch.float64, device=dev)
+            lam = cfg.lam_at(step, plan.total_steps)
             for g, batch in enumerate(batches):
                 syncing = g == len(batches) - 1 or not d.enabled
-                with nullcontext() if syncing else model.no_sync():
+                with gradient_sync(model, syncing):
                     with autocast:
-                        logits = model(
-                            input_ids=torch.as_tensor(batch.input_ids, device=dev),
-                            position_ids=torch.as_tensor(batch.position_ids, device=dev),
-                            use_cache=False,
-                        ).logits
-                    loss = fused_loss(
-                        logits,
-                        torch.as_tensor(batch.labels, device=dev),
-                        None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
-                        None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
-                        cfg.lam,
-                    )
-                    (loss.total * scale).backward()
-                sums += torch.stack([loss.total.detach(), loss.clm, loss.fusion]).double()
-            if cfg.clip > 0 and cfg.fsdp and d.enabled:
-                grad_norm = float(model.clip_grad_norm_(cfg.clip))  # the norm over every rank's shard
+                        total, clm, fusion = model(
+                            torch.as_tensor(batch.input_ids, device=dev),
+                            torch.as_tensor(batch.position_ids, device=dev),
+                            torch.as_tensor(batch.labels, device=dev),
+                            None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
+                            None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
+                            lam,
+                        )
+                    (total * scale).backward()
+                sums += torch.stack([total.detach(), clm, fusion]).double()
+            if fsdp:
+                # DTensor gradients: the norm over every rank's shard (inf: measure without clipping).
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             elif cfg.clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             else:
@@ -213,12 +222,14 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
             steps_here += 1
 
             total, clm, fusion, tokens = d.sum([*sums.tolist(), float(sum(b.tokens for b in batches))], dev)
+            tokens_here += int(tokens)
             dt = time.perf_counter() - t0
             last = {
                 "step": step,
                 "loss": total / max(count, 1.0),
                 "clm": clm / max(count, 1.0),
-                "fusion": fusion / max(count, 1.0) if cfg.lam < 1.0 else None,
+                "fusion": fusion / max(count, 1.0) if cfg.uses_target else None,
+                "lam": lam,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens": int(tokens),
@@ -231,16 +242,47 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
             bar.update(step, last)
             stopping = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < plan.total_steps
             if step == plan.total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
-                if not cfg.fsdp:
-                    ckpt.save_checkpoint(out, step, model, optimizer, scheduler, meta, d, cfg.keep_checkpoints)
+                ckpt.save_checkpoint(out, step, net, model, optimizer, scheduler, meta, d, cfg.keep_checkpoints, fsdp)
             if stopping:
                 break
 
     if metrics is not None:
         metrics.close()
+    last["run"] = _run_figures(dev, tokens_here, time.perf_counter() - started, steps_here)
     if step == plan.total_steps:
-        _export(out, model, tokenizer, cfg, plan, last, d, model_ref)
+        _export(out, net, model, tokenizer, cfg, plan, last, d, model_ref)
     return out
+
+
+def _run_figures(dev: torch.device, tokens: int, seconds: float, steps: int) -> dict:
+    """This invocation's throughput (all ranks' tokens) and this process's peak memory."""
+    if dev.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda max_memory_allocated"
+    else:
+        from fusekit._procmem import memory_mb
+
+        peak, kind = memory_mb()["VmHWM"], "process peak RSS"
+    return {
+        "steps": steps,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "peak_memory_mib": peak,
+        "peak_memory_kind": kind,
+    }
+
+
+def _fused_head(net, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
+    """Whether this run uses the chunked output layer + loss (`head.py`); warns when it falls back."""
+    if cfg.fused_head == "off":
+        return False
+    problem = head_problem(net, dev)
+    if problem is None:
+        return True
+    msg = f"{type(net).__name__}: {problem}"
+    if cfg.fused_head == "on":
+        raise TrainConfigError(f"fused_head on: {msg}; train with fused_head auto or off")
+    if d.is_main:
+        warnings.warn(f"{msg}: training through full [B, L, V] logits (more memory)", stacklevel=2)
+    return False
 
 
 def _maybe_tokenizer(model_ref: str):
@@ -264,11 +306,11 @@ def _open_metrics(out: Path, step: int, d: Dist):
     return f
 
 
-def _export(out: Path, model, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
-    state = ckpt.full_state_dict(model, cfg.fsdp and d.enabled)
+def _export(out: Path, net, model, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
+    state, _ = ckpt.full_state_dicts(model, None, cfg.fsdp and d.enabled)
     if d.is_main:
         with quiet_transformers():
-            unwrap(model).save_pretrained(out, safe_serialization=True, state_dict=state)
+            net.save_pretrained(out, safe_serialization=True, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         ckpt.write_done(

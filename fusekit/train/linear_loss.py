@@ -1,0 +1,143 @@
+"""Fused output layer + λ·CLM + (1−λ)·fusion loss, in chunks of positions: no [N, V] logits.
+
+"Cut Cross-Entropy" (Wijmans et al., 2024, arXiv 2411.09009) and Liger Kernel's fused linear
+cross-entropy (Hsu et al., 2024, arXiv 2410.10989) compute next-token cross-entropy from the final
+hidden states and the output embedding without ever holding the [N, V] logits. This module extends the
+same idea to FuseLLM's sparse fusion target (FUSION-METHOD.md §5): per chunk of positions it forms the
+chunk's logits z = h·Wᵀ (+ b), reads logsumexp(z), z at the label and z at the ≤ k·(K+1) target ids, and
+— since the loss is a scalar — writes the chunk's gradients at once (Liger's order: no second pass over
+the logits in backward). Backward only scales the stored gradients by the incoming scalar.
+
+    d/dz [λ(lse − z_y) + (1−λ)(m·lse − Σ p·z_ids)] = (λ·1[y valid] + (1−λ)·m)·softmax(z) − λ·1[y] − (1−λ)·p@ids
+
+so dL/dh = G·W, dL/dW = Gᵀ·h, dL/db = Σ G per chunk, where G is the chunk's [c, V] logit gradient.
+
+Memory: one chunk of [c, V] fp32 (c·V ≤ `CHUNK_ELEMENTS`) besides the gradients of h, W and b. Precision:
+the matmuls run in whatever autocast says (bf16 on GPU), the softmax and the sums in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusekit.train.loss import IGNORE, LossSums
+
+CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}  # logits per chunk: 128 MiB / 1 GiB in fp32
+
+
+def chunk_rows(n: int, v: int, device: torch.device, elements: int | None = None) -> int:
+    """Positions per chunk so that a chunk's [rows, V] fp32 logits hold ≤ `elements` values.
+
+    GPUs get larger chunks: each chunk adds its [V, H] weight gradient once, so fewer chunks cost less.
+    """
+    budget = elements or CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
+    return max(1, min(n, budget // max(v, 1)))
+
+
+class _LinearFusionCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ids, probs, lam: float, rows: int):
+        n = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        valid = labels != IGNORE
+        safe_labels = labels.clamp(min=0)
+        with_target = ids is not None
+        mass = probs.sum(-1) if with_target else torch.zeros(n, device=hidden.device)
+        coef = lam * valid.float() + (1.0 - lam) * mass
+        hard = -lam * valid.float()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        clm = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        fusion = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The matmuls run in autocast's dtype when autocast is on (bf16 on GPU), else in the inputs' dtype;
+        # the weight is cast once here, not once per chunk.
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind):
+            mm_dtype = torch.get_autocast_dtype(kind)
+        else:
+            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm_dtype)
+        with torch.autocast(kind, enabled=False):
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                h = hidden[lo:hi].to(mm_dtype)
+                z = (h @ w.t()).float()
+                if bias is not None:
+                    z += bias.float()
+                z_label = z.gather(1, safe_labels[lo:hi, None])[:, 0]
+                z_ids = z.gather(1, ids[lo:hi]) if with_target else None
+                # One exp pass: softmax in place of the logits, logsumexp from its normaliser.
+                top = z.amax(dim=-1)
+                e = z.sub_(top[:, None]).exp_()
+                norm = e.sum(-1)
+                lse = top + norm.log()
+                clm += torch.where(valid[lo:hi], lse - z_label, 0.0).sum()
+                if with_target:
+                    fusion += (mass[lo:hi] * lse - (probs[lo:hi] * z_ids).sum(-1)).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                g = e.mul_((coef[lo:hi] / norm)[:, None])
+                g.scatter_add_(1, safe_labels[lo:hi, None], hard[lo:hi, None])
+                if with_target:
+                    g.scatter_add_(1, ids[lo:hi], -(1.0 - lam) * probs[lo:hi])
+                if need_b:
+                    grad_b += g.sum(0)
+                gm = g.to(mm_dtype)
+                if need_h:
+                    grad_h[lo:hi] = gm @ w
+                if need_w:
+                    if mm_dtype == torch.float32:
+                        grad_w.addmm_(gm.t(), h)
+                    else:
+                        grad_w += (gm.t() @ h).float()
+        total = lam * clm + (1.0 - lam) * fusion
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(clm, fusion)
+        return total, clm, fusion
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_clm, _grad_fusion):
+        saved = ctx.saved_tensors
+        out = []
+        for t, has, dtype in zip(saved, ctx.has, ctx.dtypes):
+            out.append((t * grad_total).to(dtype) if has else None)
+        return out[0], out[1], out[2], None, None, None, None, None
+
+
+def linear_fusion_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor | None,
+    target_probs: torch.Tensor | None,
+    lam: float,
+    chunk_elements: int | None = None,
+) -> LossSums:
+    """Sums over positions of λ·CLM + (1−λ)·fusion, from hidden states through the output layer.
+
+    hidden [..., H] (the output layer's input; bf16 under autocast or fp32); weight [V, H] and bias [V]
+    or None (the output embedding, tied or not); labels [...] int (shifted next tokens, IGNORE = −100
+    where none); target_ids [..., m] int (−1 empty) and target_probs [..., m] float (0 at empty slots),
+    or both None with λ = 1. Equals `fused_loss(hidden @ weight.T + bias, …)` in value and gradient (to
+    fp32 rounding) without building [N, V]. Returns `LossSums` (differentiable total, detached parts).
+    Raises ValueError for λ outside [0, 1] or a missing target with λ < 1.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    if target_ids is None and lam != 1.0:
+        raise ValueError("a fusion loss (lam < 1) needs target_ids and target_probs")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1).long()
+    ids = probs = None
+    if target_ids is not None and lam < 1.0:
+        m = target_ids.shape[-1]
+        ids = target_ids.reshape(-1, m).long().clamp(min=0)  # empty slots carry probability 0
+        # The fusion term counts exactly where the CLM term does: positions with a next token.
+        probs = target_probs.reshape(-1, m).float() * (flat_labels != IGNORE)[:, None]
+    rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
+    total, clm, fusion = _LinearFusionCE.apply(h, weight, bias, flat_labels, ids, probs, float(lam), rows)
+    return LossSums(total, clm, fusion)
