@@ -32,6 +32,7 @@ _LAZY = {
     "merge": "fusekit.merge",
     "run_recipe": "fusekit.pipeline",
     "plan_recipe": "fusekit.plan",
+    "implicit_fusion": "fusekit.implicit",
 }
 
 

@@ -1,0 +1,145 @@
+"""`fusekit implicit CONFIG.yaml`: implicit model fusion (FuseChat-3.0) end to end, stage by stage.
+
+sample → score → build → sft → dpo → eval. Each stage keeps a record (WORKDIR/stages/NAME.json) with
+its inputs' identity; a finished stage is skipped on re-run, an interrupted one is redone (sampling
+resumes at the first missing chunk). Outputs in WORKDIR: responses.parquet, sft.parquet, pairs.parquet,
+sft/model, dpo/model, results.json, results.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+from rich.console import Console
+
+from fusekit.implicit.build import build_sets
+from fusekit.implicit.config import ImplicitConfig, load_implicit
+from fusekit.implicit.evaluate import evaluate_model, plot_results, results_table
+from fusekit.implicit.prompts import Prompt, read_prompts
+from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
+from fusekit.implicit.score import Scorer
+from fusekit.implicit.stage import fingerprint, finish_stage, open_stage, write_parquet
+from fusekit.implicit.tune import run_dpo, run_sft
+
+console = Console(stderr=True)
+
+
+def _prompts_identity(prompts: list[Prompt]) -> str:
+    return fingerprint([[p.id, p.messages, p.reference] for p in prompts])
+
+
+def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, config_dir: Path | None = None) -> dict:
+    """Run (or resume) every stage of implicit fusion; returns what it wrote to WORKDIR/results.json.
+
+    `config` is an ImplicitConfig (paths already absolute) or the path of its YAML file. User reward
+    functions are imported from the config file's folder first (`config_dir` for an object).
+    Raises ImplicitError / RecipeError with a one-line reason for bad input.
+    """
+    if not isinstance(config, ImplicitConfig):
+        config_dir = Path(config).resolve().parent
+        config = load_implicit(config)
+    say = console.rule if progress else (lambda *_a, **_k: None)
+    root = Path(config.workdir)
+    stages = root / "stages"
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts(config.prompts.data)
+    by_id = {p.id: p for p in prompts}
+    eval_prompts = read_prompts(config.eval.data) if config.eval is not None else []
+    models = {s.name: s.model for s in config.sources}
+    sample_opts = config.sample.model_dump(exclude={"device"})
+    scorer = Scorer(config.reward, config_dir)
+    timings: dict[str, float] = {}
+
+    # 1. sample
+    say("[bold]implicit · sample")
+    ident = {"prompts": _prompts_identity(prompts), "sources": models, "sample": sample_opts}
+    record = open_stage(stages / "sample", ident, "sample")
+    if record is None:
+        t0, per_source, frames = time.perf_counter(), {}, []
+        for s in config.sources:
+            frame, stats = sample_model(s.model, s.name, prompts, config.sample, stages / "sample" / "parts" / s.name)
+            frames.append(frame)
+            per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None}
+        write_parquet(pl.concat(frames), root / "responses.parquet")
+        record = finish_stage(stages / "sample", ident, seconds=time.perf_counter() - t0, per_source=per_source)
+    timings["sample"] = record["seconds"]
+
+    # 2. score
+    say("[bold]implicit · score")
+    ident = {**ident, "reward": config.reward.identity()}
+    record = open_stage(stages / "score", ident, "score")
+    if record is None:
+        t0 = time.perf_counter()
+        responses = pl.read_parquet(root / "responses.parquet").select(list(RESPONSE_SCHEMA))
+        scored, report = scorer.score(responses, by_id)
+        if report.failed:
+            console.print(f"[yellow]score:[/] {report.failed} of {scored.height} responses got no reward (skipped); e.g. {report.examples[0]}")
+        write_parquet(scored, root / "responses.parquet")
+        record = finish_stage(stages / "score", ident, seconds=time.perf_counter() - t0, report=report.as_dict())
+    timings["score"] = record["seconds"]
+    score_report = record["report"]
+
+    # 3. build
+    say("[bold]implicit · build")
+    ident = {**ident, "build": config.build.model_dump()}
+    record = open_stage(stages / "build", ident, "build")
+    if record is None:
+        t0 = time.perf_counter()
+        sft, pairs = build_sets(pl.read_parquet(root / "responses.parquet"), [p.id for p in prompts], list(models), config.build.margin)
+        write_parquet(sft, root / "sft.parquet")
+        write_parquet(pairs, root / "pairs.parquet")
+        record = finish_stage(stages / "build", ident, seconds=time.perf_counter() - t0, sft=sft.height, pairs=pairs.height)
+    timings["build"] = record["seconds"]
+
+    # 4. sft, then dpo from the SFT model
+    say("[bold]implicit · sft")
+    ident = {**ident, "target": config.target.model, "sft": config.sft.model_dump()}
+    record = open_stage(stages / "sft", ident, "sft")
+    if record is None:
+        info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
+        record = finish_stage(stages / "sft", ident, **info)
+    timings["sft"], sft_info = record["seconds"], record
+
+    say("[bold]implicit · dpo")
+    ident = {**ident, "dpo": config.dpo.model_dump()}
+    record = open_stage(stages / "dpo", ident, "dpo")
+    if record is None:
+        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(root / "pairs.parquet"), config.dpo, root / "dpo")
+        record = finish_stage(stages / "dpo", ident, **info)
+    timings["dpo"], dpo_info = record["seconds"], record
+
+    # 5. eval
+    rows: list[dict] = []
+    if eval_prompts:
+        say("[bold]implicit · eval")
+        ident = {**ident, "eval": _prompts_identity(eval_prompts)}
+        open_stage(stages / "eval", ident, "eval")
+        t0 = time.perf_counter()
+        t = config.target.name
+        entries = [
+            (t, "target (before)", config.target.model),
+            (f"{t}+sft", "target after SFT", str(root / "sft" / "model")),
+            (f"{t}+sft+dpo", "target after SFT+DPO", str(root / "dpo" / "model")),
+            *[(s.name, "source", s.model) for s in config.sources],
+        ]
+        for name, role, model in entries:
+            rows.append({**evaluate_model(name, model, eval_prompts, config.sample, scorer, root / "eval"), "role": role})
+        timings["eval"] = time.perf_counter() - t0
+        finish_stage(stages / "eval", ident, rows=rows)
+        if progress:
+            Console().print(results_table(rows))
+        plot_results(rows, root / "results.png")
+
+    result = {
+        "eval": rows,
+        "score": score_report,
+        "sft": {k: sft_info.get(k) for k in ("examples", "skipped", "steps", "final_loss")},
+        "dpo": {k: dpo_info.get(k) for k in ("pairs", "skipped", "steps", "final_loss", "reward_accuracy")},
+        "seconds": timings,
+        "models": {"sft": str(root / "sft" / "model"), "dpo": str(root / "dpo" / "model")},
+    }
+    (root / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result

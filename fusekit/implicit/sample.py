@@ -1,0 +1,153 @@
+"""Stage 1 (sample): every model answers every prompt n times with its own chat template.
+
+Batched `transformers` generation with left padding. Chunk c of model M (prompts [c·B, (c+1)·B), each
+answered n times) draws from a torch RNG seeded with derive_seed(seed, M, c), so the output is a pure
+function of (model, prompts, options): re-running gives the same file, and a killed run resumes at the
+first chunk without a part file and still produces exactly the uninterrupted result.
+
+The vLLM backend the issue mentions is not implemented: generation always uses `transformers`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import polars as pl
+
+from fusekit.implicit.config import SampleOptions
+from fusekit.implicit.prompts import Prompt, render_prompt
+from fusekit.implicit.stage import derive_seed, write_parquet
+
+RESPONSE_SCHEMA = {
+    "prompt_id": pl.String,
+    "source": pl.String,
+    "sample": pl.Int32,
+    "response": pl.String,
+    "tokens": pl.List(pl.Int32),
+    "n_tokens": pl.Int32,
+    "finish_reason": pl.String,
+}
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop": the model ended with EOS; "length": max_new_tokens ran out
+
+
+@dataclass
+class LoadedModel:
+    net: object
+    tokenizer: object
+    device: object
+
+
+def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
+    """A causal LM (bf16 on a GPU, fp32 on CPU) in eval mode and its tokenizer, set to pad on the left."""
+    from fusekit.extract.model import load_net, resolve_device, resolve_dtype
+    from fusekit.train.model_io import load_tokenizer
+
+    dev = resolve_device(device)
+    net = load_net(model, resolve_dtype(None, dev), dev, False)
+    tok = load_tokenizer(model)
+    tok.padding_side = "left"
+    return LoadedModel(net, tok, dev)
+
+
+def _pad_id(tok) -> int:
+    for value in (tok.pad_token_id, tok.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def generate(
+    model: LoadedModel, texts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
+) -> list[list[Generation]]:
+    """n generations for each text (one batched `generate` call); returns [len(texts)][n].
+
+    Texts are tokenised without added special tokens (chat templates carry their own BOS). Generation
+    stops at the tokenizer's EOS; the EOS is not part of the text or tokens.
+    """
+    import torch
+
+    tok, net = model.tokenizer, model.net
+    pad = _pad_id(tok)
+    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    input_ids = enc["input_ids"].to(model.device)
+    attention = enc["attention_mask"].to(model.device)
+    eos = tok.eos_token_id
+    torch.manual_seed(seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    with torch.inference_mode():
+        out = net.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            **kwargs,
+        )
+    new = out[:, input_ids.shape[1] :].tolist()
+    result: list[list[Generation]] = []
+    for i in range(len(texts)):
+        row = []
+        for j in range(n):
+            ids = new[i * n + j]
+            if eos is not None and eos in ids:
+                ids, reason = ids[: ids.index(eos)], "stop"
+            else:
+                # A finished row of a batch is padded after its EOS; without EOS nothing was padded.
+                reason = "length"
+            row.append(Generation(tok.decode(ids, skip_special_tokens=True), ids, reason))
+        result.append(row)
+    return result
+
+
+def sample_model(
+    model_ref: str | Path,
+    name: str,
+    prompts: Sequence[Prompt],
+    opts: SampleOptions,
+    parts_dir: Path,
+    model: LoadedModel | None = None,
+    on_chunk=None,
+) -> tuple[pl.DataFrame, dict]:
+    """All of `name`'s responses to `prompts` (RESPONSE_SCHEMA rows), resuming from `parts_dir`.
+
+    Returns the frame and {"tokens": generated tokens, "seconds": generation time in this call}.
+    The model is loaded only when some chunk is missing.
+    """
+    size = opts.batch_size
+    chunks = [list(prompts[i : i + size]) for i in range(0, len(prompts), size)]
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    tokens, seconds = 0, 0.0
+    frames = []
+    for c, chunk in enumerate(chunks):
+        part = parts_dir / f"chunk-{c:05d}.parquet"
+        if not part.is_file():
+            if model is None:
+                model = load_generator(model_ref, opts.device)
+            texts = [render_prompt(model.tokenizer, p.messages) for p in chunk]
+            t0 = time.perf_counter()
+            gens = generate(
+                model, texts, n=opts.n, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                top_p=opts.top_p, seed=derive_seed(opts.seed, name, c),
+            )
+            seconds += time.perf_counter() - t0
+            rows = [
+                {"prompt_id": p.id, "source": name, "sample": j, "response": g.text, "tokens": g.tokens,
+                 "n_tokens": len(g.tokens), "finish_reason": g.finish_reason}
+                for p, row in zip(chunk, gens) for j, g in enumerate(row)
+            ]
+            tokens += sum(len(g.tokens) for row in gens for g in row)
+            write_parquet(pl.DataFrame(rows, schema=RESPONSE_SCHEMA), part)
+        frames.append(pl.read_parquet(part))
+        if on_chunk is not None:
+            on_chunk()
+    return pl.concat(frames), {"tokens": tokens, "seconds": seconds}

@@ -1,0 +1,71 @@
+"""Stage bookkeeping shared by every implicit-fusion stage: identity files and atomic parquet writes.
+
+A stage folder holds `stage.json` = {"identity": …, "done": bool, …}. Re-running a stage with another
+identity (other options, other prompts) is refused rather than mixing two runs in one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from fusekit.implicit.errors import ImplicitError
+
+STAGE_FILE = "stage.json"
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj` (first 16 hex digits)."""
+    data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, model name, chunk index): stable across runs and machines."""
+    return int(fingerprint(list(parts)), 16) & ((1 << 63) - 1)
+
+
+def read_stage(folder: Path) -> dict | None:
+    path = folder / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def open_stage(folder: Path, identity: dict, name: str) -> dict | None:
+    """Create `folder` (or check it belongs to this identity); returns the finished record, if done."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = read_stage(folder)
+    if record is None:
+        _write_json(folder / STAGE_FILE, {"identity": identity, "done": False})
+        return None
+    if record["identity"] != identity:
+        now, saved = identity, record["identity"]
+        diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+        raise ImplicitError(
+            f"{folder} holds a {name} stage with other inputs or options ({', '.join(diff)}): "
+            "use another workdir, or delete that folder to redo the stage"
+        )
+    return record if record.get("done") else None
+
+
+def finish_stage(folder: Path, identity: dict, **info: Any) -> dict:
+    record = {"identity": identity, "done": True, **info}
+    _write_json(folder / STAGE_FILE, record)
+    return record
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_parquet(frame, path: Path) -> Path:
+    """Write under a temporary name, then rename: an interrupted write never looks like a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    frame.write_parquet(tmp)
+    os.replace(tmp, path)
+    return path
