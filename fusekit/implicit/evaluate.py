@@ -18,6 +18,8 @@ from fusekit.implicit.stage import write_parquet
 def evaluate_model(name: str, model: str | Path, prompts: list[Prompt], opts: SampleOptions, scorer: Scorer, folder: Path) -> dict:
     """Sample `model` on `prompts` (resumable parts under folder/name), score, summarise.
 
+    Every model draws the same random numbers (stream "eval"), so differences are the models'.
+
     Returns {"model", "mean_reward" (over scored responses; NaN if none), "responses", "failed", "finished"}
     where finished is the share of responses that ended with EOS.
     """
@@ -26,7 +28,7 @@ def evaluate_model(name: str, model: str | Path, prompts: list[Prompt], opts: Sa
         scored = pl.read_parquet(path)
         failed = int(scored["reward"].null_count())
     else:
-        frame, _ = sample_model(model, name, prompts, opts, folder / name / "parts")
+        frame, _ = sample_model(model, name, prompts, opts, folder / name / "parts", stream="eval")
         scored, report = scorer.score(frame, {p.id: p for p in prompts})
         failed = report.failed
         write_parquet(scored, path)

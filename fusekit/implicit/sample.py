@@ -116,9 +116,12 @@ def sample_model(
     opts: SampleOptions,
     parts_dir: Path,
     model: LoadedModel | None = None,
-    on_chunk=None,
+    stream: str | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """All of `name`'s responses to `prompts` (RESPONSE_SCHEMA rows), resuming from `parts_dir`.
+
+    Chunk c draws from derive_seed(opts.seed, stream or name, c): giving several models one `stream`
+    makes them share random numbers (evaluation compares models on the same draws).
 
     Returns the frame and {"tokens": generated tokens, "seconds": generation time in this call}.
     The model is loaded only when some chunk is missing.
@@ -137,7 +140,7 @@ def sample_model(
             t0 = time.perf_counter()
             gens = generate(
                 model, texts, n=opts.n, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
-                top_p=opts.top_p, seed=derive_seed(opts.seed, name, c),
+                top_p=opts.top_p, seed=derive_seed(opts.seed, stream or name, c),
             )
             seconds += time.perf_counter() - t0
             rows = [
@@ -148,6 +151,4 @@ def sample_model(
             tokens += sum(len(g.tokens) for row in gens for g in row)
             write_parquet(pl.DataFrame(rows, schema=RESPONSE_SCHEMA), part)
         frames.append(pl.read_parquet(part))
-        if on_chunk is not None:
-            on_chunk()
     return pl.concat(frames), {"tokens": tokens, "seconds": seconds}
