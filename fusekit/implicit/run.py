@@ -9,6 +9,7 @@ sft/model, dpo/model, results.json, results.png.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -52,11 +53,12 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     sample_opts = config.sample.model_dump(exclude={"device"})
     scorer = Scorer(config.reward, config_dir)
     timings: dict[str, float] = {}
+    redo = False  # once a stage runs, every later stage runs again (its inputs were rewritten)
 
     # 1. sample
     say("[bold]implicit · sample")
     ident = {"prompts": _prompts_identity(prompts), "sources": models, "sample": sample_opts}
-    record = open_stage(stages / "sample", ident, "sample")
+    record = open_stage(stages / "sample", ident, "sample", redo)
     if record is None:
         t0, per_source, frames = time.perf_counter(), {}, []
         for s in config.sources:
@@ -64,13 +66,14 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
             frames.append(frame)
             per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None}
         write_parquet(pl.concat(frames), root / "responses.parquet")
+        redo = True
         record = finish_stage(stages / "sample", ident, seconds=time.perf_counter() - t0, per_source=per_source)
     timings["sample"] = record["seconds"]
 
     # 2. score
     say("[bold]implicit · score")
     ident = {**ident, "reward": config.reward.identity()}
-    record = open_stage(stages / "score", ident, "score")
+    record = open_stage(stages / "score", ident, "score", redo)
     if record is None:
         t0 = time.perf_counter()
         responses = pl.read_parquet(root / "responses.parquet").select(list(RESPONSE_SCHEMA))
@@ -78,6 +81,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         if report.failed:
             console.print(f"[yellow]score:[/] {report.failed} of {scored.height} responses got no reward (skipped); e.g. {report.examples[0]}")
         write_parquet(scored, root / "responses.parquet")
+        redo = True
         record = finish_stage(stages / "score", ident, seconds=time.perf_counter() - t0, report=report.as_dict())
     timings["score"] = record["seconds"]
     score_report = record["report"]
@@ -85,29 +89,34 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     # 3. build
     say("[bold]implicit · build")
     ident = {**ident, "build": config.build.model_dump()}
-    record = open_stage(stages / "build", ident, "build")
+    record = open_stage(stages / "build", ident, "build", redo)
     if record is None:
         t0 = time.perf_counter()
         sft, pairs = build_sets(pl.read_parquet(root / "responses.parquet"), [p.id for p in prompts], list(models), config.build.margin)
         write_parquet(sft, root / "sft.parquet")
         write_parquet(pairs, root / "pairs.parquet")
+        redo = True
         record = finish_stage(stages / "build", ident, seconds=time.perf_counter() - t0, sft=sft.height, pairs=pairs.height)
     timings["build"] = record["seconds"]
 
     # 4. sft, then dpo from the SFT model
     say("[bold]implicit · sft")
     ident = {**ident, "target": config.target.model, "sft": config.sft.model_dump()}
-    record = open_stage(stages / "sft", ident, "sft")
+    record = open_stage(stages / "sft", ident, "sft", redo)
     if record is None:
         info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
+        redo = True
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
 
     say("[bold]implicit · dpo")
     ident = {**ident, "dpo": config.dpo.model_dump()}
-    record = open_stage(stages / "dpo", ident, "dpo")
+    record = open_stage(stages / "dpo", ident, "dpo", redo)
     if record is None:
+        if redo:  # a new SFT model: its stored reference log-probs are stale
+            (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
         info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(root / "pairs.parquet"), config.dpo, root / "dpo")
+        redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record
 
@@ -116,7 +125,9 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if eval_prompts:
         say("[bold]implicit · eval")
         ident = {**ident, "eval": _prompts_identity(eval_prompts)}
-        open_stage(stages / "eval", ident, "eval")
+        if redo:
+            shutil.rmtree(root / "eval", ignore_errors=True)  # the models were retrained: old samples are stale
+        open_stage(stages / "eval", ident, "eval", redo)
         t0 = time.perf_counter()
         t = config.target.name
         entries = [

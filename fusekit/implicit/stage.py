@@ -33,11 +33,14 @@ def read_stage(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def open_stage(folder: Path, identity: dict, name: str) -> dict | None:
-    """Create `folder` (or check it belongs to this identity); returns the finished record, if done."""
+def open_stage(folder: Path, identity: dict, name: str, redo: bool = False) -> dict | None:
+    """Create `folder` (or check it belongs to this identity); returns the finished record, if done.
+
+    `redo=True` (an earlier stage was just redone, so this one's inputs changed) forgets the record.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     record = read_stage(folder)
-    if record is None:
+    if record is None or redo:
         _write_json(folder / STAGE_FILE, {"identity": identity, "done": False})
         return None
     if record["identity"] != identity:

@@ -1,0 +1,283 @@
+"""Implicit fusion (FuseChat-3.0): verifiers, pair rules, DPO loss, sampling, the whole run on a task."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from fusekit.implicit.build import build_sets
+from fusekit.implicit.errors import ImplicitError
+from fusekit.implicit.prompts import Prompt, read_prompts
+from fusekit.implicit.reward import ScoreReport, exact_match, load_function, numeric, score_with_function
+
+
+# ---------------------------------------------------------------------------------------------- verifiers
+
+
+def test_numeric_verifier_reads_the_last_number():
+    assert numeric([], "3 + 4 = 7", 7) == 1.0
+    assert numeric([], "first 7, then 8", 7) == 0.0  # the last number counts
+    assert numeric([], "It is 1,234.0.", "1234") == 1.0  # thousands separators, trailing period
+    assert numeric([], "-2.5", -2.5) == 1.0
+    assert numeric([], "no number here", 3) == 0.0
+    assert numeric([], "The answer is 0.1", "answer: 0.10") == 1.0
+    with pytest.raises(ValueError):
+        numeric([], "7", None)
+
+
+def test_exact_match_ignores_surrounding_whitespace_only():
+    assert exact_match([], "  c\n", "c") == 1.0
+    assert exact_match([], "C", "c") == 0.0
+    assert exact_match([], "c c", "c") == 0.0
+
+
+def test_failing_reward_function_is_named_counted_and_skipped():
+    def flaky(messages, response, reference):
+        if response == "boom":
+            raise RuntimeError("cannot parse")
+        return math.nan if response == "nan" else 1.0
+
+    rows = [(f"row {i}", [], r, None) for i, r in enumerate(["ok", "boom", "nan", "ok"])]
+    report = ScoreReport()
+    out = score_with_function(flaky, rows, report, name="reward function 'm:flaky'")
+    assert out == [1.0, None, None, 1.0]
+    assert (report.scored, report.failed) == (2, 2)
+    assert "row 1" in report.examples[0] and "RuntimeError" in report.examples[0] and "m:flaky" in report.examples[0]
+    assert "nan" in report.examples[1]
+
+
+def test_reward_function_from_the_config_folder(tmp_path):
+    (tmp_path / "myreward.py").write_text("def score(messages, response, reference):\n    return float(len(response))\n")
+    fn = load_function("myreward:score", tmp_path)
+    assert fn([], "abc", None) == 3.0
+    with pytest.raises(ImplicitError, match="cannot import"):
+        load_function("no_such_module_19:score", tmp_path)
+    with pytest.raises(ImplicitError, match="no function 'missing'"):
+        load_function("myreward:missing", tmp_path)
+    with pytest.raises(ImplicitError, match="built-in"):
+        load_function("not-a-spec", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"messages": [{"role": "system", "content": "be brief"}]}', "no user turn"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}', "ends with an assistant turn"),
+        ('{"text": "hi"}', "no 'messages' list"),
+        ("{not json", "not valid JSON"),
+        ('{"messages": [{"role": "user"}]}', "string 'content'"),
+    ],
+)
+def test_bad_prompts_are_refused_with_file_and_line(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "fine"}]}\n' + line + "\n")
+    with pytest.raises(ImplicitError, match=message) as err:
+        read_prompts(path)
+    assert f"{path}:2" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_prompts_ids_default_to_position_and_must_be_unique(tmp_path):
+    path = tmp_path / "p.jsonl"
+    user = {"role": "user", "content": "q"}
+    path.write_text(json.dumps({"messages": [user], "reference": 3}) + "\n\n" + json.dumps({"messages": [user]}) + "\n")
+    prompts = read_prompts(path)
+    assert [(p.id, p.reference) for p in prompts] == [("0", 3), ("1", None)]
+    path.write_text("".join(json.dumps({"id": "x", "messages": [user]}) + "\n" for _ in range(2)))
+    with pytest.raises(ImplicitError, match="'x' appears more than once"):
+        read_prompts(path)
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def _responses(rows):
+    return pl.DataFrame(
+        [dict(zip(("prompt_id", "source", "sample", "response", "reward"), r)) for r in rows],
+        schema={"prompt_id": pl.String, "source": pl.String, "sample": pl.Int32, "response": pl.String, "reward": pl.Float64},
+    )
+
+
+def test_build_rules_on_a_hand_worked_example():
+    frame = _responses([
+        # p1: a's gap 0.9 − 0.1 = 0.8 beats b's 1.0 − 0.5 = 0.5; the SFT pick is b's 1.0 (best overall)
+        ("p1", "a", 0, "a0 long answer", 0.9), ("p1", "a", 1, "a1", 0.1), ("p1", "a", 2, "a2", 0.5),
+        ("p1", "b", 0, "b0", 1.0), ("p1", "b", 1, "b1", 0.5),
+        # p2: tie at the top (1.0): the shorter response wins SFT; a's worst tie (0.0): the longer is rejected
+        ("p2", "a", 0, "long correct", 1.0), ("p2", "a", 1, "x", 0.0), ("p2", "a", 2, "longer wrong", 0.0),
+        ("p2", "b", 0, "short", 1.0), ("p2", "b", 1, "bbbbbb", 1.0),
+        # p3: every source scored its samples alike → an SFT row, no pair; a null reward takes no part
+        ("p3", "a", 0, "same", 0.5), ("p3", "a", 1, "same too", 0.5), ("p3", "b", 0, "failed", None), ("p3", "b", 1, "bz", 0.2),
+        # p4: only failures → nothing
+        ("p4", "a", 0, "?", None),
+    ])
+    sft, pairs = build_sets(frame, ["p1", "p2", "p3", "p4"], ["a", "b"])
+    assert sft.select("prompt_id", "source", "sample").rows() == [("p1", "b", 0), ("p2", "b", 0), ("p3", "a", 0)]
+    assert pairs.select("prompt_id", "source", "chosen", "rejected").rows() == [
+        ("p1", "a", "a0 long answer", "a1"),
+        ("p2", "a", "long correct", "longer wrong"),
+    ]
+    assert pairs["gap"].to_list() == pytest.approx([0.8, 1.0])
+    # With a margin of 0.9, p1's pair (gap 0.8) is dropped and p2's (gap 1.0) stays.
+    _, strict = build_sets(frame, ["p1", "p2", "p3", "p4"], ["a", "b"], margin=0.9)
+    assert strict["prompt_id"].to_list() == ["p2"]
+
+
+def test_equal_gaps_go_to_the_earlier_source():
+    frame = _responses([("p", "b", 0, "b-hi", 1.0), ("p", "b", 1, "b-lo", 0.0), ("p", "a", 0, "a-hi", 1.0), ("p", "a", 1, "a-lo", 0.0)])
+    sft, pairs = build_sets(frame, ["p"], ["a", "b"])
+    assert pairs["source"].to_list() == ["a"] and sft["source"].to_list() == ["a"]
+    _, pairs = build_sets(frame, ["p"], ["b", "a"])
+    assert pairs["source"].to_list() == ["b"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizers_by_kind):
+    """Two tiny random Llama models sharing a real BPE tokenizer (no chat template: the plain format)."""
+    from fusekit import zoo
+
+    root = tmp_path_factory.mktemp("implicit-models")
+    tok = tokenizers_by_kind["bpe"]
+    return {
+        "policy": zoo.build_tiny_model("llama", tok, root / "policy", seed=1, hidden=32, layers=1, heads=2, context=128),
+        "reference": zoo.build_tiny_model("llama", tok, root / "reference", seed=2, hidden=32, layers=1, heads=2, context=128),
+    }
+
+
+TRIPLES = [
+    ([{"role": "user", "content": "What is the capital of Italy?"}], "Rome.", "It is Paris, the city of light."),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2"}], "4", "five"),
+    ([{"role": "user", "content": "Name a prime"}], "Seven is a prime number.", "Nine"),
+]
+
+
+def _slow_logp(net, tok, messages, response) -> torch.Tensor:
+    """log π(response | prompt), one example, no padding: Σ_t log softmax(logits at t−1)[token t] (float64)."""
+    prompt_text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    answer = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    logits = net(input_ids=ids).logits[0].double()
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(len(prompt), len(prompt) + len(answer)):
+        total = total + torch.log_softmax(logits[t - 1], dim=-1)[ids[0, t]]
+    return total
+
+
+def test_dpo_loss_and_gradient_match_the_paper_formula_per_example(tiny):
+    """Batched, padded DPO (one forward for chosen+rejected) vs eq. 7 of the DPO paper computed per pair
+    from separate unpadded forward passes: same loss, same gradient."""
+    from fusekit.implicit.dpo import dpo_loss
+    from fusekit.implicit.sequences import collate, encode, sequence_logps
+    from fusekit.train.model_io import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["policy"])
+    policy, reference = load_model(tiny["policy"]), load_model(tiny["reference"])
+    beta = 0.3
+    with torch.no_grad():
+        ref = [(_slow_logp(reference, tok, m, c), _slow_logp(reference, tok, m, r)) for m, c, r in TRIPLES]
+    slow_terms = []
+    for (m, c, r), (rc, rr) in zip(TRIPLES, ref):
+        z = beta * ((_slow_logp(policy, tok, m, c) - rc) - (_slow_logp(policy, tok, m, r) - rr))
+        slow_terms.append(torch.log1p(torch.exp(-z)))  # −log σ(z)
+    slow = torch.stack(slow_terms).mean()
+    slow.backward()
+    slow_grad = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    items = [encode(tok, m, c, 512) for m, c, _ in TRIPLES] + [encode(tok, m, r, 512) for m, _, r in TRIPLES]
+    batch = collate(items, tok.pad_token_id)
+    assert (batch.attention_mask == 0).any()  # the batch really is padded
+    logps = sequence_logps(policy, batch)
+    with torch.no_grad():
+        ref_logps = sequence_logps(reference, batch)
+    n = len(TRIPLES)
+    out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta)
+    out.loss.backward()
+    assert float(out.loss.detach()) == pytest.approx(float(slow.detach()), rel=1e-5)
+    assert ref_logps[:n].tolist() == pytest.approx([float(a) for a, _ in ref], rel=1e-5)
+    for name, p in policy.named_parameters():
+        assert torch.allclose(p.grad, slow_grad[name].float(), rtol=1e-3, atol=1e-6), name
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference_and_rejects_bad_shapes():
+    from fusekit.implicit.dpo import dpo_loss
+
+    lp = torch.tensor([-3.0, -10.0])
+    out = dpo_loss(lp, lp - 1, lp, lp - 1, beta=0.1)
+    assert float(out.loss) == pytest.approx(math.log(2))
+    # A policy that moved 2 nats towards the chosen answer: −log σ(β·2).
+    out = dpo_loss(lp + 1, lp - 1, lp, lp, beta=0.5)
+    assert float(out.loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+    with pytest.raises(ValueError, match="share one shape"):
+        dpo_loss(lp, lp[:1], lp, lp, beta=0.1)
+
+
+def test_sampling_is_deterministic_resumable_and_batching_does_not_change_greedy_answers(tiny, tmp_path):
+    from fusekit.implicit.config import SampleOptions
+    from fusekit.implicit.sample import load_generator, sample_model
+
+    prompts = [Prompt(str(i), [{"role": "user", "content": text}]) for i, text in enumerate(
+        ["hello", "a much longer question about the modules of the standard library", "why", "tell me about classes and functions", "x"]
+    )]
+    opts = SampleOptions(n=3, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=5, batch_size=2, device="cpu")
+    model = load_generator(tiny["policy"], "cpu")
+    first, stats = sample_model(tiny["policy"], "p", prompts, opts, tmp_path / "one", model=model)
+    assert first.height == len(prompts) * 3 and stats["tokens"] == int(first["n_tokens"].sum())
+    assert set(first["finish_reason"]) <= {"stop", "length"}
+    assert (first["n_tokens"] <= 6).all()
+    assert (first.filter(pl.col("finish_reason") == "length")["n_tokens"] == 6).all()
+    assert first["response"].n_unique() > 3  # sampling, not one answer repeated
+    for row in first.iter_rows(named=True):
+        assert model.tokenizer.decode(row["tokens"], skip_special_tokens=True) == row["response"]
+    again, _ = sample_model(tiny["policy"], "p", prompts, opts, tmp_path / "two", model=model)
+    assert again.equals(first)
+    # A killed run: the last chunk never written. Resuming writes exactly the missing part.
+    (tmp_path / "one" / "chunk-00002.parquet").unlink()
+    resumed, stats = sample_model(tiny["policy"], "p", prompts, opts, tmp_path / "one", model=model)
+    assert resumed.equals(first) and stats["tokens"] == int(first.filter(pl.col("prompt_id") == "4")["n_tokens"].sum())
+
+    greedy = opts.model_copy(update={"temperature": 0.0, "n": 1})
+    batched, _ = sample_model(tiny["policy"], "p", prompts, greedy.model_copy(update={"batch_size": 5}), tmp_path / "b", model=model)
+    single, _ = sample_model(tiny["policy"], "p", prompts, greedy.model_copy(update={"batch_size": 1}), tmp_path / "s", model=model)
+    assert batched["tokens"].to_list() == single["tokens"].to_list()  # left padding changes nothing
+
+
+def test_reward_model_uses_its_own_tokenizer_and_padding_changes_nothing(tmp_path, tokenizers_by_kind):
+    from transformers import AutoModelForSequenceClassification
+
+    from fusekit import zoo
+    from fusekit.implicit.config import RewardOptions
+    from fusekit.implicit.score import Scorer
+
+    tok = tokenizers_by_kind["unigram"]  # not the policy's tokenizer
+    config = zoo.tiny_config("llama", len(tok), hidden=32, layers=1, heads=2, context=128)
+    config.num_labels = 1
+    config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = {"a": Prompt("a", [{"role": "user", "content": "say hello"}]), "b": Prompt("b", [{"role": "user", "content": "count to three please"}])}
+    frame = pl.DataFrame({"prompt_id": ["a", "b", "a"], "source": ["s"] * 3, "sample": [0, 0, 1], "response": ["hello", "one two three", "hello there, friend"]})
+    scored, report = Scorer(RewardOptions(model=str(tmp_path / "rm"), batch_size=3), device="cpu").score(frame, prompts)
+    assert report.failed == 0
+    net = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for row in scored.iter_rows(named=True):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in prompts[row["prompt_id"]].messages) + f"assistant: {row['response']}\n"
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            alone = float(net(input_ids=ids).logits[0, 0])
+        assert row["reward"] == pytest.approx(alone, rel=1e-4, abs=1e-5)
