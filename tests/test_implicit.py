@@ -281,3 +281,98 @@ def test_reward_model_uses_its_own_tokenizer_and_padding_changes_nothing(tmp_pat
         with torch.no_grad():
             alone = float(net(input_ids=ids).logits[0, 0])
         assert row["reward"] == pytest.approx(alone, rel=1e-4, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the whole run
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    from fusekit.implicit.synthetic import build_task
+
+    root = tmp_path_factory.mktemp("implicit-task")
+    return root, build_task(root, seed=0)
+
+
+def _write_config(root: Path, paths: dict, **overrides) -> Path:
+    from fusekit.implicit.synthetic import task_config
+
+    config = task_config(root, paths, **overrides)
+    path = root / "implicit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task):
+    from typer.testing import CliRunner
+
+    from fusekit.cli import app
+
+    root, paths = task
+    config = _write_config(root, paths)
+    result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    work = root / "run"
+    responses = pl.read_parquet(work / "responses.parquet")
+    prompts = read_prompts(paths["prompts"])
+    assert responses.height == len(prompts) * 2 * 4 and responses["reward"].null_count() == 0
+    # Rewards are the verifier's, recomputed here.
+    refs = {p.id: p.reference for p in prompts}
+    assert responses["reward"].to_list() == [float(r.strip() == refs[p]) for p, r in zip(responses["prompt_id"], responses["response"])]
+
+    sft = pl.read_parquet(work / "sft.parquet")
+    best = responses.group_by("prompt_id").agg(pl.col("reward").max().alias("best"))
+    joined = sft.join(best, on="prompt_id")
+    assert (joined["reward"] == joined["best"]).all()
+    pairs = pl.read_parquet(work / "pairs.parquet")
+    assert pairs.height > 0 and (pairs["chosen_reward"] > pairs["rejected_reward"]).all()
+    for row in pairs.iter_rows(named=True):  # chosen and rejected: two samples of one source
+        own = responses.filter((pl.col("prompt_id") == row["prompt_id"]) & (pl.col("source") == row["source"]))
+        assert {row["chosen_sample"], row["rejected_sample"]} <= set(own["sample"])
+        assert own.filter(pl.col("sample") == row["rejected_sample"])["response"].item() == row["rejected"]
+    assert (work / "dpo" / "reference.parquet").is_file() and (work / "dpo" / "model" / "config.json").is_file()
+
+    results = json.loads((work / "results.json").read_text())
+    reward = {r["model"]: r["mean_reward"] for r in results["eval"]}
+    assert reward["good"] > reward["bad"]
+    assert reward["target+sft+dpo"] > reward["target"] + 0.1  # held-out prompts: the target learned the task
+    assert reward["target+sft"] > reward["target"] + 0.1
+    assert (work / "results.png").is_file()
+
+    # A run killed during DPO resumes: the stored reference log-probs are reused, the result is the same.
+    record = json.loads((work / "stages" / "dpo" / "stage.json").read_text())
+    (work / "stages" / "dpo" / "stage.json").write_text(json.dumps({"identity": record["identity"], "done": False}))
+    reference_mtime = (work / "dpo" / "reference.parquet").stat().st_mtime_ns
+    before = (work / "responses.parquet").read_bytes()
+    result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (work / "dpo" / "reference.parquet").stat().st_mtime_ns == reference_mtime
+    assert (work / "responses.parquet").read_bytes() == before
+    again = json.loads((work / "results.json").read_text())
+    assert again["eval"] == results["eval"] and again["dpo"]["final_loss"] == pytest.approx(results["dpo"]["final_loss"])
+
+    # Other options into the same workdir are refused, not mixed.
+    other = _write_config(root, paths, sample={"n": 2})
+    result = CliRunner().invoke(app, ["implicit", str(other), "--no-progress"])
+    assert result.exit_code == 1 and "other inputs or options (sample)" in result.output
+
+
+def test_cli_bad_config_and_prompts_give_one_line_errors(task, tmp_path):
+    from typer.testing import CliRunner
+
+    from fusekit.cli import app
+
+    root, paths = task
+    bad_prompts = tmp_path / "p.jsonl"
+    bad_prompts.write_text('{"messages": [{"role": "system", "content": "hi"}]}\n')
+    config = _write_config(tmp_path, {**paths, "prompts": bad_prompts})
+    result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress"])
+    assert result.exit_code == 1 and "has no user turn" in result.output and "Traceback" not in result.output
+
+    config = _write_config(tmp_path, {**paths, "bad": tmp_path / "missing-model"})
+    result = CliRunner().invoke(app, ["implicit", str(config)])
+    assert result.exit_code == 1 and "model 'bad'" in result.output and "does not exist" in result.output
+
+    config = _write_config(tmp_path, paths, reward={"function": "exact_match", "model": "x"})
+    result = CliRunner().invoke(app, ["implicit", str(config)])
+    assert result.exit_code == 1 and "exactly one of reward.function and reward.model" in result.output
