@@ -254,6 +254,8 @@ def test_sampling_is_deterministic_resumable_and_batching_does_not_change_greedy
     batched, _ = sample_model(tiny["policy"], "p", prompts, greedy.model_copy(update={"batch_size": 5}), tmp_path / "b", model=model)
     single, _ = sample_model(tiny["policy"], "p", prompts, greedy.model_copy(update={"batch_size": 1}), tmp_path / "s", model=model)
     assert batched["tokens"].to_list() == single["tokens"].to_list()  # left padding changes nothing
+    twice, _ = sample_model(tiny["policy"], "p", prompts, greedy.model_copy(update={"n": 2}), tmp_path / "g2", model=model)
+    assert twice["tokens"].to_list() == [t for t in single["tokens"].to_list() for _ in range(2)]  # greedy: n alike
 
 
 def test_reward_model_uses_its_own_tokenizer_and_padding_changes_nothing(tmp_path, tokenizers_by_kind):

@@ -82,13 +82,16 @@ def generate(
     attention = enc["attention_mask"].to(model.device)
     eos = tok.eos_token_id
     torch.manual_seed(seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    greedy = temperature <= 0
+    # Greedy answers are all alike: generate once per text and repeat it n times.
+    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    per_text = 1 if greedy else n
     with torch.inference_mode():
         out = net.generate(
             input_ids=input_ids,
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
+            num_return_sequences=per_text,
             pad_token_id=pad,
             eos_token_id=eos,
             **kwargs,
@@ -98,7 +101,7 @@ def generate(
     for i in range(len(texts)):
         row = []
         for j in range(n):
-            ids = new[i * n + j]
+            ids = list(new[i * per_text + (0 if greedy else j)])
             if eos is not None and eos in ids:
                 ids, reason = ids[: ids.index(eos)], "stop"
             else:
