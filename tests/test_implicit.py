@@ -353,7 +353,17 @@ def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task)
     again = json.loads((work / "results.json").read_text())
     assert again["eval"] == results["eval"] and again["dpo"]["final_loss"] == pytest.approx(results["dpo"]["final_loss"])
 
-    # Other options into the same workdir are refused, not mixed.
+    # Other DPO options: only DPO (and eval) run again; the SFT model and the samples stay.
+    sft_mtime = (work / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    changed = _write_config(root, paths, dpo={"beta": 0.5})
+    result = CliRunner().invoke(app, ["implicit", str(changed), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (work / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    assert (work / "responses.parquet").read_bytes() == before
+    assert json.loads((work / "stages" / "dpo" / "stage.json").read_text())["identity"]["dpo"]["beta"] == 0.5
+    assert (work / "dpo" / "reference.parquet").stat().st_mtime_ns != reference_mtime  # recomputed for the new stage
+
+    # Other sampling options into the same workdir are refused, not mixed (samples are the costly part).
     other = _write_config(root, paths, sample={"n": 2})
     result = CliRunner().invoke(app, ["implicit", str(other), "--no-progress"])
     assert result.exit_code == 1 and "other inputs or options (sample)" in result.output

@@ -18,11 +18,12 @@ from rich.console import Console
 
 from fusekit.implicit.build import build_sets
 from fusekit.implicit.config import ImplicitConfig, load_implicit
+from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.evaluate import evaluate_model, plot_results, results_table
 from fusekit.implicit.prompts import Prompt, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
-from fusekit.implicit.stage import fingerprint, finish_stage, open_stage, write_parquet
+from fusekit.implicit.stage import fingerprint, finish_stage, open_stage, resumable, write_parquet
 from fusekit.implicit.tune import run_dpo, run_sft
 
 console = Console(stderr=True)
@@ -43,6 +44,10 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         config_dir = Path(config).resolve().parent
         config = load_implicit(config)
     say = console.rule if progress else (lambda *_a, **_k: None)
+
+    def note(message: str) -> None:
+        console.print(f"[yellow]{message}[/]", highlight=False)
+
     root = Path(config.workdir)
     stages = root / "stages"
     root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +78,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     # 2. score
     say("[bold]implicit · score")
     ident = {**ident, "reward": config.reward.identity()}
-    record = open_stage(stages / "score", ident, "score", redo)
+    record = open_stage(stages / "score", ident, "score", redo, replace=True, notify=note)
     if record is None:
         t0 = time.perf_counter()
         responses = pl.read_parquet(root / "responses.parquet").select(list(RESPONSE_SCHEMA))
@@ -89,10 +94,13 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     # 3. build
     say("[bold]implicit · build")
     ident = {**ident, "build": config.build.model_dump()}
-    record = open_stage(stages / "build", ident, "build", redo)
+    record = open_stage(stages / "build", ident, "build", redo, replace=True, notify=note)
     if record is None:
         t0 = time.perf_counter()
         sft, pairs = build_sets(pl.read_parquet(root / "responses.parquet"), [p.id for p in prompts], list(models), config.build.margin)
+        if sft.height == 0:
+            first = f"; e.g. {score_report['examples'][0]}" if score_report["examples"] else ""
+            raise ImplicitError(f"no response has a reward ({score_report['failed']} failed){first}: fix the reward, then re-run")
         write_parquet(sft, root / "sft.parquet")
         write_parquet(pairs, root / "pairs.parquet")
         redo = True
@@ -102,7 +110,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     # 4. sft, then dpo from the SFT model
     say("[bold]implicit · sft")
     ident = {**ident, "target": config.target.model, "sft": config.sft.model_dump()}
-    record = open_stage(stages / "sft", ident, "sft", redo)
+    record = open_stage(stages / "sft", ident, "sft", redo, replace=True, notify=note)
     if record is None:
         info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
         redo = True
@@ -111,9 +119,10 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
 
     say("[bold]implicit · dpo")
     ident = {**ident, "dpo": config.dpo.model_dump()}
-    record = open_stage(stages / "dpo", ident, "dpo", redo)
+    resuming = not redo and resumable(stages / "dpo", ident)
+    record = open_stage(stages / "dpo", ident, "dpo", redo, replace=True, notify=note)
     if record is None:
-        if redo:  # a new SFT model: its stored reference log-probs are stale
+        if not resuming:  # another SFT model or other options: stored reference log-probs are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
         info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(root / "pairs.parquet"), config.dpo, root / "dpo")
         redo = True
@@ -125,9 +134,9 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if eval_prompts:
         say("[bold]implicit · eval")
         ident = {**ident, "eval": _prompts_identity(eval_prompts)}
-        if redo:
-            shutil.rmtree(root / "eval", ignore_errors=True)  # the models were retrained: old samples are stale
-        open_stage(stages / "eval", ident, "eval", redo)
+        if redo or not resumable(stages / "eval", ident):
+            shutil.rmtree(root / "eval", ignore_errors=True)  # other models or prompts: old samples are stale
+        open_stage(stages / "eval", ident, "eval", redo, replace=True)
         t0 = time.perf_counter()
         t = config.target.name
         entries = [

@@ -18,6 +18,7 @@ from typing import Sequence
 import polars as pl
 
 from fusekit.implicit.config import SampleOptions
+from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.prompts import Prompt, render_prompt
 from fusekit.implicit.stage import derive_seed, write_parquet
 
@@ -55,6 +56,10 @@ def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
     net = load_net(model, resolve_dtype(None, dev), dev, False)
     tok = load_tokenizer(model)
     tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ImplicitError(f"{model}: its tokenizer has neither a pad nor an EOS token; batched generation needs one")
+        tok.pad_token = tok.eos_token  # left padding is masked out: any id will do
     return LoadedModel(net, tok, dev)
 
 

@@ -33,23 +33,38 @@ def read_stage(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def open_stage(folder: Path, identity: dict, name: str, redo: bool = False) -> dict | None:
+def changed_keys(now: dict, saved: dict) -> list[str]:
+    return sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+
+
+def resumable(folder: Path, identity: dict) -> bool:
+    """True when `folder` holds this very stage (same identity), finished or not."""
+    record = read_stage(folder)
+    return record is not None and record["identity"] == identity
+
+
+def open_stage(folder: Path, identity: dict, name: str, redo: bool = False, replace: bool = False, notify=None) -> dict | None:
     """Create `folder` (or check it belongs to this identity); returns the finished record, if done.
 
     `redo=True` (an earlier stage was just redone, so this one's inputs changed) forgets the record.
+    A record with another identity is forgotten too when `replace` (the stage is cheap to redo; `notify`
+    is told which keys changed); otherwise it is refused with an ImplicitError naming the keys.
     """
     folder.mkdir(parents=True, exist_ok=True)
     record = read_stage(folder)
+    if record is not None and not redo and record["identity"] != identity:
+        diff = changed_keys(identity, record["identity"])
+        if not replace:
+            raise ImplicitError(
+                f"{folder} holds a {name} stage with other inputs or options ({', '.join(diff)}): "
+                "use another workdir, or delete that folder to redo the stage"
+            )
+        if notify is not None:
+            notify(f"{name}: {', '.join(diff)} changed since the last run, redoing it and the stages after it")
+        record = None
     if record is None or redo:
         _write_json(folder / STAGE_FILE, {"identity": identity, "done": False})
         return None
-    if record["identity"] != identity:
-        now, saved = identity, record["identity"]
-        diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
-        raise ImplicitError(
-            f"{folder} holds a {name} stage with other inputs or options ({', '.join(diff)}): "
-            "use another workdir, or delete that folder to redo the stage"
-        )
     return record if record.get("done") else None
 
 
