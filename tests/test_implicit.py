@@ -388,3 +388,27 @@ def test_cli_bad_config_and_prompts_give_one_line_errors(task, tmp_path):
     config = _write_config(tmp_path, paths, reward={"function": "exact_match", "model": "x"})
     result = CliRunner().invoke(app, ["implicit", str(config)])
     assert result.exit_code == 1 and "exactly one of reward.function and reward.model" in result.output
+
+
+def test_run_counts_and_skips_a_failing_reward_function(task, tmp_path):
+    from fusekit.implicit import implicit_fusion
+
+    root, paths = task
+    (tmp_path / "flaky_reward.py").write_text(
+        "import math\n"
+        "def score(messages, response, reference):\n"
+        "    if len(response.strip()) != 1:\n"
+        "        raise ValueError('not one letter')\n"
+        "    return math.nan if response.strip() == 'z' else float(response.strip() == reference)\n"
+    )
+    config = _write_config(tmp_path, paths, reward={"function": "flaky_reward:score"}, sft={"epochs": 1}, dpo={"epochs": 1}, eval=None)
+    config.write_text(config.read_text().replace("eval: null\n", ""))
+    result = implicit_fusion(config, progress=False)
+    responses = pl.read_parquet(tmp_path / "run" / "responses.parquet")
+    expected_failures = sum(len(r.strip()) != 1 or r.strip() == "z" for r in responses["response"])
+    assert expected_failures > 0
+    assert result["score"]["failed"] == expected_failures == responses["reward"].null_count()
+    assert result["score"]["scored"] == responses.height - expected_failures
+    assert "flaky_reward:score" in result["score"]["examples"][0]
+    sft = pl.read_parquet(tmp_path / "run" / "sft.parquet")
+    assert sft["reward"].null_count() == 0 and result["eval"] == []
