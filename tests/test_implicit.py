@@ -412,3 +412,41 @@ def test_run_counts_and_skips_a_failing_reward_function(task, tmp_path):
     assert "flaky_reward:score" in result["score"]["examples"][0]
     sft = pl.read_parquet(tmp_path / "run" / "sft.parquet")
     assert sft["reward"].null_count() == 0 and result["eval"] == []
+
+
+def test_wrpo_loss_reduces_to_dpo_at_both_ends_of_alpha():
+    from fusekit.implicit.dpo import dpo_loss, wrpo_loss
+
+    g = torch.Generator().manual_seed(0)
+    ws, wt, l, rws, rwt, rl = (torch.randn(5, generator=g) * 3 for _ in range(6))
+    assert float(wrpo_loss(ws, wt, l, rws, rwt, rl, beta=0.2, alpha=1.0).loss) == pytest.approx(float(dpo_loss(ws, l, rws, rl, 0.2).loss))
+    assert float(wrpo_loss(ws, wt, l, rws, rwt, rl, beta=0.2, alpha=0.0).loss) == pytest.approx(float(dpo_loss(wt, l, rwt, rl, 0.2).loss))
+    # One pair by hand: Δws = 2, Δwt = −1, Δl = 0.5, α = 0.25, β = 1 → z = 0.5 − 0.75 − 0.5 = −0.75.
+    one = wrpo_loss(*(torch.tensor([v]) for v in (2.0, -1.0, 0.5, 0.0, 0.0, 0.0)), beta=1.0, alpha=0.25)
+    assert float(one.loss) == pytest.approx(math.log1p(math.exp(0.75)))
+    with pytest.raises(ValueError, match="alpha"):
+        wrpo_loss(ws, wt, l, rws, rwt, rl, beta=0.2, alpha=1.5)
+
+
+def test_wrpo_objective_samples_the_sft_model_and_ramps_alpha(task, tmp_path):
+    from fusekit.implicit import implicit_fusion
+
+    root, paths = task
+    config = _write_config(tmp_path, paths, sft={"epochs": 3}, dpo={"objective": "wrpo", "alpha": 0.8, "epochs": 2}, eval=None)
+    config.write_text(config.read_text().replace("eval: null\n", ""))
+    result = implicit_fusion(config, progress=False)
+    work = tmp_path / "run"
+    sft = dict(pl.read_parquet(work / "sft.parquet").select("prompt_id", "response").iter_rows())
+    own = pl.read_parquet(work / "self_responses.parquet")
+    assert set(own["source"]) == {"target+sft"} and own.height == len(read_prompts(paths["prompts"])) * 4
+    triples = pl.read_parquet(work / "wrpo.parquet")
+    assert triples.height == result["dpo"]["pairs"] > 0
+    for row in triples.iter_rows(named=True):
+        mine = own.filter(pl.col("prompt_id") == row["prompt_id"])
+        assert row["chosen"] == sft[row["prompt_id"]]
+        assert row["self_reward"] == mine["reward"].max() and row["rejected_reward"] == mine["reward"].min()
+        assert row["chosen_reward"] > row["rejected_reward"]
+    ref = pl.read_parquet(work / "dpo" / "reference.parquet")
+    assert set(ref.columns) == {"row", "ref_chosen", "ref_chosen_self", "ref_rejected"}
+    alphas = [json.loads(line)["alpha"] for line in (work / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert alphas[0] == 0.0 and alphas[-1] == pytest.approx(0.8) and alphas == sorted(alphas)

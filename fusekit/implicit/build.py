@@ -74,3 +74,39 @@ def build_sets(responses: pl.DataFrame, prompt_order: Sequence[str], source_orde
                 "chosen_sample": c["sample"], "rejected_sample": w["sample"],
             })
     return pl.DataFrame(sft, schema=SFT_SCHEMA), pl.DataFrame(pairs, schema=PAIR_SCHEMA)
+
+
+WRPO_SCHEMA = {
+    "prompt_id": pl.String,
+    "chosen": pl.String,  # y_ws: the SFT row (best over the sources)
+    "chosen_self": pl.String,  # y_wt: the SFT model's best own sample
+    "rejected": pl.String,  # y_l: the SFT model's worst own sample
+    "chosen_reward": pl.Float64,
+    "self_reward": pl.Float64,
+    "rejected_reward": pl.Float64,
+}
+
+
+def build_wrpo(sft: pl.DataFrame, own: pl.DataFrame, prompt_order: Sequence[str], margin: float = 0.0) -> pl.DataFrame:
+    """WRPO triples (WRPO_SCHEMA), arXiv 2412.03187: y_ws = the prompt's SFT response; y_wt / y_l = the
+    highest / lowest-reward sample of the SFT model itself (`own`: scored responses; ties as in
+    build_sets). A prompt counts when reward(y_ws) − reward(y_l) > margin.
+    """
+    best = {r["prompt_id"]: r for r in sft.iter_rows(named=True)}
+    rows_by_prompt: dict[str, list[dict]] = {}
+    for row in own.filter(pl.col("reward").is_not_null()).iter_rows(named=True):
+        rows_by_prompt.setdefault(row["prompt_id"], []).append(row)
+    out = []
+    for pid in prompt_order:
+        rows = rows_by_prompt.get(pid)
+        if pid not in best or not rows:
+            continue
+        wt = min(rows, key=lambda r: (-r["reward"], len(r["response"]), r["sample"]))
+        lo = min(rows, key=lambda r: (r["reward"], -len(r["response"]), r["sample"]))
+        ws = best[pid]
+        if ws["reward"] - lo["reward"] > margin:
+            out.append({
+                "prompt_id": pid, "chosen": ws["response"], "chosen_self": wt["response"], "rejected": lo["response"],
+                "chosen_reward": ws["reward"], "self_reward": wt["reward"], "rejected_reward": lo["reward"],
+            })
+    return pl.DataFrame(out, schema=WRPO_SCHEMA)

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -69,6 +69,10 @@ class SFTOptions(_Strict):
 class DPOOptions(SFTOptions):
     lr: float = Field(5e-7, gt=0)
     beta: float = Field(0.1, gt=0, description="DPO's β: strength of the KL tie to the reference (the SFT model).")
+    objective: Literal["dpo", "wrpo"] = Field(
+        "dpo", description="dpo: FuseChat-3.0 pairs; wrpo: WRPO's weighted reward over the sources' best and the SFT model's own best answer."
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="WRPO: the fusion coefficient's final value (it rises linearly from 0 over the steps).")
 
 
 class ImplicitConfig(_Strict):

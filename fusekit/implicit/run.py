@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
-from fusekit.implicit.build import build_sets
+from fusekit.implicit.build import build_sets, build_wrpo
 from fusekit.implicit.config import ImplicitConfig, load_implicit
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.evaluate import evaluate_model, plot_results, results_table
@@ -117,14 +117,34 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
 
-    say("[bold]implicit · dpo")
+    pairs_path = root / "pairs.parquet"
+    if config.dpo.objective == "wrpo":
+        # WRPO's y_wt / y_l: the SFT model's own best and worst samples (arXiv 2412.03187).
+        say("[bold]implicit · self-sample (WRPO)")
+        ident = {**ident, "wrpo_self_sample": True}
+        if redo or not resumable(stages / "self", ident):
+            shutil.rmtree(stages / "self" / "parts", ignore_errors=True)  # samples of another SFT model
+        record = open_stage(stages / "self", ident, "self-sample", redo, replace=True, notify=note)
+        if record is None:
+            t0 = time.perf_counter()
+            own, _ = sample_model(root / "sft" / "model", f"{config.target.name}+sft", prompts, config.sample, stages / "self" / "parts", stream="self")
+            own, report = scorer.score(own, by_id)
+            write_parquet(own, root / "self_responses.parquet")
+            triples = build_wrpo(pl.read_parquet(root / "sft.parquet"), own, [p.id for p in prompts], config.build.margin)
+            write_parquet(triples, root / "wrpo.parquet")
+            redo = True
+            record = finish_stage(stages / "self", ident, seconds=time.perf_counter() - t0, report=report.as_dict(), triples=triples.height)
+        timings["self_sample"] = record["seconds"]
+        pairs_path = root / "wrpo.parquet"
+
+    say(f"[bold]implicit · {config.dpo.objective}")
     ident = {**ident, "dpo": config.dpo.model_dump()}
     resuming = not redo and resumable(stages / "dpo", ident)
     record = open_stage(stages / "dpo", ident, "dpo", redo, replace=True, notify=note)
     if record is None:
         if not resuming:  # another SFT model or other options: stored reference log-probs are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
-        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(root / "pairs.parquet"), config.dpo, root / "dpo")
+        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo")
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record
@@ -142,7 +162,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         entries = [
             (t, "target (before)", config.target.model),
             (f"{t}+sft", "target after SFT", str(root / "sft" / "model")),
-            (f"{t}+sft+dpo", "target after SFT+DPO", str(root / "dpo" / "model")),
+            (f"{t}+sft+{config.dpo.objective}", f"target after SFT+{config.dpo.objective.upper()}", str(root / "dpo" / "model")),
             *[(s.name, "source", s.model) for s in config.sources],
         ]
         for name, role, model in entries:

@@ -44,8 +44,10 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def optimize(net, n_items: int, step_loss: Callable[[np.ndarray], tuple], opts: SFTOptions, out: Path, progress_label: str = "") -> list[dict]:
-    """The training loop: AdamW, warm-up + cosine schedule, clipping; `step_loss(indices)` → (loss, metrics).
+def optimize(net, n_items: int, step_loss: Callable[[np.ndarray, int, int], tuple], opts: SFTOptions, out: Path) -> list[dict]:
+    """The training loop: AdamW, warm-up + cosine schedule, clipping.
+
+    `step_loss(indices, step, total_steps)` → (loss tensor, metrics dict) for the items of one step.
 
     Returns the per-step metrics (also appended to OUT/metrics.jsonl).
     """
@@ -67,7 +69,7 @@ def optimize(net, n_items: int, step_loss: Callable[[np.ndarray], tuple], opts: 
             epoch, within = divmod(step, per_epoch)
             order = np.random.default_rng([opts.seed, epoch]).permutation(n_items)
             idx = order[within * opts.batch_size : (within + 1) * opts.batch_size]
-            loss, metrics = step_loss(idx)
+            loss, metrics = step_loss(idx, step, total)
             loss.backward()
             if opts.clip > 0:
                 norm = float(torch.nn.utils.clip_grad_norm_(params, opts.clip))
@@ -132,7 +134,7 @@ def run_sft(model: str | Path, prompts: dict[str, Prompt], sft: pl.DataFrame, op
     pad = _pad_id(tok)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
-    def step_loss(idx):
+    def step_loss(idx, step, total):
         batch = collate([items[i] for i in idx], pad, dev)
         with autocast:
             logp, mask = token_logps(net, batch)
@@ -144,23 +146,29 @@ def run_sft(model: str | Path, prompts: dict[str, Prompt], sft: pl.DataFrame, op
     return {"examples": len(items), "skipped": skipped, "steps": len(log), "final_loss": log[-1]["loss"], "seconds": time.perf_counter() - t0}
 
 
-def _pair_items(tok, prompts: dict[str, Prompt], pairs: pl.DataFrame, max_length: int) -> tuple[list[int], list[Encoded], list[Encoded]]:
-    keep, chosen, rejected = [], [], []
+def _pair_items(tok, prompts: dict[str, Prompt], pairs: pl.DataFrame, max_length: int, columns: Sequence[str]) -> tuple[list[int], list[list[Encoded]]]:
+    """The rows whose every response column fits max_length, and their encodings per column."""
+    keep: list[int] = []
+    encoded: list[list[Encoded]] = [[] for _ in columns]
     for r, row in enumerate(pairs.iter_rows(named=True)):
         messages = prompts[row["prompt_id"]].messages
-        c = encode(tok, messages, row["chosen"], max_length)
-        w = encode(tok, messages, row["rejected"], max_length)
-        if c is not None and w is not None:
+        items = [encode(tok, messages, row[c], max_length) for c in columns]
+        if all(e is not None for e in items):
             keep.append(r)
-            chosen.append(c)
-            rejected.append(w)
-    return keep, chosen, rejected
+            for lst, e in zip(encoded, items):
+                lst.append(e)
+    return keep, encoded
+
+
+def _columns(opts: DPOOptions) -> list[str]:
+    return ["chosen", "chosen_self", "rejected"] if opts.objective == "wrpo" else ["chosen", "rejected"]
 
 
 def reference_logps(model: str | Path, prompts: dict[str, Prompt], pairs: pl.DataFrame, opts: DPOOptions, path: Path) -> pl.DataFrame:
-    """log π_ref(chosen | x) and log π_ref(rejected | x) for every usable pair, computed once → `path`.
+    """log π_ref(y | x) of every response column (chosen, rejected; WRPO also chosen_self) for every
+    usable pair, computed once → `path`.
 
-    Columns: row (int: the pair's row in pairs.parquet), ref_chosen, ref_rejected (Float64, nats).
+    Columns: row (int: the pair's row in the pairs frame), ref_chosen, ref_rejected, … (Float64, nats).
     """
     import torch
 
@@ -169,52 +177,65 @@ def reference_logps(model: str | Path, prompts: dict[str, Prompt], pairs: pl.Dat
     net, tok = _load(model)
     dev = _device()
     net.to(dev).eval()
-    keep, chosen, rejected = _pair_items(tok, prompts, pairs, opts.max_length)
+    columns = _columns(opts)
+    keep, encoded = _pair_items(tok, prompts, pairs, opts.max_length, columns)
     pad = _pad_id(tok)
-    rc, rr = [], []
+    values: dict[str, list[float]] = {f"ref_{c}": [] for c in columns}
     with torch.inference_mode():
-        for i in range(0, len(keep), opts.batch_size):
-            rc.extend(sequence_logps(net, collate(chosen[i : i + opts.batch_size], pad, dev)).tolist())
-            rr.extend(sequence_logps(net, collate(rejected[i : i + opts.batch_size], pad, dev)).tolist())
-    frame = pl.DataFrame({"row": keep, "ref_chosen": rc, "ref_rejected": rr}, schema={"row": pl.Int64, "ref_chosen": pl.Float64, "ref_rejected": pl.Float64})
+        for c, items in zip(columns, encoded):
+            for i in range(0, len(keep), opts.batch_size):
+                values[f"ref_{c}"].extend(sequence_logps(net, collate(items[i : i + opts.batch_size], pad, dev)).tolist())
+    frame = pl.DataFrame({"row": keep, **values}, schema={"row": pl.Int64, **{k: pl.Float64 for k in values}})
     write_parquet(frame, path)
     return frame
 
 
 def run_dpo(sft_model: str | Path, prompts: dict[str, Prompt], pairs: pl.DataFrame, opts: DPOOptions, out: Path) -> dict:
-    """DPO from the SFT model against itself (frozen, stored log-probs); the model goes to OUT/model.
+    """DPO (or WRPO) from the SFT model against itself (frozen, stored log-probs); the model goes to OUT/model.
 
+    `pairs`: chosen, rejected (DPO; PAIR_SCHEMA) or chosen, chosen_self, rejected (WRPO; WRPO_SCHEMA).
+    With WRPO the fusion coefficient rises linearly from 0 at the first step to `opts.alpha` at the last.
     Returns {"pairs", "skipped", "steps", "final_loss", "reward_accuracy", "seconds"}.
     """
     import torch
 
+    from fusekit.implicit.dpo import wrpo_loss
+
     if pairs.height == 0:
-        raise ImplicitError("pairs.parquet holds no pair (every source scored its samples alike): raise sample.n or lower build.margin")
+        raise ImplicitError("no preference pair to train on (every source scored its samples alike): raise sample.n or lower build.margin")
     t0 = time.perf_counter()
+    columns = _columns(opts)
     ref = reference_logps(sft_model, prompts, pairs, opts, out / "reference.parquet")
     net, tok = _load(sft_model)
     dev = _device()
     net.to(dev)
-    keep, chosen, rejected = _pair_items(tok, prompts, pairs, opts.max_length)
-    if keep != ref["row"].to_list():
-        raise ImplicitError(f"{out / 'reference.parquet'} does not match pairs.parquet: delete it to recompute")
+    keep, encoded = _pair_items(tok, prompts, pairs, opts.max_length, columns)
+    if keep != ref["row"].to_list() or any(f"ref_{c}" not in ref.columns for c in columns):
+        raise ImplicitError(f"{out / 'reference.parquet'} does not match the pairs: delete it to recompute")
     if not keep:
         raise ImplicitError(f"no pair fits dpo.max_length={opts.max_length}: raise it")
-    ref_c = torch.tensor(ref["ref_chosen"].to_numpy(), dtype=torch.float32, device=dev)
-    ref_r = torch.tensor(ref["ref_rejected"].to_numpy(), dtype=torch.float32, device=dev)
+    refs = [torch.tensor(ref[f"ref_{c}"].to_numpy(), dtype=torch.float32, device=dev) for c in columns]
     pad = _pad_id(tok)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
 
-    def step_loss(idx):
+    def step_loss(idx, step, total):
         n = len(idx)
-        # chosen and rejected in one forward pass: [chosen…; rejected…]
-        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad, dev)
+        # every response column of the step in one forward pass: [chosen…; (chosen_self…;) rejected…]
+        batch = collate([items[i] for items in encoded for i in idx], pad, dev)
         with autocast:
             logps = sequence_logps(net, batch)
+        parts = [logps[k * n : (k + 1) * n] for k in range(len(columns))]
         t = torch.as_tensor(idx, device=dev)
-        out_ = dpo_loss(logps[:n], logps[n:], ref_c[t], ref_r[t], opts.beta)
+        ref_parts = [r[t] for r in refs]
+        metrics = {}
+        if opts.objective == "wrpo":
+            alpha = opts.alpha * (step / (total - 1) if total > 1 else 1.0)
+            out_ = wrpo_loss(*parts, *ref_parts, beta=opts.beta, alpha=alpha)
+            metrics["alpha"] = alpha
+        else:
+            out_ = dpo_loss(parts[0], parts[1], ref_parts[0], ref_parts[1], opts.beta)
         acc = float((out_.chosen_reward > out_.rejected_reward).float().mean())
-        return out_.loss, {"reward_accuracy": acc, "margin": float((out_.chosen_reward - out_.rejected_reward).mean())}
+        return out_.loss, {**metrics, "reward_accuracy": acc, "margin": float((out_.chosen_reward - out_.rejected_reward).mean())}
 
     log = optimize(net, len(keep), step_loss, opts, out)
     _save(net, tok, out / "model")
