@@ -314,6 +314,7 @@ def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task)
     config = _write_config(root, paths)
     result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert "held-out mean reward" in result.output and "fused model:" in result.output
     work = root / "run"
     responses = pl.read_parquet(work / "responses.parquet")
     prompts = read_prompts(paths["prompts"])

@@ -14,7 +14,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def implicit_command(
     config: Path = typer.Argument(..., help="Implicit-fusion YAML: workdir, target, sources, prompts, eval, sample, reward, build, sft, dpo."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show stage headers and the result table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show stage headers."),
 ) -> None:
     """Implicit fusion (FuseChat-3.0): every source answers every prompt n times, a reward function or
     model scores the answers, the target is fine-tuned on the best ones (SFT) and then on best-vs-worst
@@ -27,5 +27,11 @@ def implicit_command(
 
     from fusekit.implicit.run import implicit_fusion
 
+    from fusekit.implicit.evaluate import results_table
+
     result = implicit_fusion(config, progress=progress)
-    Console(stderr=True).print(f"SFT+DPO model: {result['models']['dpo']}")
+    if result["eval"]:
+        Console().print(results_table(result["eval"]))
+    if result["score"]["failed"]:
+        Console(stderr=True).print(f"reward failed for {result['score']['failed']} responses (skipped); see results.json → score")
+    Console(stderr=True).print(f"fused model: {result['models']['dpo']}")

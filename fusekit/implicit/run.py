@@ -19,7 +19,7 @@ from rich.console import Console
 from fusekit.implicit.build import build_sets, build_wrpo
 from fusekit.implicit.config import ImplicitConfig, load_implicit
 from fusekit.implicit.errors import ImplicitError
-from fusekit.implicit.evaluate import evaluate_model, plot_results, results_table
+from fusekit.implicit.evaluate import evaluate_model, plot_results
 from fusekit.implicit.prompts import Prompt, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
@@ -169,8 +169,6 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
             rows.append({**evaluate_model(name, model, eval_prompts, config.sample, scorer, root / "eval"), "role": role})
         timings["eval"] = time.perf_counter() - t0
         finish_stage(stages / "eval", ident, rows=rows)
-        if progress:
-            Console().print(results_table(rows))
         plot_results(rows, root / "results.png")
 
     result = {
