@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from io import BytesIO
 from pathlib import Path
 
 import polars as pl
@@ -367,6 +368,18 @@ def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task)
     other = _write_config(root, paths, sample={"n": 2})
     result = CliRunner().invoke(app, ["implicit", str(other), "--no-progress"])
     assert result.exit_code == 1 and "other inputs or options (sample)" in result.output
+
+    # One more source: only it is sampled; the others' samples stay as they were.
+    good_part = work / "stages" / "sample" / "parts" / "good" / "chunk-00000.parquet"
+    good_mtime = good_part.stat().st_mtime_ns
+    sources = [{"name": "good", "model": str(paths["good"])}, {"name": "bad", "model": str(paths["bad"])}, {"name": "good2", "model": str(paths["good"])}]
+    more = _write_config(root, paths, sources=sources)
+    result = CliRunner().invoke(app, ["implicit", str(more), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert good_part.stat().st_mtime_ns == good_mtime
+    grown = pl.read_parquet(work / "responses.parquet")
+    assert grown.filter(pl.col("source") != "good2").drop("reward").equals(pl.read_parquet(BytesIO(before)).drop("reward"))
+    assert grown.filter(pl.col("source") == "good2").height == len(prompts) * 4
 
 
 def test_cli_bad_config_and_prompts_give_one_line_errors(task, tmp_path):

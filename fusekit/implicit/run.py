@@ -1,9 +1,10 @@
 """`fusekit implicit CONFIG.yaml`: implicit model fusion (FuseChat-3.0) end to end, stage by stage.
 
-sample → score → build → sft → dpo → eval. Each stage keeps a record (WORKDIR/stages/NAME.json) with
-its inputs' identity; a finished stage is skipped on re-run, an interrupted one is redone (sampling
-resumes at the first missing chunk). Outputs in WORKDIR: responses.parquet, sft.parquet, pairs.parquet,
-sft/model, dpo/model, results.json, results.png.
+sample → score → build → sft → (WRPO: self-sample) → dpo → eval. Each stage keeps a record
+(WORKDIR/stages/NAME/stage.json) with its inputs' identity; a finished stage is skipped on re-run, an
+interrupted one is redone (sampling resumes at the first missing chunk), a stage whose options changed
+is redone with every stage after it. Outputs in WORKDIR: responses.parquet, sft.parquet,
+pairs.parquet, sft/model, dpo/model, results.json, results.png (docs/IMPLICIT.md).
 """
 
 from __future__ import annotations
@@ -23,10 +24,31 @@ from fusekit.implicit.evaluate import evaluate_model, plot_results
 from fusekit.implicit.prompts import Prompt, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
-from fusekit.implicit.stage import fingerprint, finish_stage, open_stage, resumable, write_parquet
+from fusekit.implicit.stage import (
+    STAGE_FILE,
+    changed_keys,
+    fingerprint,
+    finish_stage,
+    open_stage,
+    read_stage,
+    resumable,
+    write_json,
+    write_parquet,
+)
 from fusekit.implicit.tune import run_dpo, run_sft
 
 console = Console(stderr=True)
+
+
+def _source_parts(folder: Path, model: str) -> Path:
+    """The part folder of one source, emptied when it holds the samples of another model."""
+    marker = folder / "model.json"
+    if marker.is_file() and json.loads(marker.read_text()) != {"model": model}:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        marker.write_text(json.dumps({"model": model}) + "\n")
+    return folder
 
 
 def _prompts_identity(prompts: list[Prompt]) -> str:
@@ -63,11 +85,18 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     # 1. sample
     say("[bold]implicit · sample")
     ident = {"prompts": _prompts_identity(prompts), "sources": models, "sample": sample_opts}
+    saved = read_stage(stages / "sample")
+    if saved is not None and changed_keys(ident, saved["identity"]) == ["sources"]:
+        # Another set of sources: the samples of the sources that stay (same name, same model) are kept.
+        note("sample: the sources changed; sampling only the new or changed ones")
+        saved["identity"] = ident
+        saved["done"] = False
+        write_json(stages / "sample" / STAGE_FILE, saved)
     record = open_stage(stages / "sample", ident, "sample", redo)
     if record is None:
         t0, per_source, frames = time.perf_counter(), {}, []
         for s in config.sources:
-            frame, stats = sample_model(s.model, s.name, prompts, config.sample, stages / "sample" / "parts" / s.name)
+            frame, stats = sample_model(s.model, s.name, prompts, config.sample, _source_parts(stages / "sample" / "parts" / s.name, s.model))
             frames.append(frame)
             per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None}
         write_parquet(pl.concat(frames), root / "responses.parquet")

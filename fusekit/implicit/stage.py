@@ -63,18 +63,19 @@ def open_stage(folder: Path, identity: dict, name: str, redo: bool = False, repl
             notify(f"{name}: {', '.join(diff)} changed since the last run, redoing it and the stages after it")
         record = None
     if record is None or redo:
-        _write_json(folder / STAGE_FILE, {"identity": identity, "done": False})
+        write_json(folder / STAGE_FILE, {"identity": identity, "done": False})
         return None
     return record if record.get("done") else None
 
 
 def finish_stage(folder: Path, identity: dict, **info: Any) -> dict:
     record = {"identity": identity, "done": True, **info}
-    _write_json(folder / STAGE_FILE, record)
+    write_json(folder / STAGE_FILE, record)
     return record
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name, then rename."""
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     os.replace(tmp, path)
