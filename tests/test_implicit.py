@@ -463,3 +463,42 @@ def test_wrpo_objective_samples_the_sft_model_and_ramps_alpha(task, tmp_path):
     assert set(ref.columns) == {"row", "ref_chosen", "ref_chosen_self", "ref_rejected"}
     alphas = [json.loads(line)["alpha"] for line in (work / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert alphas[0] == 0.0 and alphas[-1] == pytest.approx(0.8) and alphas == sorted(alphas)
+
+
+def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, tmp_path):
+    from fusekit.implicit.config import SFTOptions
+    from fusekit.implicit.sequences import collate, encode, token_logps
+    from fusekit.implicit.tune import optimize
+    from fusekit.train.model_io import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["policy"])
+    items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES * 3]
+    opts = SFTOptions(lr=1e-3, epochs=2, batch_size=2, save_every=2, seed=3)  # 5 steps per epoch, 10 in all
+
+    computed: list[int] = []
+
+    def run(out: Path, die_at: int | None = None):
+        net = load_model(tiny["policy"])
+        computed.clear()
+
+        def step_loss(idx, step, total):
+            computed.append(step)
+            if step == die_at:
+                raise KeyboardInterrupt  # the process is killed during this step
+            logp, mask = token_logps(net, collate([items[i] for i in idx], tok.pad_token_id))
+            return -logp.sum() / mask.sum(), {}
+
+        log = optimize(net, len(items), step_loss, opts, out)
+        return net, log
+
+    whole, whole_log = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", die_at=7)
+    assert (tmp_path / "killed" / "checkpoints" / "step-00000006").is_dir()
+    resumed, log = run(tmp_path / "killed")
+    assert computed == [6, 7, 8, 9]  # it continued from the checkpoint after step 6, not from the start
+    assert [r["step"] for r in log] == list(range(1, 11))
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-6)
+    for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once training ends

@@ -64,6 +64,11 @@ class SFTOptions(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     clip: float = Field(1.0, ge=0)
     seed: int = 0
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps: a killed run continues from the last one.")
+
+    def identity(self) -> dict[str, Any]:
+        """The options the trained model depends on (how often it is checkpointed is not one)."""
+        return self.model_dump(exclude={"save_every"})
 
 
 class DPOOptions(SFTOptions):

@@ -138,9 +138,12 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
 
     # 4. sft, then dpo from the SFT model
     say("[bold]implicit · sft")
-    ident = {**ident, "target": config.target.model, "sft": config.sft.model_dump()}
+    ident = {**ident, "target": config.target.model, "sft": config.sft.identity()}
+    resuming = not redo and resumable(stages / "sft", ident)
     record = open_stage(stages / "sft", ident, "sft", redo, replace=True, notify=note)
     if record is None:
+        if not resuming:  # checkpoints of another run
+            shutil.rmtree(root / "sft" / "checkpoints", ignore_errors=True)
         info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
         redo = True
         record = finish_stage(stages / "sft", ident, **info)
@@ -167,12 +170,13 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         pairs_path = root / "wrpo.parquet"
 
     say(f"[bold]implicit · {config.dpo.objective}")
-    ident = {**ident, "dpo": config.dpo.model_dump()}
+    ident = {**ident, "dpo": config.dpo.identity()}
     resuming = not redo and resumable(stages / "dpo", ident)
     record = open_stage(stages / "dpo", ident, "dpo", redo, replace=True, notify=note)
     if record is None:
-        if not resuming:  # another SFT model or other options: stored reference log-probs are stale
+        if not resuming:  # another SFT model or other options: stored log-probs and checkpoints are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
+            shutil.rmtree(root / "dpo" / "checkpoints", ignore_errors=True)
         info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo")
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)

@@ -6,7 +6,8 @@
 
 The loop reuses fusekit.train's schedule (linear warm-up, cosine decay) and parameter groups. Batches
 are a pure function of (seed, epoch): order = permutation(seed, epoch), then consecutive slices.
-A stage interrupted mid-training restarts that stage (models are written once, when it finishes).
+With `save_every`, a stage killed mid-training continues from its last checkpoint; without, it starts
+over (models are written once, when a stage finishes).
 """
 
 from __future__ import annotations
@@ -44,15 +45,37 @@ def _pad_id(tok) -> int:
     return 0
 
 
+def _load_weights(net, folder: Path) -> None:
+    """Weights saved by `save_pretrained` (one safetensors file or an indexed set of shards) into `net`."""
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted({folder / f for f in json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()})
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    # Tied weights (e.g. GPT-2's lm_head) are saved once; anything else missing is a real mismatch.
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ImplicitError(f"checkpoint {folder} does not match the model (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}): delete it")
+
+
 def optimize(net, n_items: int, step_loss: Callable[[np.ndarray, int, int], tuple], opts: SFTOptions, out: Path) -> list[dict]:
-    """The training loop: AdamW, warm-up + cosine schedule, clipping.
+    """The training loop: AdamW, warm-up + cosine schedule, clipping, optional checkpoints.
 
     `step_loss(indices, step, total_steps)` → (loss tensor, metrics dict) for the items of one step.
-
-    Returns the per-step metrics (also appended to OUT/metrics.jsonl).
+    With `opts.save_every`, a checkpoint (weights, optimizer, schedule, step, RNG; fusekit.train's
+    checkpoint format) is written every that many steps under OUT/checkpoints; a call that finds one
+    continues from the latest, exactly (batches are a pure function of seed and epoch). Checkpoints
+    are removed when training ends. Returns the per-step metrics (also in OUT/metrics.jsonl).
     """
+    import shutil
+
     import torch
 
+    from fusekit.train import checkpoint as ckpt
+    from fusekit.train.ddp import Dist
     from fusekit.train.loop import _param_groups, cosine_with_warmup
 
     per_epoch = math.ceil(n_items / opts.batch_size)
@@ -61,11 +84,26 @@ def optimize(net, n_items: int, step_loss: Callable[[np.ndarray, int, int], tupl
     optimizer = torch.optim.AdamW(_param_groups(net, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.95), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, opts.warmup_ratio))
     params = [p for p in net.parameters() if p.requires_grad]
-    net.train()
-    log: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
+    single = Dist()
+    start, log = 0, []
+    found = ckpt.list_checkpoints(out)
+    if found:
+        _load_weights(net, found[-1])
+        state, rng = ckpt.load_trainer_state(found[-1], single)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        if (out / METRICS_FILE).is_file():
+            log = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
+            log = [row for row in log if row["step"] <= start]
+    net.train()
     with (out / METRICS_FILE).open("w") as fh:
-        for step in range(total):
+        for row in log:
+            fh.write(json.dumps(row) + "\n")
+        for step in range(start, total):
             epoch, within = divmod(step, per_epoch)
             order = np.random.default_rng([opts.seed, epoch]).permutation(n_items)
             idx = order[within * opts.batch_size : (within + 1) * opts.batch_size]
@@ -82,6 +120,10 @@ def optimize(net, n_items: int, step_loss: Callable[[np.ndarray, int, int], tupl
             row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr, "grad_norm": norm, **metrics}
             log.append(row)
             fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            if opts.save_every and (step + 1) % opts.save_every == 0 and step + 1 < total:
+                ckpt.save_checkpoint(out, step + 1, net, optimizer, scheduler, {}, single, keep=1)
+    shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
     net.eval()
     return log
 
