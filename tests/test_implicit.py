@@ -334,6 +334,8 @@ def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task)
         assert {row["chosen_sample"], row["rejected_sample"]} <= set(own["sample"])
         assert own.filter(pl.col("sample") == row["rejected_sample"])["response"].item() == row["rejected"]
     assert (work / "dpo" / "reference.parquet").is_file() and (work / "dpo" / "model" / "config.json").is_file()
+    per_source = json.loads((work / "stages" / "sample" / "stage.json").read_text())["per_source"]
+    assert {k: v["chat_format"] for k, v in per_source.items()} == {"good": "plain", "bad": "plain"}
 
     results = json.loads((work / "results.json").read_text())
     reward = {r["model"]: r["mean_reward"] for r in results["eval"]}

@@ -47,3 +47,5 @@ def test_smollm2_as_a_source_short_generations(tmp_path, tokenizers_by_kind):
     assert not responses["response"].str.contains("<|im_start|>", literal=True).any()
     assert responses["reward"].null_count() == 0 and set(responses["reward"]) <= {0.0, 1.0}
     assert (tmp_path / "run" / "sft" / "model" / "config.json").is_file()
+    stage = json.loads((tmp_path / "run" / "stages" / "sample" / "stage.json").read_text())
+    assert stage["per_source"]["smollm2"]["chat_format"] == "template"

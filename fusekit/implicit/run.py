@@ -21,9 +21,10 @@ from fusekit.implicit.build import build_sets, build_wrpo
 from fusekit.implicit.config import ImplicitConfig, load_implicit
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.evaluate import evaluate_model, plot_results
-from fusekit.implicit.prompts import Prompt, read_prompts
+from fusekit.implicit.prompts import Prompt, has_template, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
+from fusekit.train.model_io import load_tokenizer
 from fusekit.implicit.stage import (
     STAGE_FILE,
     changed_keys,
@@ -98,7 +99,10 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         for s in config.sources:
             frame, stats = sample_model(s.model, s.name, prompts, config.sample, _source_parts(stages / "sample" / "parts" / s.name, s.model))
             frames.append(frame)
-            per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None}
+            chat_format = "template" if has_template(load_tokenizer(s.model)) else "plain"
+            if chat_format == "plain":
+                note(f"sample: {s.name} has no chat template; it was prompted in the plain 'role: content' format (docs/IMPLICIT.md)")
+            per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None, "chat_format": chat_format}
         write_parquet(pl.concat(frames), root / "responses.parquet")
         redo = True
         record = finish_stage(stages / "sample", ident, seconds=time.perf_counter() - t0, per_source=per_source)
