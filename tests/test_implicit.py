@@ -504,3 +504,22 @@ def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, t
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once training ends
+
+
+def test_generation_stops_at_the_models_own_end_of_turn_ids(tiny):
+    from fusekit.implicit.sample import generate, load_generator
+
+    model = load_generator(tiny["policy"], "cpu")
+    texts = ["user: hello\nassistant: ", "user: a longer question here\nassistant: "]
+    first = generate(model, texts, n=1, max_new_tokens=5, temperature=0, top_p=1.0, seed=0)
+    assert all(g[0].finish_reason == "length" and len(g[0].tokens) == 5 for g in first)
+    # A chat model that ends turns with another token (as Llama-3's <|eot_id|>) lists it in its generation config.
+    ender = first[0][0].tokens[2]
+    model.net.generation_config.eos_token_id = [model.tokenizer.eos_token_id, ender]
+    again = generate(model, texts, n=1, max_new_tokens=5, temperature=0, top_p=1.0, seed=0)
+    for old, new in zip(first, again):
+        cut = old[0].tokens.index(ender) if ender in old[0].tokens else None
+        if cut is None:
+            assert new[0].tokens == old[0].tokens and new[0].finish_reason == "length"
+        else:
+            assert new[0].tokens == old[0].tokens[:cut] and new[0].finish_reason == "stop"

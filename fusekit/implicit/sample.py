@@ -70,13 +70,25 @@ def _pad_id(tok) -> int:
     return 0
 
 
+def _eos_ids(tok, net) -> set[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the model's generation-config EOS ids
+    (chat models such as Llama-3 end a turn with a token other than the tokenizer's EOS)."""
+    ids: set[int] = set()
+    for value in (tok.eos_token_id, getattr(getattr(net, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
 def generate(
     model: LoadedModel, texts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
 ) -> list[list[Generation]]:
     """n generations for each text (one batched `generate` call); returns [len(texts)][n].
 
     Texts are tokenised without added special tokens (chat templates carry their own BOS). Generation
-    stops at the tokenizer's EOS; the EOS is not part of the text or tokens.
+    stops at any EOS id (_eos_ids); the EOS is not part of the text or tokens.
     """
     import torch
 
@@ -85,7 +97,7 @@ def generate(
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
     input_ids = enc["input_ids"].to(model.device)
     attention = enc["attention_mask"].to(model.device)
-    eos = tok.eos_token_id
+    eos_ids = _eos_ids(tok, net)
     torch.manual_seed(seed)
     greedy = temperature <= 0
     # Greedy answers are all alike: generate once per text and repeat it n times.
@@ -98,7 +110,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             num_return_sequences=per_text,
             pad_token_id=pad,
-            eos_token_id=eos,
+            eos_token_id=sorted(eos_ids) or None,
             **kwargs,
         )
     new = out[:, input_ids.shape[1] :].tolist()
@@ -107,8 +119,9 @@ def generate(
         row = []
         for j in range(n):
             ids = list(new[i * per_text + (0 if greedy else j)])
-            if eos is not None and eos in ids:
-                ids, reason = ids[: ids.index(eos)], "stop"
+            end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+            if end is not None:
+                ids, reason = ids[:end], "stop"
             else:
                 # A finished row of a batch is padded after its EOS; without EOS nothing was padded.
                 reason = "length"
