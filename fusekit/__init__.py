@@ -33,6 +33,7 @@ _LAZY = {
     "run_recipe": "fusekit.pipeline",
     "plan_recipe": "fusekit.plan",
     "transfer": "fusekit.align.transfer",
+    "implicit_fusion": "fusekit.implicit",
 }
 
 

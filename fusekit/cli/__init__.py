@@ -11,6 +11,7 @@ from fusekit.cli import train  # noqa: F401
 from fusekit.cli import eval  # noqa: F401, A004  (the `fusekit eval` command)
 from fusekit.cli import merge  # noqa: F401
 from fusekit.cli import align_text  # noqa: F401
+from fusekit.cli import implicit  # noqa: F401  (FuseChat-3.0 implicit fusion)
 
 
 def main() -> None:

@@ -1,0 +1,37 @@
+"""`fusekit implicit CONFIG`: implicit model fusion (FuseChat-3.0) — sample, score, build, SFT, DPO, eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fusekit.cli.app import app
+from fusekit.cli.errors import handle_errors
+
+
+@app.command("implicit")
+@handle_errors
+def implicit_command(
+    config: Path = typer.Argument(..., help="Implicit-fusion YAML: workdir, target, sources, prompts, eval, sample, reward, build, sft, dpo."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show stage headers."),
+) -> None:
+    """Implicit fusion (FuseChat-3.0): every source answers every prompt n times, a reward function or
+    model scores the answers, the target is fine-tuned on the best ones (SFT) and then on best-vs-worst
+    pairs of one source (DPO, the SFT model as reference).
+
+    Writes WORKDIR/responses.parquet, sft.parquet, pairs.parquet, sft/model, dpo/model, results.json
+    and results.png. Re-running resumes: finished stages are skipped.
+    """
+    from rich.console import Console
+
+    from fusekit.implicit.run import implicit_fusion
+
+    from fusekit.implicit.evaluate import results_table
+
+    result = implicit_fusion(config, progress=progress)
+    if result["eval"]:
+        Console().print(results_table(result["eval"]))
+    if result["score"]["failed"]:
+        Console(stderr=True).print(f"reward failed for {result['score']['failed']} responses (skipped); see results.json → score")
+    Console(stderr=True).print(f"fused model: {result['models']['dpo']}")
