@@ -41,6 +41,22 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.kthvalue(rank).values
 
 
+def top_k_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of a flat tensor (ties at the threshold: lowest index first)."""
+    n = mag.numel()
+    if k >= n:
+        return torch.ones_like(mag, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(mag, dtype=torch.bool)
+    threshold = kth_largest(mag, k)
+    keep = mag > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        at = (mag == threshold).nonzero().reshape(-1)[:missing]
+        keep[at] = True
+    return keep
+
+
 def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """Keep exactly k = max(1, ⌊density·n⌋) entries of largest |δ| (ties at the threshold: lowest index first)."""
     n = delta.numel()
@@ -50,12 +66,7 @@ def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = F
         return delta.zero_() if inplace else torch.zeros_like(delta)
     k = max(1, int(density * n))
     mag = delta.abs().reshape(-1)
-    threshold = kth_largest(mag, k)
-    keep = mag > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    if missing > 0:
-        at = (mag == threshold).nonzero().reshape(-1)[:missing]
-        keep[at] = True
+    keep = top_k_mask(mag, k)
     del mag
     keep = keep.reshape(delta.shape)
     return delta.mul_(keep) if inplace else delta * keep
@@ -92,7 +103,15 @@ def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
     options=("weights", "density", "lambda", "normalize"),
     default_normalize=True,
     default_density=0.2,
+    parameters={"rescale": False, "int8_mask": False},
 )
 def ties(x: TensorInputs) -> Merged:
-    deltas = [trim_top_magnitude(m - x.base, d, inplace=True) for m, d in zip(x.models, x.densities)]
+    from fusekit.merge.sparsify import rescale_l1
+
+    deltas = []
+    for m, d in zip(x.models, x.densities):
+        delta = m - x.base
+        trimmed = trim_top_magnitude(delta, d, inplace=not x.param("rescale"))
+        deltas.append(rescale_l1(delta, trimmed) if x.param("rescale") and trimmed is not delta else trimmed)
+        del delta
     return elect_and_merge(x, deltas)

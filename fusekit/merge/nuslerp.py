@@ -1,0 +1,56 @@
+"""NuSLERP (mergekit's `nuslerp`): spherical interpolation of two models' weights, or of their task vectors
+when there is a base, with t from the models' weights: t = w_2 / (w_1 + w_2) (0.5 if that sum is ~0).
+
+With a base: θ = θ_base + slerp(t, θ_1 − θ_base, θ_2 − θ_base) (task-vector SLERP); without one, slerp of
+the weights themselves. `nuslerp_flatten` (default true) treats the tensor as one vector; otherwise each
+row (last dimension) is interpolated on its own, or each column with `nuslerp_row_wise: true`. Where
+sin θ < 1e-8 (colinear), linear interpolation. Reference: mergekit/merge_methods/nuslerp.py and
+https://en.wikipedia.org/wiki/Slerp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusekit.merge.registry import Merged, TensorInputs, register_method
+
+EPS = 1e-8
+NORM_EPS = 1e-7
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
+    """Slerp of v0 → v1 at t along the last dimension (whole tensor if flatten; dim 0 if row_wise)."""
+    shape = v0.shape
+    if flatten:
+        a, b = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    theta = torch.acos((ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1))
+    del ua, ub
+    sin = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+    colinear = (sin.abs() < EPS).expand_as(res)
+    res = torch.where(colinear, (1 - t) * a + t * b, res)
+    if row_wise and not flatten:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+@register_method(
+    "nuslerp", "NuSLERP", "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+    options=("weights",), min_models=2, max_models=2, needs_base=False,
+    parameters={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+)  # fmt: skip
+def nuslerp_method(x: TensorInputs) -> Merged:
+    w0, w1 = x.weights
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    flatten = bool(x.param("nuslerp_flatten", True))
+    row_wise = bool(x.param("nuslerp_row_wise", False))
+    if not x.has_base:
+        return Merged(nuslerp(t, x.models[0], x.models[1], flatten=flatten, row_wise=row_wise))
+    v = nuslerp(t, x.models[0] - x.base, x.models[1] - x.base, flatten=flatten, row_wise=row_wise)
+    return Merged(v.add_(x.base))
