@@ -141,8 +141,8 @@ def test_dare_keeps_density_share_and_restores_the_l1_norm():
     # kept share within 5σ of 0.3 (σ = √(0.3·0.7/20000) ≈ 0.0032)
     assert abs(float(kept.float().mean()) - 0.3) < 0.017
     factor = float(delta.double().abs().sum() / delta.double()[kept].abs().sum())
-    assert torch.allclose(out[kept].double(), delta[kept].double() * factor, rtol=1e-6)
-    assert float(out.double().abs().sum()) == pytest.approx(float(delta.double().abs().sum()), rel=1e-6)
+    assert torch.allclose(out[kept].double(), delta[kept].double() * factor, rtol=1e-5)  # float32 norms
+    assert float(out.double().abs().sum()) == pytest.approx(float(delta.double().abs().sum()), rel=1e-5)
     # rescale: false keeps the survivors' values; density 1 drops nothing
     plain = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(0), rescale=False)
     assert torch.equal(plain != 0, kept) and torch.equal(plain[kept], delta[kept])

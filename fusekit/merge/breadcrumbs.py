@@ -22,8 +22,8 @@ MODEL_PARAMS = {"gamma": 0.01}
 def _banded(x: TensorInputs) -> list[torch.Tensor]:
     rescale = bool(x.param("rescale", False))
     return [
-        magnitude_band(m - x.base, d, float(x.model_param(j, "gamma", 0.01)), rescale=rescale)
-        for j, (m, d) in enumerate(zip(x.models, x.densities))
+        magnitude_band(delta, d, float(x.model_param(j, "gamma", 0.01)), rescale=rescale, inplace=True)
+        for j, (delta, d) in enumerate(zip(x.task_vectors(), x.densities))
     ]
 
 

@@ -28,7 +28,10 @@ def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Gener
 
 def _dropped(x: TensorInputs) -> list[torch.Tensor]:
     rescale = bool(x.param("rescale", True))
-    return [drop_and_rescale(m - x.base, d, x.generator(j), rescale=rescale) for j, (m, d) in enumerate(zip(x.models, x.densities))]
+    return [
+        bernoulli_drop(delta, d, x.generator(j), rescale=rescale, inplace=True)
+        for j, (delta, d) in enumerate(zip(x.task_vectors(), x.densities))
+    ]
 
 
 @register_method(

@@ -24,8 +24,8 @@ MODEL_PARAMS = {"epsilon": 0.15}
 def _pruned(x: TensorInputs) -> list[torch.Tensor]:
     rescale = bool(x.param("rescale", True))
     return [
-        della_drop(m - x.base, d, float(x.model_param(j, "epsilon", 0.15)), x.generator(j), rescale=rescale)
-        for j, (m, d) in enumerate(zip(x.models, x.densities))
+        della_drop(delta, d, float(x.model_param(j, "epsilon", 0.15)), x.generator(j), rescale=rescale, inplace=True)
+        for j, (delta, d) in enumerate(zip(x.task_vectors(), x.densities))
     ]
 
 

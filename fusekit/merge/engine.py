@@ -357,7 +357,7 @@ class _Job:
         return TensorInputs(
             name=name, base=base, models=models, weights=weights, densities=densities, t=t,
             lam=float(g.get("lambda", 1.0)), normalize=normalize, seed=self.opts.seed, params=g,
-            model_params=tuple(per), has_base=self.has_base,
+            model_params=tuple(per), has_base=self.has_base, owned=True,
         )  # fmt: skip
 
 
@@ -383,6 +383,8 @@ def _stream(job: _Job, plan, base_folder, folders, out, max_bytes, device, repor
 
 
 def _merge_one(job: _Job, info, base_folder: ModelFolder, folders: list[ModelFolder], device):
+    # The models' tensors are ours to overwrite (owned=True): `.to` copies them, or, where it does not,
+    # safe_open returns a private copy-on-write mapping (writes never reach the file).
     base_t = base_folder.read(info.name)
     if not info.is_float:
         # Integer/bool buffers (position ids, masks) are not parameters: they are the base's.

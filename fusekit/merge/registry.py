@@ -2,8 +2,8 @@
 
 A method sees one tensor at a time: the base's and each model's values (same shape, working dtype —
 float32, or float64 for float64 inputs — on the merge device) and the per-model options, and returns the
-merged values. Methods must not write into their inputs: a tensor read from safetensors may be a view
-of the file's mapping.
+merged values. Methods must not write into the base, nor into the models unless `owned` says the engine
+handed over its own buffers (TensorInputs.task_vectors does the right thing either way).
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ class TensorInputs:
     params: Mapping[str, Any] = field(default_factory=dict)
     model_params: tuple[Mapping[str, Any], ...] = ()
     has_base: bool = True  # False where the config names no base (nuslerp then interpolates the models themselves)
+    # True when `models` are the engine's own buffers (fresh copies, or safetensors' private copy-on-write
+    # mappings), which a method may overwrite — task vectors then take no extra memory.
+    owned: bool = False
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        """δ_j = θ_j − θ_base, in place of the models' buffers when the engine owns them, else as new tensors."""
+        return [m.sub_(self.base) if self.owned else m - self.base for m in self.models]
 
     def param(self, name: str, default: Any = None) -> Any:
         return self.params.get(name, default)
@@ -86,8 +93,8 @@ class MergeMethod:
         per_model: dict[str, Any] = {}
         defaults = {"weights": 1.0, "density": self.default_density, "t": 0.5, "lambda": 1.0,
                     "normalize": self.default_normalize}  # fmt: skip
-        for option in self.options:
-            if option in OPTION_PARAMS:
+        for option in OPTIONS:
+            if option in self.options and option in OPTION_PARAMS:
                 key, is_model = OPTION_PARAMS[option]
                 (per_model if is_model else glob)[key] = defaults[option]
         glob.update(self.parameters)

@@ -34,9 +34,10 @@ def sce_select_mask(deltas: list[torch.Tensor], select_topk: float) -> torch.Ten
         mean.add_(d)
     mean.div_(k_models)
     var = torch.zeros_like(deltas[0])
+    tmp = torch.empty_like(deltas[0])
     for d in deltas:
-        var.add_((d - mean).square_())
-    del mean
+        var.add_(torch.sub(d, mean, out=tmp).square_())
+    del mean, tmp
     var.div_(k_models)
     k = int(int(torch.count_nonzero(var)) * select_topk)
     return top_k_mask(var.reshape(-1), k).reshape(var.shape)
@@ -56,7 +57,7 @@ def sce_weights(deltas: list[torch.Tensor]) -> list[float]:
     parameters={"select_topk": 1.0, "int8_mask": False},
 )  # fmt: skip
 def sce(x: TensorInputs) -> Merged:
-    deltas = [m - x.base for m in x.models]
+    deltas = x.task_vectors()
     keep = sce_select_mask(deltas, float(x.param("select_topk", 1.0)))
     if keep is not None:
         for d in deltas:
@@ -66,12 +67,13 @@ def sce(x: TensorInputs) -> Merged:
     total = torch.zeros_like(x.base)
     for d in deltas:
         total.add_(d)
-    elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    positive = total >= 0
     del total
     mixed = torch.zeros_like(x.base)
     divisor = torch.zeros_like(x.base)
     for d, w in zip(deltas, weights):
-        agree = d * elected > 0
-        mixed.add_(d * agree, alpha=w)
+        agree = torch.where(positive, d > 0, d < 0)  # zeros never agree
+        mixed.add_(d.mul_(agree), alpha=w)
         divisor.add_(agree, alpha=w)
+        del agree
     return Merged(mixed.div_(divisor.clamp_(min=WEIGHT_FLOOR)).add_(x.base), {"weights": weights})

@@ -2,7 +2,7 @@
 drops (DELLA), magnitude bands (Model Breadcrumbs), and the norm-preserving rescale they share.
 
 Every function takes one task vector δ (float32/float64) and returns a new tensor (or δ itself where
-nothing is dropped); none writes into δ unless `inplace=True`. Random masks come from the generator the
+nothing is dropped); none writes into δ unless `inplace=True` (then it returns δ, masked). Random masks come from the generator the
 caller passes (seeded per tensor and model by TensorInputs.generator).
 """
 
@@ -16,20 +16,33 @@ from fusekit.merge.ties import top_k_mask
 RESCALE_EPS = 1e-7  # mergekit's: below it (either norm), the masked vector is returned unscaled
 
 
-def rescale_l1(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """`masked` scaled in place so that its L1 norm is `original`'s (mergekit's `rescale: true`).
+def l1(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, ord=1))
+
+
+def rescale_l1(original: torch.Tensor | float, masked: torch.Tensor) -> torch.Tensor:
+    """`masked` scaled in place so that its L1 norm is `original`'s (a tensor, or its L1 norm already
+    taken) — mergekit's `rescale: true`.
 
     Left as is where either L1 norm is below 1e-7. Note this is one factor per tensor, ‖δ‖₁ / ‖m ⊙ δ‖₁,
     not the DARE paper's 1/density per entry (the two agree in expectation for large tensors).
     """
-    before = float(original.abs().sum())
-    after = float(masked.abs().sum())
+    before = original if isinstance(original, float) else l1(original)
+    after = l1(masked)
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return masked
     return masked.mul_(before / after)
 
 
-def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool) -> torch.Tensor:
+def _apply(delta: torch.Tensor, keep: torch.Tensor, rescale: bool, inplace: bool) -> torch.Tensor:
+    before = l1(delta) if rescale else 0.0
+    masked = delta.mul_(keep) if inplace else delta * keep
+    return rescale_l1(before, masked) if rescale else masked
+
+
+def bernoulli_drop(
+    delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool, inplace: bool = False
+) -> torch.Tensor:
     """DARE (Yu et al. 2024, arXiv:2311.03099): keep each entry independently with probability `density`.
 
     Returns δ itself for density ≥ 1. With `rescale`, the survivors are scaled to keep ‖δ‖₁ (mergekit).
@@ -37,11 +50,10 @@ def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generat
     if density >= 1:
         return delta
     keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-    masked = delta * keep
-    return rescale_l1(delta, masked) if rescale else masked
+    return _apply(delta, keep, rescale, inplace)
 
 
-def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool) -> torch.Tensor:
+def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool, inplace: bool = False) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the γ·n largest |δ| (outliers)
     and the smallest, keeping ⌊density·n⌋ entries (mergekit's `magnitude_outliers`).
 
@@ -62,8 +74,7 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float, *, rescale
     if n_top > 0:
         keep &= ~top_k_mask(mag, n_top)
     del mag
-    masked = delta * keep.reshape(delta.shape)
-    return rescale_l1(delta, masked) if rescale else masked
+    return _apply(delta, keep.reshape(delta.shape), rescale, inplace)
 
 
 def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -88,7 +99,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
 
 
 def della_drop(
-    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *, rescale: bool
+    delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, *, rescale: bool,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """DELLA's MagPrune: keep each entry with its rank-dependent probability (larger |δ|, likelier kept)."""
     if density >= 1:
@@ -96,5 +108,4 @@ def della_drop(
     p = della_probabilities(delta, density, epsilon)
     keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=p.dtype) < p
     del p
-    masked = delta * keep
-    return rescale_l1(delta, masked) if rescale else masked
+    return _apply(delta, keep, rescale, inplace)

@@ -73,12 +73,14 @@ def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = F
 
 
 def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
-    """Sign election and disjoint (weighted) mean of already-sparsified task vectors."""
+    """Sign election and disjoint (weighted) mean of already-sparsified task vectors.
+
+    Consumes `deltas` (they are zeroed where they disagree): callers pass buffers of their own.
+    """
     total = torch.zeros_like(x.base)
     for d, w in zip(deltas, x.weights):
         total.add_(d, alpha=w)
-    # ±1 per entry: the elected sign (positive on a tie)
-    elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    positive = total >= 0  # the elected sign: positive on a tie
     del total
     mixed = torch.zeros_like(x.base)
     divisor = torch.zeros_like(x.base) if x.normalize else None
@@ -86,10 +88,13 @@ def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
         if w == 0:
             continue
         # w·d agrees when its sign is the elected one; zeros never agree.
-        agree = (d * elected > 0) if w > 0 else (d * elected < 0)
-        mixed.add_(d * agree, alpha=w)
+        up, down = (d > 0, d < 0) if w > 0 else (d < 0, d > 0)
+        agree = torch.where(positive, up, down)
+        del up, down
+        mixed.add_(d.mul_(agree), alpha=w)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
+        del agree
     if divisor is not None:
         divisor.masked_fill_(divisor == 0, 1.0)
         mixed.div_(divisor)
@@ -106,12 +111,13 @@ def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
     parameters={"rescale": False, "int8_mask": False},
 )
 def ties(x: TensorInputs) -> Merged:
-    from fusekit.merge.sparsify import rescale_l1
+    from fusekit.merge.sparsify import l1, rescale_l1
 
-    deltas = []
-    for m, d in zip(x.models, x.densities):
-        delta = m - x.base
-        trimmed = trim_top_magnitude(delta, d, inplace=not x.param("rescale"))
-        deltas.append(rescale_l1(delta, trimmed) if x.param("rescale") and trimmed is not delta else trimmed)
-        del delta
+    rescale = bool(x.param("rescale", False))
+    deltas = x.task_vectors()
+    for delta, d in zip(deltas, x.densities):
+        before = l1(delta) if rescale and d < 1 else None
+        trim_top_magnitude(delta, d, inplace=True)
+        if before is not None:
+            rescale_l1(before, delta)
     return elect_and_merge(x, deltas)
