@@ -33,14 +33,13 @@ def model_stock_ratio(offsets: list[torch.Tensor]) -> torch.Tensor:
 )  # fmt: skip
 def model_stock(x: TensorInputs) -> Merged:
     shape = x.base.shape
-    if x.param("filter_wise", False):
-        base = x.base.reshape(1, -1) if x.base.dim() < 2 else x.base
-    else:
-        base = x.base.reshape(1, -1)
-    models = [m.reshape(base.shape) for m in x.models]
-    t = model_stock_ratio([m - base for m in models]).unsqueeze(-1)
-    avg = torch.zeros_like(base)
-    for m in models:
-        avg.add_(m)
-    avg.div_(len(models))
-    return Merged((t * avg + (1 - t) * base).reshape(shape))
+    rows = x.param("filter_wise", False) and x.base.dim() >= 2
+    view = (lambda v: v) if rows else (lambda v: v.reshape(1, -1))  # noqa: E731
+    offsets = [view(d) for d in x.task_vectors()]
+    t = model_stock_ratio(offsets).unsqueeze(-1)
+    # t·mean θ_j + (1 − t)·θ_base = θ_base + t·mean δ_j
+    mean = torch.zeros_like(offsets[0])
+    for o in offsets:
+        mean.add_(o)
+    mean.div_(len(offsets))
+    return Merged(mean.mul_(t).add_(view(x.base)).reshape(shape))

@@ -52,5 +52,5 @@ def nuslerp_method(x: TensorInputs) -> Merged:
     row_wise = bool(x.param("nuslerp_row_wise", False))
     if not x.has_base:
         return Merged(nuslerp(t, x.models[0], x.models[1], flatten=flatten, row_wise=row_wise))
-    v = nuslerp(t, x.models[0] - x.base, x.models[1] - x.base, flatten=flatten, row_wise=row_wise)
-    return Merged(v.add_(x.base))
+    d1, d2 = x.task_vectors()
+    return Merged(nuslerp(t, d1, d2, flatten=flatten, row_wise=row_wise).add_(x.base))
