@@ -247,11 +247,12 @@ def test_parameters_a_method_does_not_read_warn_and_explicit_options_win(family,
 def test_cli_runs_a_mergekit_sce_yaml(family, tmp_path):
     config = {"merge_method": "sce", "base_model": str(family["base"]),
               "models": [{"model": str(family[n])} for n in ("layer0", "trained", "noisy")],
-              "parameters": {"select_topk": 0.5}, "dtype": "bfloat16"}  # fmt: skip
+              "parameters": {"select_topk": 0.5, "normalize": True}, "dtype": "bfloat16"}  # fmt: skip
     code = "import sys; from fusekit.cli import main; sys.argv = ['fusekit', *sys.argv[1:]]; main()"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     args = ["merge", "--config", str(write(tmp_path, config)), "--out", str(tmp_path / "out"), "--json"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["method"] == "sce"
+    assert proc.stderr.strip() == "warning: method sce reads no normalize: ignored (as mergekit does)"
     assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "out" / "model.safetensors").values() if v.is_floating_point())

@@ -4,6 +4,7 @@ flags or a mergekit YAML as-is."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -93,7 +94,7 @@ def merge_command(
     if list_methods:
         _print_methods(console)
         return
-    from fusekit.merge import merge_models
+    from fusekit.merge import MergeWarning, merge_models
     from fusekit.merge.engine import resolve_request
 
     dens = _floats(density, "density")
@@ -103,7 +104,11 @@ def merge_command(
         dtype=dtype, tokenizer_source=tokenizer_source, max_shard_size=max_shard_size, allow_dtype_mismatch=allow_dtype_mismatch, device=device,
         overwrite=overwrite, progress=progress and not as_json,
     )
-    result = merge_models(**request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergeWarning)
+        result = merge_models(**request)
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
     gb = result.bytes_read / 1e9
     if as_json:
         summary = {

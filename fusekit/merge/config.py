@@ -197,19 +197,6 @@ class MergeConfig(BaseModel):
             specs.append(SliceSpec(start, end, dict(sl.parameters), [dict(by_model[m]) for m in names]))
         return specs
 
-    def sets(self, name: str) -> bool:
-        """Whether any level of the config gives parameter `name`."""
-        scopes = [self.parameters, *(m.parameters for m in self.models)]
-        for sl in self.slices or []:
-            scopes += [sl.parameters, *(s.parameters for s in sl.sources)]
-        return any(name in s for s in scopes)
-
-    def parameter_names(self) -> set[str]:
-        scopes = [self.parameters, *(m.parameters for m in self.models)]
-        for sl in self.slices or []:
-            scopes += [sl.parameters, *(s.parameters for s in sl.sources)]
-        return {k for s in scopes for k in s}
-
 
 def validate_config(data: dict, source: str = "merge config") -> MergeConfig:
     try:
