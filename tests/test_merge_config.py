@@ -256,3 +256,15 @@ def test_cli_runs_a_mergekit_sce_yaml(family, tmp_path):
     assert json.loads(proc.stdout)["method"] == "sce"
     assert proc.stderr.strip() == "warning: method sce reads no normalize: ignored (as mergekit does)"
     assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "out" / "model.safetensors").values() if v.is_floating_point())
+
+
+def test_varm_is_reachable_from_a_mergekit_yaml(family, weights, tmp_path):
+    config = {"merge_method": "varm", "base_model": str(family["base"]),
+              "models": [{"model": str(family["layer0"])}, {"model": str(family["noisy"])}]}  # fmt: skip
+    got = merged(fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False))
+    b, m1, m2 = weights["base"], weights["layer0"], weights["noisy"]
+    for name in b:
+        c1, c2 = float(((m1[name] - b[name]) ** 2).mean()), float(((m2[name] - b[name]) ** 2).mean())
+        w1 = c1 / (c1 + c2) if c1 + c2 > 0 else 0.5
+        torch.testing.assert_close(got[name], w1 * m1[name] + (1 - w1) * m2[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert (tmp_path / "out" / "varm_weights.json").is_file()
