@@ -19,22 +19,28 @@ NORM_EPS = 1e-7
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
-    """Slerp of v0 → v1 at t along the last dimension (whole tensor if flatten; dim 0 if row_wise)."""
+    """Slerp of v0 → v1 at t along the last dimension (whole tensor if flatten; dim 0 if row_wise).
+
+    Per vector: cos θ = v0·v1 / (max(‖v0‖, 1e-7) · max(‖v1‖, 1e-7)) clamped to [−1, 1];
+    result = (sin((1 − t)θ) v0 + sin(tθ) v1) / sin θ, or (1 − t) v0 + t v1 where sin θ < 1e-8.
+    Holds one output-sized buffer besides the inputs (the coefficients are per vector).
+    """
     shape = v0.shape
     if flatten:
-        a, b = v0.reshape(-1), v1.reshape(-1)
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     elif row_wise:
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_EPS)
-    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_EPS)
-    theta = torch.acos((ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1))
-    del ua, ub
+    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+    cos = torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1).div_(na * nb).clamp_(-1, 1)
+    theta = torch.acos(cos)
     sin = torch.sin(theta)
-    res = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
-    colinear = (sin.abs() < EPS).expand_as(res)
-    res = torch.where(colinear, (1 - t) * a + t * b, res)
+    colinear = sin.abs() < EPS
+    c0 = torch.where(colinear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(colinear, torch.full_like(sin, t), torch.sin(t * theta) / sin)
+    res = (a * c0).addcmul_(b, c1)
     if row_wise and not flatten:
         res = res.transpose(0, -1)
     return res.reshape(shape)
