@@ -12,8 +12,9 @@ HF checkpoints. Each merge runs in a fresh subprocess that reports its wall time
 its peak resident memory above what it held before (VmHWM after − VmRSS before). mergekit (if found) is
 run the same way with its default options (CPU, lazy unpickle); import times are excluded for every tool.
 Inputs are read once before timing, so all tools read from the page cache; outputs are synced between
-runs. "max rel diff" is max |fusekit − mergekit| / max |mergekit| over every tensor (for DARE/DELLA, whose
-masks differ by design, the relative difference of each tensor's task-vector L1 norm instead); mergekit
+runs. "max rel diff" is max |fusekit − mergekit| / max |mergekit| over every tensor, with the share of entries
+off by more than 1e-6 of that scale (for DARE/DELLA, whose masks differ by design, the relative difference
+of each tensor's merged task-vector L1 norm instead: exact with one model, a few % with two); mergekit
 computes in the YAML's dtype, so bf16 models differ by bf16 rounding. mergekit is looked for in this
 Python, in $MERGEKIT_PYTHON, then at --mergekit-python.
 """
