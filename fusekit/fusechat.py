@@ -15,7 +15,7 @@ Config (YAML; unknown keys are rejected):
     extract: {top_k: 10, max_length: 2048}
     train:   {lr: 1e-5, epochs: 1, …}              # as in a recipe's train block
     pair:    {fusion: min_ce, granularity: window, lam: 0.9}
-    merge:   {method: varm}                        # or linear, task_arithmetic, ties, dare_ties, dare_linear, slerp
+    merge:   {method: varm}                        # or sce (FuseChat-2.0), linear, task_arithmetic, ties, dare_ties, dare_linear, slerp
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fusekit.recipe import (
     read_config,
 )
 
-MergeMethod = Literal["varm", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
+MergeMethod = Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
 
 
 class PairOptions(_Strict):

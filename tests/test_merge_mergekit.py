@@ -2,8 +2,10 @@
 
 mergekit pins nothing fusekit needs, but pulls in datasets/peft/pandas; to run this file without touching
 the main environment: python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit &&
-/tmp/mk/bin/python -m pytest tests/test_merge_mergekit.py. DARE's random masks cannot match mergekit's
-(different generators, and mergekit rescales to the L1 norm), so DARE is compared at density 1 only.
+/tmp/mk/bin/python -m pytest tests/test_merge_mergekit.py. DARE's and DELLA's random masks cannot match
+mergekit's (different generators): they are compared at density 1, and by the rule both apply whatever the
+mask — with one model and `rescale`, each tensor's task vector keeps its L1 norm (times the weight).
+The second half runs the same YAML (gradients, filters, slices, every method) through both tools.
 """
 
 from __future__ import annotations
@@ -98,3 +100,77 @@ def test_mergekit_yaml_runs_unchanged_in_fusekit(family, tmp_path):
     mine = load_file(fusekit.merge(config=path, out=tmp_path / "fk", progress=False) / "model.safetensors")
     for k in mine:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _mk_and_fk(config: dict, tmp_path) -> tuple[dict, dict]:
+    theirs = run_mergekit(config, tmp_path / "mk")
+    out = fusekit.merge(config=config, out=tmp_path / "fk", progress=False)
+    return load_file(out / "model.safetensors"), theirs
+
+
+def _models(family, names, params):
+    return [{"model": str(family[n]), "parameters": p} for n, p in zip(names, params)]
+
+
+YAML_CASES = {
+    "sce": lambda f: {"merge_method": "sce", "base_model": str(f["base"]), "parameters": {"select_topk": 0.3},
+                      "models": _models(f, ["layer0", "trained", "noisy"], [{}, {}, {}])},
+    "sce_all": lambda f: {"merge_method": "sce", "base_model": str(f["base"]),
+                          "models": _models(f, ["trained", "noisy"], [{}, {}])},
+    "breadcrumbs": lambda f: {"merge_method": "breadcrumbs", "base_model": str(f["base"]),
+                              "models": _models(f, ["layer0", "noisy"], [{"weight": 0.7, "density": 0.6, "gamma": 0.05},
+                                                                         {"weight": 0.4, "density": 0.5}])},
+    "breadcrumbs_ties": lambda f: {"merge_method": "breadcrumbs_ties", "base_model": str(f["base"]),
+                                   "models": _models(f, ["layer0", "noisy"], [{"weight": 1.0, "density": 0.6},
+                                                                              {"weight": 0.5, "density": 0.5}])},
+    "model_stock": lambda f: {"merge_method": "model_stock", "base_model": str(f["base"]),
+                              "models": _models(f, ["layer0", "trained", "noisy"], [{}, {}, {}])},
+    "model_stock_rows": lambda f: {"merge_method": "model_stock", "base_model": str(f["base"]),
+                                   "parameters": {"filter_wise": True},
+                                   "models": _models(f, ["layer0", "trained", "noisy"], [{}, {}, {}])},
+    "nuslerp": lambda f: {"merge_method": "nuslerp", "base_model": str(f["base"]),
+                          "models": _models(f, ["trained", "noisy"], [{"weight": 0.3}, {"weight": 0.9}])},
+    "nuslerp_rows_no_base": lambda f: {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                                       "models": _models(f, ["trained", "noisy"], [{"weight": 1.0}, {"weight": 2.0}])},
+    "della_dense": lambda f: {"merge_method": "della", "base_model": str(f["base"]),
+                              "models": _models(f, ["trained", "noisy"], [{"weight": 1.0, "density": 1.0},
+                                                                          {"weight": 0.5, "density": 1.0}])},
+    "gradients_filters": lambda f: {"merge_method": "task_arithmetic", "base_model": str(f["base"]),
+                                    "parameters": {"lambda": [{"filter": "self_attn", "value": 2.0}, {"value": 1.0}]},
+                                    "models": _models(f, ["trained", "noisy"], [
+                                        {"weight": [0.2, 1.0]},
+                                        {"weight": [{"filter": "mlp", "value": 0.5}, {"value": [1.0, 0.0]}]}])},
+    "fusechat_slerp": lambda f: {"merge_method": "slerp", "base_model": str(f["base"]),
+                                 "slices": [{"sources": [{"model": str(f["base"]), "layer_range": [0, 2]},
+                                                         {"model": str(f["noisy"]), "layer_range": [0, 2]}]}],
+                                 "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]},
+                                                      {"filter": "mlp", "value": [1, 0]}, {"value": 0.3}]}},
+    "slices": lambda f: {"merge_method": "ties", "base_model": str(f["base"]), "slices": [
+        {"sources": [{"model": str(f["trained"]), "layer_range": [0, 1], "parameters": {"weight": 0.3, "density": 0.5}},
+                     {"model": str(f["base"]), "layer_range": [0, 1]},
+                     {"model": str(f["noisy"]), "layer_range": [0, 1]}], "parameters": {"weight": 0.7, "density": 0.4}},
+        {"sources": [{"model": str(f["trained"]), "layer_range": [1, 2]}, {"model": str(f["base"]), "layer_range": [1, 2]},
+                     {"model": str(f["noisy"]), "layer_range": [1, 2], "parameters": {"weight": 2.0}}]}],
+        "parameters": {"weight": 1.0, "density": 0.6}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_same_yaml_same_merge(case, family, tmp_path):
+    config = {**YAML_CASES[case](family), "dtype": "float32"}
+    mine, theirs = _mk_and_fk(config, tmp_path)
+    assert set(mine) == set(theirs)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_drops_keep_the_l1_norm_like_mergekit(method, family, tmp_path):
+    config = {"merge_method": method, "base_model": str(family["base"]), "dtype": "float32",
+              "models": _models(family, ["noisy"], [{"weight": 0.5, "density": 0.4}])}  # fmt: skip
+    mine, theirs = _mk_and_fk(config, tmp_path)
+    base = load_file(family["base"] / "model.safetensors")
+    for k in mine:
+        a, b = (mine[k] - base[k]).double(), (theirs[k] - base[k]).double()
+        assert float(a.abs().sum()) == pytest.approx(float(b.abs().sum()), rel=1e-4, abs=1e-6), k
+        assert not torch.equal(a, b) or a.numel() < 4  # different masks, same rule

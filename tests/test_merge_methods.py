@@ -133,22 +133,44 @@ def test_ties_zero_sum_elects_positive_and_zero_never_agrees():
 # --- DARE --------------------------------------------------------------------------------------------
 
 
-def test_dare_keeps_density_share_rescaled_by_inverse_density():
+def test_dare_keeps_density_share_and_restores_the_l1_norm():
+    # mergekit's rule: each entry kept with probability density, survivors scaled by ‖δ‖₁ / ‖kept‖₁.
     delta = torch.randn(20_000, generator=torch.Generator().manual_seed(3)) + 5.0  # no zeros
-    g = torch.Generator().manual_seed(0)
-    out = drop_and_rescale(delta, 0.3, g)
+    out = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(0))
     kept = out != 0
     # kept share within 5σ of 0.3 (σ = √(0.3·0.7/20000) ≈ 0.0032)
     assert abs(float(kept.float().mean()) - 0.3) < 0.017
-    assert torch.allclose(out[kept], delta[kept] / 0.3)
-    assert drop_and_rescale(delta, 1.0, g) is delta
+    factor = float(delta.double().abs().sum() / delta.double()[kept].abs().sum())
+    assert torch.allclose(out[kept].double(), delta[kept].double() * factor, rtol=1e-5)  # float32 norms
+    assert float(out.double().abs().sum()) == pytest.approx(float(delta.double().abs().sum()), rel=1e-5)
+    # rescale: false keeps the survivors' values; density 1 drops nothing
+    plain = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(0), rescale=False)
+    assert torch.equal(plain != 0, kept) and torch.equal(plain[kept], delta[kept])
+    assert drop_and_rescale(delta, 1.0, torch.Generator()) is delta
 
 
-def test_dare_is_unbiased():
-    delta = torch.tensor([1.0, -2.0, 0.5])
-    mean = torch.stack([drop_and_rescale(delta, 0.5, torch.Generator().manual_seed(s)) for s in range(4000)]).mean(0)
-    # each coordinate: mean of 4000 draws of δ·Bernoulli(0.5)/0.5, σ = |δ|/√4000
-    assert torch.allclose(mean, delta, atol=5 * 2.0 / math.sqrt(4000))
+def test_l1_rescale_by_hand_and_its_tiny_norm_guard():
+    from fusekit.merge.sparsify import rescale_l1
+
+    # ‖(1, −2, 3, −4)‖₁ = 10, ‖(0, −2, 3, 0)‖₁ = 5 → factor 2
+    out = rescale_l1(torch.tensor([1.0, -2.0, 3.0, -4.0]), torch.tensor([0.0, -2.0, 3.0, 0.0]))
+    assert torch.equal(out, torch.tensor([0.0, -4.0, 6.0, 0.0]))
+    # below 1e-7 (either norm) mergekit leaves the masked vector as it is
+    tiny = torch.tensor([1e-8, 0.0])
+    assert torch.equal(rescale_l1(tiny, tiny * torch.tensor([1.0, 0.0])), tiny * torch.tensor([1.0, 0.0]))
+
+
+def test_dare_drops_every_entry_with_the_same_probability():
+    # The drop ignores magnitudes: over many seeds each entry of a skewed vector survives ~density of the time.
+    delta = torch.tensor([100.0, -0.01, 3.0, 0.5, -7.0, 1e-3])
+    draws = torch.stack([drop_and_rescale(delta, 0.4, torch.Generator().manual_seed(s)) != 0 for s in range(3000)])
+    share = draws.float().mean(0)
+    # σ = √(0.4·0.6/3000) ≈ 0.009; 5σ
+    assert torch.all((share - 0.4).abs() < 0.045), share
+    # one tensor-wide factor: every survivor of a draw is scaled alike
+    out = drop_and_rescale(delta, 0.4, torch.Generator().manual_seed(1))
+    ratios = out[out != 0] / delta[out != 0]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios))
 
 
 def test_dare_masks_depend_on_seed_tensor_name_and_model_not_on_other_inputs():

@@ -1,8 +1,10 @@
-"""`fusekit merge`: merge fine-tuned models in parameter space (VaRM, linear, TIES, DARE, SLERP, …)."""
+"""`fusekit merge`: merge fine-tuned models in parameter space (VaRM, SCE, TIES, DARE, DELLA, SLERP, …), from
+flags or a mergekit YAML as-is."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -26,12 +28,14 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
 def _print_methods(console: Console) -> None:
     from fusekit.merge import METHODS
 
-    table = Table(title="merge methods")
-    for col in ("method", "name", "options"):
+    table = Table(title="merge methods (parameters under mergekit's names; per model: *)")
+    for col in ("method", "name", "parameters"):
         table.add_column(col)
     table.add_column("paper", overflow="fold")
     for m in sorted(METHODS.values(), key=lambda m: m.name):
-        table.add_row(m.name, m.pretty_name, ", ".join(sorted(m.options)) or "–", m.reference)
+        glob, per_model = m.parameter_names()
+        names = [f"{p}*" for p in per_model] + [p for p in glob if p != "int8_mask"]
+        table.add_row(m.name, m.pretty_name, ", ".join(names) or "–", m.reference)
     console.print(table)
 
 
@@ -61,16 +65,17 @@ def _print_varm(console: Console, result, full: bool) -> None:
 def merge_command(
     base: Optional[str] = typer.Option(None, "--base", "-b", help="The base (FuseChat: the pivot) the models were fine-tuned from; an HF folder."),
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="A model to merge (HF folder); repeat for each."),
-    method: Optional[str] = typer.Option(None, "--method", help="varm (default), linear, task_arithmetic, ties, dare_ties, dare_linear or slerp."),
+    method: Optional[str] = typer.Option(None, "--method", help="varm (default), sce, linear, task_arithmetic, ties, dare_ties, dare_linear, della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock, slerp or nuslerp (--list-methods)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (HF model: safetensors + the base's config and tokenizer)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML merge config (mergekit field names accepted); flags override it."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per model, comma-separated (linear, task_arithmetic, ties, dare_*)."),
-    density: Optional[str] = typer.Option(None, "--density", help="Share of each task vector kept (ties: default 0.2; dare_*: required); one value or one per model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML merge config: a mergekit configuration as-is (gradients, filters, slices) or fusekit's spelling; flags override it."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per model, comma-separated (linear, task_arithmetic, ties, dare_*, della*, breadcrumbs*, nuslerp)."),
+    density: Optional[str] = typer.Option(None, "--density", help="Share of each task vector kept (ties: default 0.2; dare_*, della*, breadcrumbs*: required); one value or one per model."),
     t: Optional[float] = typer.Option(None, "--t", help="slerp: interpolation from the first model (0) to the second (1); default 0.5."),
     lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (task_arithmetic, ties, dare_*); default 1."),
     normalize: Optional[bool] = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of weights (defaults as mergekit: on for linear and ties)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE's drop masks (default 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of DARE's and DELLA's drop masks (default 0)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: the base's), e.g. bfloat16."),
+    tokenizer_source: Optional[str] = typer.Option(None, "--tokenizer-source", help="base (default), union or a model folder: whose tokenizer to ship (one vocabulary only)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="Largest output shard, e.g. 5GB (default) or 500MB."),
     allow_dtype_mismatch: bool = typer.Option(False, "--allow-dtype-mismatch", help="Merge models saved in different float dtypes."),
     device: str = typer.Option("cpu", "--device", help="Where the arithmetic runs: cpu or cuda[:N]."),
@@ -83,22 +88,27 @@ def merge_command(
     """Merge MODELs fine-tuned from BASE into OUT, one tensor at a time.
 
     FuseChat: fusekit merge --base pivot --model fused_1 --model fused_2 --method varm --out merged
+    mergekit: fusekit merge --config mergekit.yml --out merged
     """
     console = Console()
     if list_methods:
         _print_methods(console)
         return
-    from fusekit.merge import merge_models
+    from fusekit.merge import MergeWarning, merge_models
     from fusekit.merge.engine import resolve_request
 
     dens = _floats(density, "density")
     request = resolve_request(
         base, model, method, out, config=config, weights=_floats(weights, "weights"),
         density=(dens[0] if dens and len(dens) == 1 else dens), seed=seed, t=t, lam=lam, normalize=normalize,
-        dtype=dtype, max_shard_size=max_shard_size, allow_dtype_mismatch=allow_dtype_mismatch, device=device,
+        dtype=dtype, tokenizer_source=tokenizer_source, max_shard_size=max_shard_size, allow_dtype_mismatch=allow_dtype_mismatch, device=device,
         overwrite=overwrite, progress=progress and not as_json,
     )
-    result = merge_models(**request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergeWarning)
+        result = merge_models(**request)
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
     gb = result.bytes_read / 1e9
     if as_json:
         summary = {

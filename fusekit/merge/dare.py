@@ -1,9 +1,12 @@
-"""DARE (Yu et al. 2024): drop each task-vector entry with probability 1 − density and rescale the survivors
-by 1/density, then merge linearly (dare_linear: task arithmetic) or with TIES' sign election (dare_ties).
+"""DARE (Yu et al. 2024, arXiv:2311.03099): drop each task-vector entry with probability 1 − density, rescale
+the survivors, then merge linearly (dare_linear: task arithmetic) or with TIES' sign election (dare_ties).
 
+Rescaling is mergekit's (`rescale: true`, the default): one factor per tensor that restores the task
+vector's L1 norm, ‖δ‖₁ / ‖mask ⊙ δ‖₁ — not the paper's 1/density per entry, though the two agree in
+expectation on large tensors. `rescale: false` keeps the survivors as they are.
 The masks come from a torch.Generator seeded by (seed, tensor name, model index): a merge is reproducible
-and does not depend on the order tensors are visited (CPU and CUDA generators give different masks).
-Rescaling is the paper's 1/density; mergekit instead rescales to keep each vector's L1 norm.
+and does not depend on the order tensors are visited (CPU and CUDA generators give different masks), but
+cannot reproduce mergekit's masks bit for bit (it draws from torch's global generator).
 """
 
 from __future__ import annotations
@@ -11,19 +14,24 @@ from __future__ import annotations
 import torch
 
 from fusekit.merge.registry import Merged, TensorInputs, register_method
+from fusekit.merge.sparsify import bernoulli_drop
 from fusekit.merge.task_arithmetic import combine_deltas
 from fusekit.merge.ties import elect_and_merge
 
+DARE_PARAMS = {"rescale": True, "int8_mask": False}
 
-def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator, *, inplace: bool = False) -> torch.Tensor:
-    if density >= 1:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-    return delta.mul_(keep).div_(density) if inplace else delta * keep / density
+
+def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True) -> torch.Tensor:
+    """One DARE task vector: entries kept with probability `density`, then (rescale) scaled to keep ‖δ‖₁."""
+    return bernoulli_drop(delta, density, generator, rescale=rescale)
 
 
 def _dropped(x: TensorInputs) -> list[torch.Tensor]:
-    return [drop_and_rescale(m - x.base, d, x.generator(j), inplace=True) for j, (m, d) in enumerate(zip(x.models, x.densities))]
+    rescale = bool(x.param("rescale", True))
+    return [
+        bernoulli_drop(delta, d, x.generator(j), rescale=rescale, inplace=True)
+        for j, (delta, d) in enumerate(zip(x.task_vectors(), x.densities))
+    ]
 
 
 @register_method(
@@ -31,6 +39,7 @@ def _dropped(x: TensorInputs) -> list[torch.Tensor]:
     "Linear DARE",
     "https://arxiv.org/abs/2311.03099",
     options=("weights", "density", "lambda", "normalize", "seed"),
+    parameters=DARE_PARAMS,
 )
 def dare_linear(x: TensorInputs) -> Merged:
     return combine_deltas(x, _dropped(x))
@@ -41,6 +50,7 @@ def dare_linear(x: TensorInputs) -> Merged:
     "DARE TIES",
     "https://arxiv.org/abs/2311.03099",
     options=("weights", "density", "lambda", "normalize", "seed"),
+    parameters=DARE_PARAMS,
 )
 def dare_ties(x: TensorInputs) -> Merged:
     return elect_and_merge(x, _dropped(x))

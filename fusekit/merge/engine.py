@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
-from fusekit.merge.config import MergeConfig, load_config
+from fusekit.merge.config import MergeConfig, load_config, validate_config
 from fusekit.merge.errors import MergeError
 from fusekit.merge.io import (
     CODE_TO_DTYPE,
@@ -25,8 +26,14 @@ from fusekit.merge.io import (
     is_weight_file,
     parse_size,
 )
+from fusekit.merge.params import ParamSource, SliceSpec, layer_index
 from fusekit.merge.registry import MergeMethod, TensorInputs, get_method
 from fusekit.merge.report import VarmReport
+from fusekit.merge.tokenizer import check_tokenizer_source, copy_tokenizer
+
+
+class MergeWarning(UserWarning):
+    """A config setting fusekit ignores, as mergekit does (a parameter the method does not read)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,13 @@ def resolve_options(
     lam: float | None,
     normalize: bool | None,
     seed: int,
+    configured: frozenset[str] | set[str] = frozenset(),
 ) -> MergeOptions:
+    """Check the explicit options against the method and fill in its defaults.
+
+    `configured`: parameter names a config sets (they may vary per tensor and are checked there); a
+    method's required density may come from it. Raises MergeError naming the option at fault.
+    """
     given = {"weights": weights, "density": density, "t": t, "lambda": lam, "normalize": normalize}
     for option, value in given.items():
         if value is not None and option not in spec.options:
@@ -85,18 +98,18 @@ def resolve_options(
 
     if density is None:
         density = spec.default_density
-        if density is None and "density" in spec.options:
+        if density is None and "density" in spec.options and "density" not in configured:
             raise MergeError(
                 f"method {spec.name} needs a density (the share of each task vector kept, e.g. 0.1 keeps 10%, "
                 "the DARE paper's drop rate 0.9)"
             )
     if density is None:
-        d: tuple[float, ...] = (1.0,) * k
+        d: tuple[float, ...] = (1.0,) * k if "density" not in configured else ()
     elif isinstance(density, (int, float)):
         d = (float(density),) * k
     else:
         d = tuple(float(x) for x in density)
-    if len(d) != k:
+    if d and len(d) != k:
         raise MergeError(f"{len(d)} densities given for {k} models: give one, or one per model")
     if any(not 0 < x <= 1 for x in d):
         raise MergeError(f"density must lie in (0, 1]; got {list(d)}")
@@ -173,7 +186,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 def merge_models(
-    base: str | Path,
+    base: str | Path | None,
     models: Sequence[str | Path],
     out: str | Path,
     method: str = "varm",
@@ -184,6 +197,10 @@ def merge_models(
     lam: float | None = None,
     normalize: bool | None = None,
     seed: int = 0,
+    parameters: Mapping[str, Any] | None = None,
+    model_parameters: Sequence[Mapping[str, Any]] | None = None,
+    slices: Sequence[SliceSpec] | None = None,
+    tokenizer_source: str | None = None,
     dtype: str | None = None,
     max_shard_size: int | str = "5GB",
     allow_dtype_mismatch: bool = False,
@@ -195,19 +212,49 @@ def merge_models(
     """Merge `models` (HF folders fine-tuned from `base`) with `method` into the HF folder `out`.
 
     Streams one tensor at a time; `out` gets the merged safetensors (sharded at `max_shard_size`, with an
-    index), the base's config and tokenizer files, `fusekit_merge.json` (what was merged, how), and for VaRM
-    `varm_weights.json` + `varm_weights.png`. Returns what was done, including the VaRM weights.
+    index), the base's config and tokenizer files (or `tokenizer_source`'s tokenizer), `fusekit_merge.json`
+    (what was merged, how), and for VaRM `varm_weights.json` + `varm_weights.png`.
+
+    `parameters` / `model_parameters` / `slices` are mergekit settings (scalars, gradients over layers,
+    filtered lists; fusekit.merge.params) resolved per tensor; explicit `weights`, `density`, `t`, `lam`,
+    `normalize` win over them. `base` may be None for methods that need none (linear, nuslerp): the first
+    model then supplies config and tokenizer. Raises MergeError before writing anything for inputs or
+    options that cannot be merged. Returns what was done, including the VaRM weights.
     """
     spec = get_method(method)
     model_paths = [Path(m).expanduser() for m in models]
-    base_path = Path(base).expanduser()
     if not model_paths:
         raise MergeError("no models to merge: give at least one model besides the base")
-    opts = resolve_options(spec, len(model_paths), weights=weights, density=density, t=t, lam=lam, normalize=normalize, seed=seed)
+    has_base = base is not None
+    if not has_base and spec.needs_base:
+        raise MergeError(f"method {spec.name} needs a base model (base_model: in the config, --base)")
+    base_path = Path(base).expanduser() if has_base else model_paths[0]
+    k = len(model_paths)
+    parameters = dict(parameters or {})
+    model_params = [dict(p) for p in (model_parameters or [{} for _ in model_paths])]
+    if len(model_params) != k:
+        raise MergeError(f"{len(model_params)} per-model parameter sets for {k} models")
+    slices = list(slices) if slices else None
+    configured = set(parameters).union(*model_params)
+    for sl in slices or []:
+        configured |= set(sl.parameters).union(*sl.model_parameters)
+    opts = resolve_options(
+        spec, k, weights=weights, density=density, t=t, lam=lam, normalize=normalize, seed=seed, configured=configured
+    )
+    glob_names, model_names = spec.parameter_names()
+    ignored = sorted(configured - set(glob_names) - set(model_names))
+    if ignored:
+        warnings.warn(f"method {spec.name} reads no {', '.join(ignored)}: ignored (as mergekit does)", MergeWarning, stacklevel=2)
     if spec.name == "slerp" and len(model_paths) == 2 and model_paths[1].resolve() == base_path.resolve():
         # t = 0 means the base when the base is one of the two (mergekit's convention).
         model_paths.reverse()
+        model_params.reverse()
+        slices = [SliceSpec(s.start, s.end, s.parameters, list(s.model_parameters)[::-1]) for s in slices] if slices else None
+        weights = list(weights)[::-1] if weights is not None else None
+        density = list(density)[::-1] if isinstance(density, (list, tuple)) else density
         opts = MergeOptions(opts.weights[::-1], opts.densities[::-1], opts.t, opts.lam, opts.normalize, opts.seed)
+    if spec.name == "nuslerp" and has_base and any(p.resolve() == base_path.resolve() for p in model_paths):
+        raise MergeError("nuslerp: the base cannot be one of the two models (mergekit's rule): drop base_model or list two others")
     out_code = dtype_code(dtype) if dtype else None
     max_bytes = parse_size(max_shard_size)
     device = torch.device(device)
@@ -215,6 +262,24 @@ def merge_models(
     base_folder = ModelFolder(base_path)
     folders = [ModelFolder(p) for p in model_paths]
     check_compatible(base_folder, folders, allow_dtype_mismatch)
+    num_layers = 1 + max((i for i in map(layer_index, base_folder.tensors) if i is not None), default=-1)
+    if slices and (slices[-1].end != num_layers):
+        raise MergeError(
+            f"slices cover layers 0–{slices[-1].end - 1} but the models have {num_layers} layers: fusekit keeps "
+            "every layer (dropping or stacking layers needs mergekit)"
+        )
+    tokenizer_from = check_tokenizer_source(tokenizer_source, base_path, model_paths)
+    source = ParamSource(
+        model_parameters=model_params,
+        parameters=parameters,
+        slices=slices,
+        overrides={"t": t, "lambda": lam, "normalize": normalize, "density": density if isinstance(density, (int, float)) else None},
+        model_overrides=[
+            {"weight": weights[j] if weights is not None else None,
+             "density": density[j] if isinstance(density, (list, tuple)) else None}
+            for j in range(k)
+        ],  # fmt: skip
+    )
     out = Path(out).expanduser()
     _prepare_out(out, [base_path, *model_paths], overwrite)
 
@@ -223,19 +288,25 @@ def merge_models(
         for info in base_folder.tensors.values()
     ]
     report = VarmReport([str(p) for p in model_paths]) if spec.name == "varm" else None
+    job = _Job(spec, opts, source, num_layers, glob_names, model_names, has_base)
     start = time.perf_counter()
-    shards, bytes_read = _stream(spec, opts, plan, base_folder, folders, out, max_bytes, device, report, progress)
+    shards, bytes_read = _stream(job, plan, base_folder, folders, out, max_bytes, device, report, progress)
     seconds = time.perf_counter() - start
 
     copy_side_files(base_path, out)
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, out)
     if out_code:
         _set_config_dtype(out / "config.json", out_code)
     record = {
-        "method": spec.name, "reference": spec.reference, "base": str(base_path), "models": [str(p) for p in model_paths],
-        "weights": list(opts.weights), "densities": list(opts.densities), "t": opts.t, "lambda": opts.lam,
-        "normalize": opts.normalize, "seed": opts.seed, "dtype": dtype, "shards": [p.name for p in shards],
+        "method": spec.name, "reference": spec.reference, "base": str(base_path) if has_base else None,
+        "models": [str(p) for p in model_paths], "weights": list(opts.weights), "densities": list(opts.densities),
+        "t": opts.t, "lambda": opts.lam, "normalize": opts.normalize, "seed": opts.seed, "dtype": dtype,
+        "parameters": parameters, "model_parameters": model_params,
+        "slices": [asdict(s) for s in slices] if slices else None, "tokenizer_source": tokenizer_source,
+        "shards": [p.name for p in shards],
     }  # fmt: skip
-    (out / "fusekit_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "fusekit_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     if report is not None:
         report.write_json(out / "varm_weights.json")
         if plot:
@@ -255,7 +326,42 @@ def merge_models(
     )
 
 
-def _stream(spec, opts, plan, base_folder, folders, out, max_bytes, device, report, progress) -> tuple[list[Path], int]:
+@dataclass(frozen=True)
+class _Job:
+    spec: MergeMethod
+    opts: MergeOptions
+    source: ParamSource
+    num_layers: int
+    glob_names: dict
+    model_names: dict
+    has_base: bool
+
+    def inputs(self, name: str, base: torch.Tensor, models: list[torch.Tensor]) -> TensorInputs:
+        """The method's inputs for one tensor, its parameters resolved and checked."""
+        g, per = self.source.resolve(name, self.num_layers, self.glob_names, self.model_names)
+        k = len(models)
+        weights = tuple(float(p["weight"]) for p in per) if "weight" in self.model_names else (1.0,) * k
+        densities: tuple[float, ...] = (1.0,) * k
+        if "density" in self.model_names:
+            if any(p["density"] is None for p in per):
+                raise MergeError(f"method {self.spec.name} needs a density for tensor {name!r} (none of the config's settings matched it)")
+            densities = tuple(float(p["density"]) for p in per)
+            if any(not 0 < d <= 1 for d in densities):
+                raise MergeError(f"tensor {name!r}: density must lie in (0, 1]; got {list(densities)}")
+        t = float(g.get("t", 0.5))
+        if not 0 <= t <= 1:
+            raise MergeError(f"tensor {name!r}: slerp's t must lie in [0, 1]; got {t}")
+        normalize = bool(g.get("normalize", False))
+        if self.spec.name == "linear" and normalize and abs(sum(weights)) < 1e-12:
+            raise MergeError(f"tensor {name!r}: linear merge weights sum to 0: they cannot be normalised")
+        return TensorInputs(
+            name=name, base=base, models=models, weights=weights, densities=densities, t=t,
+            lam=float(g.get("lambda", 1.0)), normalize=normalize, seed=self.opts.seed, params=g,
+            model_params=tuple(per), has_base=self.has_base, owned=True,
+        )  # fmt: skip
+
+
+def _stream(job: _Job, plan, base_folder, folders, out, max_bytes, device, report, progress) -> tuple[list[Path], int]:
     """Merge and write the planned tensors one by one; returns the shard paths and the bytes read."""
     writer = ShardedWriter(out, plan, max_bytes)
     sizes = {o.name: base_folder.tensors[o.name].nbytes + sum(f.tensors[o.name].nbytes for f in folders) for o in plan}
@@ -264,7 +370,7 @@ def _stream(spec, opts, plan, base_folder, folders, out, max_bytes, device, repo
             task = bar.add_task("merge", total=sum(sizes.values()), tensor="")
             for target in plan:
                 bar.update(task, tensor=target.name)
-                merged, info_row = _merge_one(spec, opts, base_folder.tensors[target.name], base_folder, folders, device)
+                merged, info_row = _merge_one(job, base_folder.tensors[target.name], base_folder, folders, device)
                 writer.write(target.name, merged.to(CODE_TO_DTYPE[target.dtype]))
                 del merged
                 if report is not None and info_row is not None:
@@ -276,24 +382,20 @@ def _stream(spec, opts, plan, base_folder, folders, out, max_bytes, device, repo
         raise
 
 
-def _merge_one(spec, opts: MergeOptions, info, base_folder: ModelFolder, folders: list[ModelFolder], device):
+def _merge_one(job: _Job, info, base_folder: ModelFolder, folders: list[ModelFolder], device):
+    # The models' tensors are ours to overwrite (owned=True): `.to` copies them, or, where it does not,
+    # safe_open returns a private copy-on-write mapping (writes never reach the file).
     base_t = base_folder.read(info.name)
     if not info.is_float:
         # Integer/bool buffers (position ids, masks) are not parameters: they are the base's.
         return base_t, None
     work = torch.float64 if info.dtype == "F64" else torch.float32
-    inputs = TensorInputs(
-        name=info.name,
-        base=base_t.to(device=device, dtype=work),
-        models=[f.read(info.name).to(device=device, dtype=work) for f in folders],
-        weights=opts.weights,
-        densities=opts.densities,
-        t=opts.t,
-        lam=opts.lam,
-        normalize=opts.normalize,
-        seed=opts.seed,
+    inputs = job.inputs(
+        info.name,
+        base_t.to(device=device, dtype=work),
+        [f.read(info.name).to(device=device, dtype=work) for f in folders],
     )
-    result = spec.fn(inputs)
+    result = job.spec.fn(inputs)
     return result.tensor, result.info
 
 
@@ -322,13 +424,19 @@ def merge(
 ) -> Path:
     """Merge fine-tuned HF model folders into `out`; returns `out`.
 
-    `method`: varm (FuseChat, the default), linear, task_arithmetic, ties, dare_ties, dare_linear or slerp.
-    A `config` (YAML path, dict or MergeConfig; mergekit's field names accepted) supplies anything not
-    passed here; arguments given here win. Other options (t, lam, normalize, dtype, max_shard_size,
-    allow_dtype_mismatch, device, overwrite, progress, plot) are those of `merge_models`; see docs/MERGE.md.
+    `method`: any of fusekit.merge.METHODS — varm (FuseChat, the default), sce (FuseChat-2.0), linear,
+    task_arithmetic, ties, dare_ties, dare_linear, della, della_linear, breadcrumbs, breadcrumbs_ties,
+    model_stock, slerp, nuslerp. A `config` (YAML path, dict or MergeConfig: a mergekit configuration
+    as-is, or fusekit's spelling) supplies anything not passed here; arguments given here win. Other
+    options (t, lam, normalize, dtype, tokenizer_source, max_shard_size, allow_dtype_mismatch, device,
+    overwrite, progress, plot) are those of `merge_models`; see docs/MERGE.md. Raises MergeError.
     """
     request = resolve_request(base, models, method, out, weights=weights, density=density, seed=seed, config=config, **options)
     return merge_models(**request).out
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def resolve_request(
@@ -346,17 +454,39 @@ def resolve_request(
     normalize: bool | None = None,
     dtype: str | None = None,
     max_shard_size: int | str | None = None,
+    tokenizer_source: str | None = None,
     **rest,
 ) -> dict:
-    """The keyword arguments of `merge_models`: explicit values first, then the config's, then defaults."""
+    """The keyword arguments of `merge_models`: explicit values first, then the config's, then defaults.
+
+    Models listed explicitly replace the config's models (and their per-model parameters and slices);
+    the config's top-level parameters still apply. With the config's models, mergekit's base rules hold:
+    the base listed among the models is read as the base only (except for linear, slerp and nuslerp), and
+    linear refuses a base_model that is not listed (mergekit would average it in with no weight).
+    """
     cfg = _as_config(config)
+    method = method or cfg.method or "varm"
+    model_parameters = slices = None
     if models is None or len(models) == 0:
-        models = [m.model for m in cfg.models]
-        weights = weights if weights is not None else cfg.weights()
-        density = density if density is not None else cfg.densities()
+        models = cfg.model_paths()
+        model_parameters = cfg.model_parameters()
+        slices = cfg.slice_specs()
+        if cfg.base is not None and base is None:
+            listed = [i for i, m in enumerate(models) if _same(m, cfg.base)]
+            if method == "linear" and not listed:
+                raise MergeError(
+                    "linear: mergekit averages base_model in as one more model, with no weight given: list it "
+                    "under models with its weight, or remove base_model"
+                )
+            if listed and method not in ("linear", "slerp", "nuslerp"):
+                keep = [i for i in range(len(models)) if i not in listed]
+                models = [models[i] for i in keep]
+                model_parameters = [model_parameters[i] for i in keep]
+                if slices:
+                    slices = [SliceSpec(s.start, s.end, s.parameters, [s.model_parameters[i] for i in keep]) for s in slices]
     base = base if base is not None else cfg.base
     out = out if out is not None else cfg.out
-    if base is None:
+    if base is None and get_method(method).needs_base:
         raise MergeError("no base model: give the base (the pivot the models were fine-tuned from)")
     if out is None:
         raise MergeError("no output folder: give out (--out)")
@@ -364,14 +494,18 @@ def resolve_request(
         base=base,
         models=models,
         out=out,
-        method=method or cfg.method or "varm",
+        method=method,
         weights=weights,
         density=density,
-        t=t if t is not None else cfg.t,
-        lam=lam if lam is not None else cfg.lam,
-        normalize=normalize if normalize is not None else cfg.normalize,
+        t=t,
+        lam=lam,
+        normalize=normalize,
         seed=seed if seed is not None else cfg.seed,
-        dtype=dtype or cfg.dtype,
+        parameters=cfg.parameters,
+        model_parameters=model_parameters,
+        slices=slices,
+        tokenizer_source=tokenizer_source or cfg.tokenizer_source,
+        dtype=dtype or cfg.out_dtype or cfg.dtype,
         max_shard_size=max_shard_size or cfg.max_shard_size,
         **rest,
     )
@@ -383,13 +517,8 @@ def _as_config(config: str | Path | MergeConfig | dict | None) -> MergeConfig:
     if isinstance(config, MergeConfig):
         return config
     if isinstance(config, dict):
-        from pydantic import ValidationError
-
-        try:
-            return MergeConfig.model_validate(config)
-        except ValidationError as exc:
-            raise MergeError(f"merge config: {exc.errors()[0]['msg']}") from None
+        return validate_config(config)
     return load_config(config)
 
 
-__all__ = ["MergeOptions", "MergeResult", "merge", "merge_models", "resolve_options", "resolve_request"]
+__all__ = ["MergeOptions", "MergeResult", "MergeWarning", "merge", "merge_models", "resolve_options", "resolve_request"]

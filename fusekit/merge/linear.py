@@ -7,7 +7,8 @@ from fusekit.merge.registry import Merged, TensorInputs, register_method, weight
 
 
 @register_method(
-    "linear", "Linear", "https://arxiv.org/abs/2203.05482", options=("weights", "normalize"), default_normalize=True
+    "linear", "Linear", "https://arxiv.org/abs/2203.05482", options=("weights", "normalize"), default_normalize=True,
+    needs_base=False,
 )
 def linear(x: TensorInputs) -> Merged:
     out = weighted_sum(x.models, x.weights)

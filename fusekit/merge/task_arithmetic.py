@@ -21,4 +21,4 @@ def combine_deltas(x: TensorInputs, deltas) -> Merged:
     options=("weights", "lambda", "normalize"),
 )
 def task_arithmetic(x: TensorInputs) -> Merged:
-    return combine_deltas(x, [m - x.base for m in x.models])
+    return combine_deltas(x, x.task_vectors())

@@ -41,6 +41,22 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.kthvalue(rank).values
 
 
+def top_k_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of a flat tensor (ties at the threshold: lowest index first)."""
+    n = mag.numel()
+    if k >= n:
+        return torch.ones_like(mag, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(mag, dtype=torch.bool)
+    threshold = kth_largest(mag, k)
+    keep = mag > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        at = (mag == threshold).nonzero().reshape(-1)[:missing]
+        keep[at] = True
+    return keep
+
+
 def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = False) -> torch.Tensor:
     """Keep exactly k = max(1, ⌊density·n⌋) entries of largest |δ| (ties at the threshold: lowest index first)."""
     n = delta.numel()
@@ -50,24 +66,21 @@ def trim_top_magnitude(delta: torch.Tensor, density: float, *, inplace: bool = F
         return delta.zero_() if inplace else torch.zeros_like(delta)
     k = max(1, int(density * n))
     mag = delta.abs().reshape(-1)
-    threshold = kth_largest(mag, k)
-    keep = mag > threshold
-    missing = k - int(torch.count_nonzero(keep))
-    if missing > 0:
-        at = (mag == threshold).nonzero().reshape(-1)[:missing]
-        keep[at] = True
+    keep = top_k_mask(mag, k)
     del mag
     keep = keep.reshape(delta.shape)
     return delta.mul_(keep) if inplace else delta * keep
 
 
 def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
-    """Sign election and disjoint (weighted) mean of already-sparsified task vectors."""
+    """Sign election and disjoint (weighted) mean of already-sparsified task vectors.
+
+    Consumes `deltas` (they are zeroed where they disagree): callers pass buffers of their own.
+    """
     total = torch.zeros_like(x.base)
     for d, w in zip(deltas, x.weights):
         total.add_(d, alpha=w)
-    # ±1 per entry: the elected sign (positive on a tie)
-    elected = (total >= 0).to(total.dtype).mul_(2).sub_(1)
+    positive = total >= 0  # the elected sign: positive on a tie
     del total
     mixed = torch.zeros_like(x.base)
     divisor = torch.zeros_like(x.base) if x.normalize else None
@@ -75,10 +88,13 @@ def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
         if w == 0:
             continue
         # w·d agrees when its sign is the elected one; zeros never agree.
-        agree = (d * elected > 0) if w > 0 else (d * elected < 0)
-        mixed.add_(d * agree, alpha=w)
+        up, down = (d > 0, d < 0) if w > 0 else (d < 0, d > 0)
+        agree = torch.where(positive, up, down)
+        del up, down
+        mixed.add_(d.mul_(agree), alpha=w)
         if divisor is not None:
             divisor.add_(agree, alpha=w)
+        del agree
     if divisor is not None:
         divisor.masked_fill_(divisor == 0, 1.0)
         mixed.div_(divisor)
@@ -92,7 +108,16 @@ def elect_and_merge(x: TensorInputs, deltas: list[torch.Tensor]) -> Merged:
     options=("weights", "density", "lambda", "normalize"),
     default_normalize=True,
     default_density=0.2,
+    parameters={"rescale": False, "int8_mask": False},
 )
 def ties(x: TensorInputs) -> Merged:
-    deltas = [trim_top_magnitude(m - x.base, d, inplace=True) for m, d in zip(x.models, x.densities)]
+    from fusekit.merge.sparsify import l1, rescale_l1
+
+    rescale = bool(x.param("rescale", False))
+    deltas = x.task_vectors()
+    for delta, d in zip(deltas, x.densities):
+        before = l1(delta) if rescale and d < 1 else None
+        trim_top_magnitude(delta, d, inplace=True)
+        if before is not None:
+            rescale_l1(before, delta)
     return elect_and_merge(x, deltas)
