@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table  # noqa: E402
 
 from fusekit import zoo  # noqa: E402
-from fusekit.eval.corpus import Record  # noqa: E402
+from fusekit.corpus import Record  # noqa: E402
 from fusekit.extract import run as extract_run  # noqa: E402
 from fusekit.extract.model import forward_topk, load_net  # noqa: E402
 from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, decode_rank_table, encode_shard  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         model, label, texts = model_and_texts(args.quick, tmp)
-        from fusekit.train.model_io import load_tokenizer
+        from fusekit.model_io import load_tokenizer
 
         t0 = time.perf_counter()
         net = load_net(model, "float32", torch.device(args.device), False)

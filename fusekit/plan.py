@@ -67,9 +67,9 @@ class _TokenCounts:
 def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_length: int, append_eos: bool = True) -> dict[str | None, _TokenCounts]:
     """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does
     (the corpus, key None, with the end-of-sequence token when extraction appends it)."""
-    from fusekit.eval.corpus import tokenize_record, windows_of
+    from fusekit.corpus import tokenize_record, windows_of
     from fusekit.extract.model import load_config, model_context
-    from fusekit.train.model_io import load_tokenizer
+    from fusekit.model_io import load_tokenizer
 
     tokenizer = load_tokenizer(spec.model)
     context = model_context(load_config(spec.model, False))
@@ -91,7 +91,7 @@ def _write_sample(records, path: Path) -> None:
 def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -> dict:
     """Token counts, bytes on disk per stage and compute per stage for RECIPE, without running it."""
     from fusekit.align.store import align_store
-    from fusekit.eval.corpus import read_records
+    from fusekit.corpus import read_records
     from fusekit.extract import extract
 
     records = list(read_records(recipe.corpus.data, recipe.corpus.field))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from fusekit.eval.corpus import CorpusError, CorpusStats, read_records
+from fusekit.corpus import CorpusError, CorpusStats, read_records
 from fusekit.store.shards import write_bytes_atomic
 
 

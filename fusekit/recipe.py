@@ -159,7 +159,7 @@ class Recipe(JobSpec):
             local = Path(path_of(spec.model))
             if local.exists():
                 return spec.model_copy(update={"model": str(local)})
-            from fusekit.train.model_io import model_ref_problem
+            from fusekit.model_io import model_ref_problem
 
             problem = model_ref_problem(spec.model, base)
             if problem is None:

@@ -257,7 +257,7 @@ def test_resume_says_the_step(world, tmp_path):
 def test_whole_texts_are_tokenised_without_the_too_long_warning(world, caplog):
     from transformers import AutoTokenizer
 
-    from fusekit.eval.corpus import Record, tokenize_record, tokenize_with_offsets
+    from fusekit.corpus import Record, tokenize_record, tokenize_with_offsets
 
     tok = AutoTokenizer.from_pretrained(world["gpt2"])
     tok.model_max_length = 16

@@ -182,7 +182,7 @@ def test_dpo_loss_and_gradient_match_the_paper_formula_per_example(tiny):
     from separate unpadded forward passes: same loss, same gradient."""
     from fusekit.implicit.dpo import dpo_loss
     from fusekit.implicit.sequences import collate, encode, sequence_logps
-    from fusekit.train.model_io import load_model, load_tokenizer
+    from fusekit.model_io import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     policy, reference = load_model(tiny["policy"]), load_model(tiny["reference"])
@@ -471,7 +471,7 @@ def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, t
     from fusekit.implicit.config import SFTOptions
     from fusekit.implicit.sequences import collate, encode, token_logps
     from fusekit.implicit.tune import optimize
-    from fusekit.train.model_io import load_model, load_tokenizer
+    from fusekit.model_io import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES * 3]

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from fusekit import zoo
-from fusekit.eval.corpus import read_records, tokenize_record
-from fusekit.train.model_io import load_tokenizer
+from fusekit.corpus import read_records, tokenize_record
+from fusekit.model_io import load_tokenizer
 from tiny_models import THREE_FAMILIES, build_models
 
 

@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from fusekit.eval.corpus import read_records, tokenize_with_offsets
+from fusekit.corpus import read_records, tokenize_with_offsets
 from fusekit.prepare import prepare_corpus
 
 

@@ -24,7 +24,7 @@ def prepare_command(
     line breaks where possible, so each piece is one extraction window for every model (same context,
     no window boundary inside another model's window). Extract every model from OUT."""
     from fusekit.prepare import prepare_corpus
-    from fusekit.train.model_io import load_tokenizer
+    from fusekit.model_io import load_tokenizer
 
     stats = prepare_corpus(data, out, [load_tokenizer(m) for m in model], max_length, field)
     typer.echo(f"{out}: {stats.pieces:,} pieces from {stats.texts:,} texts ({stats.cut:,} cut)")

@@ -33,7 +33,7 @@ class ModelRecipe:
 
 def clm_windows(tokenizer, texts: Sequence[str], window: int) -> list[AlignedWindow]:
     """Texts windowed as extraction windows them, with no fusion candidates (λ = 1 training data)."""
-    from fusekit.eval.corpus import Record, tokenize_record, windows_of
+    from fusekit.corpus import Record, tokenize_record, windows_of
 
     out: list[AlignedWindow] = []
     for text_id, text in enumerate(texts):

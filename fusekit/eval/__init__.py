@@ -1,6 +1,6 @@
 """Evaluation: mean cross-entropy and perplexity per dataset (`fusekit eval`, `fusekit.evaluate`)."""
 
-from fusekit.eval.corpus import CorpusError
+from fusekit.corpus import CorpusError
 from fusekit.eval.perplexity import evaluate, evaluate_loaded
 
 __all__ = ["CorpusError", "evaluate", "evaluate_loaded"]

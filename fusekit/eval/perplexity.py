@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fusekit.eval.corpus import CorpusError, Record, read_records, tokenize_record, windows_of
+from fusekit.corpus import CorpusError, Record, read_records, tokenize_record, windows_of
 from fusekit.train.data import IGNORE, Example, collate, pack_rows
-from fusekit.train.model_io import load_model, load_tokenizer
+from fusekit.model_io import load_model, load_tokenizer
 
 
 def _examples(tokenizer, records, max_length: int) -> tuple[list[Example], int]:

@@ -5,12 +5,12 @@
 """
 
 from fusekit._callable import make_module_callable
-from fusekit.eval.corpus import CorpusError, corpus_fingerprint
+from fusekit.corpus import CorpusError, corpus_fingerprint
 from fusekit.extract.errors import ExtractError
 from fusekit.extract.run import extract
 from fusekit.store.extract_store import ExtractStore
 from fusekit.store.shards import StoreError
-from fusekit.train.model_io import ModelLoadError
+from fusekit.model_io import ModelLoadError
 
 make_module_callable(__name__, extract)
 

@@ -124,7 +124,7 @@ def model_context(config) -> int | None:
 def load_config(model: str | Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    from fusekit.train.model_io import ModelLoadError, _split
+    from fusekit.model_io import ModelLoadError, _split
 
     where, extra = _split(model)
     try:
@@ -148,7 +148,7 @@ def logit_size(config) -> int:
 def load_net(model: str | Path, dtype: str, device, trust_remote_code: bool):
     import torch
 
-    from fusekit.train.model_io import ModelLoadError, load_model
+    from fusekit.model_io import ModelLoadError, load_model
 
     try:
         net = load_model(model, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)

@@ -38,7 +38,7 @@ class _Worker:
         import torch
 
         from fusekit.extract.model import load_net, resolve_device
-        from fusekit.train.model_io import load_tokenizer, require_fast_tokenizer
+        from fusekit.model_io import load_tokenizer, require_fast_tokenizer
 
         torch.set_num_threads(threads)
         self.job = job

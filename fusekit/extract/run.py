@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fusekit.eval.corpus import (
+from fusekit.corpus import (
     CorpusError,
     CorpusStats,
     Record,
@@ -211,7 +211,7 @@ def extract(
     GPU of the cluster, else one per CPU), each loading the model once; the files are byte-identical to
     a serial run's. Returns OUT.
     """
-    from fusekit.train.model_io import load_tokenizer, require_fast_tokenizer
+    from fusekit.model_io import load_tokenizer, require_fast_tokenizer
 
     if top_k < 1:
         raise ExtractError(f"--top-k must be at least 1, got {top_k}")

@@ -111,7 +111,7 @@ class ImplicitConfig(_Strict):
             local = path_of(value)
             if local.exists():
                 return str(local)
-            from fusekit.train.model_io import model_ref_problem
+            from fusekit.model_io import model_ref_problem
 
             problem = model_ref_problem(value, base)
             if problem is None:

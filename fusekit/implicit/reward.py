@@ -124,7 +124,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification
 
         from fusekit.extract.model import resolve_device
-        from fusekit.train.model_io import _split, load_tokenizer, quiet_transformers
+        from fusekit.model_io import _split, load_tokenizer, quiet_transformers
 
         self.device = resolve_device(device)
         where, extra = _split(model)

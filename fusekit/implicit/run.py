@@ -24,7 +24,7 @@ from fusekit.implicit.evaluate import evaluate_model, plot_results
 from fusekit.implicit.prompts import Prompt, has_template, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
-from fusekit.train.model_io import load_tokenizer
+from fusekit.model_io import load_tokenizer
 from fusekit.implicit.stage import (
     STAGE_FILE,
     changed_keys,

@@ -135,7 +135,7 @@ def _save(net, tokenizer, folder: Path) -> Path:
     """Save model + tokenizer to a temporary folder, then rename it to `folder`."""
     import shutil
 
-    from fusekit.train.model_io import quiet_transformers
+    from fusekit.model_io import quiet_transformers
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,7 +148,7 @@ def _save(net, tokenizer, folder: Path) -> Path:
 
 
 def _load(model: str | Path):
-    from fusekit.train.model_io import load_model, load_tokenizer
+    from fusekit.model_io import load_model, load_tokenizer
 
     net = load_model(model)
     net.config.use_cache = False

@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from fusekit import _core
-from fusekit.eval.corpus import corpus_fingerprint  # noqa: F401  (re-exported for the align stage)
+from fusekit.corpus import corpus_fingerprint  # noqa: F401  (re-exported for the align stage)
 from fusekit.store.shards import (
     StoreError,
     complete_shards,

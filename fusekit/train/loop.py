@@ -26,7 +26,7 @@ from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
 from fusekit.train.ddp import Dist, gradient_sync, init_distributed, wrap
 from fusekit.train.head import FusionStep, head_problem
-from fusekit.train.model_io import load_model, load_tokenizer, quiet_transformers
+from fusekit.model_io import load_model, load_tokenizer, quiet_transformers
 from fusekit.train.progress import TrainProgress
 
 METRICS_FILE = "metrics.jsonl"
