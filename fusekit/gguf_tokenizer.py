@@ -54,13 +54,17 @@ class GGUFTokenizerError(ValueError):
     """A GGUF file whose vocabulary cannot be turned into a fast tokenizer."""
 
 
-def default_cache_dir() -> Path:
-    """$FUSEKIT_CACHE/tokenizers, else $XDG_CACHE_HOME/fusekit/tokenizers, else ~/.cache/fusekit/tokenizers."""
+def cache_root() -> Path:
+    """fusekit's cache folder: $FUSEKIT_CACHE, else $XDG_CACHE_HOME/fusekit, else ~/.cache/fusekit."""
     root = os.environ.get("FUSEKIT_CACHE")
     if root:
-        return Path(root) / "tokenizers"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "fusekit" / "tokenizers"
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "fusekit"
+
+
+def default_cache_dir() -> Path:
+    """$FUSEKIT_CACHE/tokenizers, else $XDG_CACHE_HOME/fusekit/tokenizers, else ~/.cache/fusekit/tokenizers."""
+    return cache_root() / "tokenizers"
 
 
 def file_sha256(path: Path) -> str:

@@ -243,7 +243,6 @@ def test_report(extracted):
     tgt = ExtractStore(extracted["stores"]["bpe"])
     positions = sum(len(w.input_ids) - 1 for w in tgt.iter_windows())
     assert report["target"]["tokens"] == tgt.token_count()
-    tgt_strings = set(tgt.vocab)
     for s, kind in zip(report["sources"], ("unigram", "wordpiece")):
         src = ExtractStore(extracted["stores"][kind])
         assert s["positions"] == positions

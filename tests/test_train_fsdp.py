@@ -36,7 +36,10 @@ def torchrun(tmp_path, model, out, stop: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(tmp_path / "worker.py"), str(model), str(tmp_path / "windows.pkl"), str(out), str(stop)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:  # say where the workers were, not only that they hung
+        raise AssertionError(f"torchrun timed out; its stderr ends with: {str(exc.stderr)[-3000:]}") from None
     assert run.returncode == 0, run.stderr[-3000:]
 
 

@@ -47,7 +47,7 @@ from fusekit.align.recall import perfect_source_topk, recalled, recalled_rows
 from fusekit.align.remap import remap_spans
 from fusekit.align.report import SourceStats, build_report, print_report
 from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
-from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transfer, Transferer
+from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transferer
 from fusekit.align.vocab_cache import VocabMap, exact_map, vocab_map
 from fusekit.store.aligned_store import (
     FORMAT,

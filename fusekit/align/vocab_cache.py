@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -51,11 +50,9 @@ class VocabMap:
 
 def default_cache_dir() -> Path:
     """$FUSEKIT_CACHE/vocab-maps, else $XDG_CACHE_HOME/fusekit/vocab-maps, else ~/.cache/fusekit/vocab-maps."""
-    root = os.environ.get("FUSEKIT_CACHE")
-    if root:
-        return Path(root) / "vocab-maps"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "fusekit" / "vocab-maps"
+    from fusekit.gguf_tokenizer import cache_root
+
+    return cache_root() / "vocab-maps"
 
 
 def vocab_digest(vocab: Sequence[str]) -> str:

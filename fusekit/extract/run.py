@@ -385,9 +385,6 @@ class ShardLog:
 
 
 def _open(out: Path, settings: dict, vocab: list[str], info: CorpusInfo, tokens: dict) -> None:
-    import hashlib
-    import json
-
     vocab_bytes = (json.dumps(vocab, ensure_ascii=False) + "\n").encode("utf-8")
     vocab_sha = hashlib.sha256(vocab_bytes).hexdigest()
     extra = {
