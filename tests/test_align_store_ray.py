@@ -24,8 +24,8 @@ def test_ray_run_equals_serial_byte_for_byte(tmp_path, tokenizers_by_kind, corpu
     kw = dict(num_shards=3, workers=1, vocab_map_cache=tmp_path / "cache", progress=False)
     fusekit.align_store(*args, tmp_path / "serial", **kw)
     report = fusekit.align_store(*args, tmp_path / "ray", ray="auto", **kw)
-    names = sorted(p.name for p in (tmp_path / "serial").iterdir() if p.name != "report.json")
-    assert names == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name != "report.json")
+    names = sorted(p.name for p in (tmp_path / "serial").iterdir() if p.name != "timings.json")
+    assert names == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name != "timings.json")
     for name in names:
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert report["run"]["shards"] == [0, 1, 2] and report["run"]["ray"] == "auto"

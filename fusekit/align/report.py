@@ -114,6 +114,18 @@ def build_report(
     }
 
 
+TIMINGS = "timings.json"  # beside report.json: this run's speeds, which differ between identical runs
+
+
+def split_timings(report: dict) -> tuple[dict, dict]:
+    """(the report without speeds — byte-identical for identical stores, whichever run wrote them —, the
+    speeds: the run section and each source's tokens/s)."""
+    stable = {k: v for k, v in report.items() if k != "run"}
+    stable["sources"] = [{k: v for k, v in s.items() if k != "tokens_per_s"} for s in report["sources"]]
+    timings = {"run": report["run"], "sources": [{"index": s["index"], "tokens_per_s": s["tokens_per_s"]} for s in report["sources"]]}
+    return stable, timings
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -146,7 +158,7 @@ def print_report(report: dict, console=None) -> None:
             table.add_column(col, justify="right", no_wrap=True)
     for s in report["sources"]:
         vm = s["vocab_map"]
-        speed = s["tokens_per_s"]
+        speed = s.get("tokens_per_s")
         table.add_row(
             f"{s['index']}: {s['model'] or s['store']}",
             s.get("method", "fusellm"),

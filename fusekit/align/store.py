@@ -45,7 +45,7 @@ import numpy as np
 
 from fusekit.align.recall import perfect_source_topk, recalled, recalled_rows
 from fusekit.align.remap import remap_spans
-from fusekit.align.report import SourceStats, build_report, print_report
+from fusekit.align.report import TIMINGS, SourceStats, build_report, print_report, split_timings
 from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
 from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transferer
 from fusekit.align.vocab_cache import VocabMap, exact_map, vocab_map
@@ -590,7 +590,7 @@ def align_store(
         "sources": [_identity(s) for s in srcs],
         "methods": [m.value for m in methods],
     }
-    open_store(out, FORMAT, settings, extra={"extra_files": [REPORT]})
+    open_store(out, FORMAT, settings, extra={"extra_files": [REPORT, TIMINGS]})
     clean_temporaries(out)
     settings = read_manifest(out)["settings"]  # exactly what a reader sees
     # Ray tasks reopen the stores by (absolute) path; objects travel as they are.
@@ -631,7 +631,9 @@ def align_store(
         target_ref=_describe(target),
         source_refs=[_describe(r) for r in source_refs],
     )
-    write_json_atomic(report, out / REPORT)
+    stable, timings = split_timings(report)
+    write_json_atomic(stable, out / REPORT)
+    write_json_atomic(timings, out / TIMINGS)
     if progress:
         print_report(report)
     return report
