@@ -60,7 +60,7 @@ def main() -> None:
         if method != "fusellm" and not link.exists():  # one extraction for both methods
             link.symlink_to((out / "fusellm" / "extract").resolve(), target_is_directory=True)
         result = run_recipe(Recipe.model_validate(spec), progress=False)
-        summary = summarise(result.eval_rows, {"before": "target", "clm": "clm-only", "0.9": "min_ce-0.9", "0.5": "min_ce-0.5"})
+        summary = summarise(result.eval_rows, {"before": "target (before)", "clm": "clm-only", "0.9": "min_ce-0.9", "0.5": "min_ce-0.5"})
         results[method] = summary["claim"]["average_ce"]
         reports[method] = result.align_report["sources"][0]
         print(method, json.dumps(results[method]), flush=True)
@@ -74,7 +74,7 @@ def main() -> None:
         ["method", "variant", "CE", "minus CLM-only", "CLM-only", "carried", "perfect-source recall"],
         rows,
     )
-    print(f"target before fusion: {results['fusellm']['before']:.4f}; {time.perf_counter() - started:.0f} s in all")
+    print(f"target before fusion: {results['fusellm'].get('before', float('nan')):.4f}; {time.perf_counter() - started:.0f} s in all")
     (out / "bench_transfer_training.json").write_text(json.dumps({"average_ce": results, "align": reports}, indent=2) + "\n")
 
 

@@ -283,7 +283,8 @@ def test_bytespan_reaches_the_positions_the_paper_rule_drops(extracted, tmp_path
                 # CE = −ln of the source's (unnormalised) probability of the target's next token: it can be
                 # no smaller than −ln of the renormalised probability the row puts on it.
                 p = c.probs[j][c.ids[j] == w.input_ids[j + 1]].sum()
-                assert c.ce[j] >= -np.log(max(p, 1e-12)) - 1e-4
+                if p > 0:  # (the true token may have been cut from the row's k entries)
+                    assert c.ce[j] >= -np.log(p) - 1e-4
 
 
 def test_store_reads_randomly_and_in_order(extracted):

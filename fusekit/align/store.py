@@ -324,7 +324,7 @@ def bytespan_candidates(chunk: Sequence[_WholeText], transferer: Transferer, out
         if st.text != tt.text:  # chat: each model rendered its own template around the same messages
             src_spans = remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans)
         src_tok = TextTokens(st.ids, st.offsets, src_spans)
-        items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp))
+        items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp, -st.ce))
         ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
         perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
     k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1

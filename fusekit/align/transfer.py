@@ -26,7 +26,6 @@ from fusekit import _core
 from fusekit.align.spans import byte_spans
 from fusekit.align.vocab_info import VocabInfo, vocab_info
 
-PROB_FLOOR = 1e-12  # like-for-like CE of a candidate that transferred no mass to the true token: −ln(1e-12) ≈ 27.6 nats
 
 
 class Method(str, Enum):
@@ -56,9 +55,11 @@ class Transfer:
 
     @property
     def ce(self) -> np.ndarray:
-        """float32 [n], nats: −ln of the source's probability of the target's next token (NaN where not carried)."""
-        with np.errstate(divide="ignore"):
-            return np.where(self.carried, -np.log(np.maximum(self.true_prob, PROB_FLOOR)), np.nan).astype(np.float32)
+        """float32 [n], nats: −ln of the source's probability of the target's next token; NaN where not
+        carried or where that probability is unknown (the true token outside what the top-k scores)."""
+        known = self.carried & (self.true_prob > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(known, -np.log(np.where(known, self.true_prob, 1.0)), np.nan).astype(np.float32)
 
 
 @dataclass
@@ -85,11 +86,17 @@ class Transferer:
             self.vocab_map = vocab_map if vocab_map is not None else fusellm_vocab_map(source, target, threads)
             self._src_table, self._tgt_table = TokenTable(list(source.strings)), TokenTable(list(target.strings))
 
-    def run(self, items: Sequence[tuple[str, TextTokens, TextTokens, np.ndarray, np.ndarray]], out_k: int) -> list[Transfer]:
-        """items: (text, source tokens, target tokens, source top-k ids [m, k], log-probs [m, k])."""
+    def run(self, items: Sequence[tuple], out_k: int) -> list[Transfer]:
+        """items: (text, source tokens, target tokens, source top-k ids [m, k], log-probs [m, k][, true_logp [m]]).
+
+        `true_logp` (optional): log-probability of each row's true next source token (−CE, as extraction
+        stores it; NaN unknown). With it the true token keeps its exact probability where it fell out of
+        the top-k, so every position's like-for-like CE is known."""
         if self.method is Method.BYTESPAN:
             batch = []
-            for text, src, tgt, topk_ids, topk_logp in items:
+            for item in items:
+                text, src, tgt, topk_ids, topk_logp = item[:5]
+                true_logp = item[5] if len(item) > 5 and item[5] is not None else None
                 batch.append((
                     text.encode("utf-8", "surrogatepass"),
                     np.asarray(src.ids, np.int64),
@@ -98,10 +105,11 @@ class Transferer:
                     self.spans(text, tgt, self.target.bytes),
                     np.ascontiguousarray(topk_ids, dtype=np.int64),
                     np.ascontiguousarray(topk_logp, dtype=np.float32),
+                    None if true_logp is None else np.ascontiguousarray(true_logp, dtype=np.float32),
                 ))
             raw = _core.transfer_batch(self._src, self._tgt, batch, out_k, self.threads)
             return [Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r) for i, p, c, t, _kind, r in raw]
-        return [self._fusellm(src, tgt, topk_ids, topk_logp, out_k) for _, src, tgt, topk_ids, topk_logp in items]
+        return [self._fusellm(item[1], item[2], item[3], item[4], out_k) for item in items]
 
     @staticmethod
     def spans(text: str, tokens: TextTokens, table: Sequence[bytes]) -> np.ndarray:

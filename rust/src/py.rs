@@ -465,6 +465,7 @@ struct OwnedText {
     tgt_spans: Vec<(u32, u32)>,
     topk_ids: Vec<i32>,
     topk_logp: Vec<f32>,
+    true_logp: Vec<f32>,
     k: usize,
 }
 
@@ -476,10 +477,11 @@ type TextArrays<'py> = (
     PyReadonlyArray2<'py, i64>,
     PyReadonlyArray2<'py, i64>,
     PyReadonlyArray2<'py, f32>,
+    Option<PyReadonlyArray1<'py, f32>>,
 );
 
 fn owned_text(n: usize, item: &TextArrays<'_>) -> PyResult<OwnedText> {
-    let (text, src_ids, src_spans, tgt_ids, tgt_spans, topk_ids, topk_logp) = item;
+    let (text, src_ids, src_spans, tgt_ids, tgt_spans, topk_ids, topk_logp, true_logp) = item;
     let err = |what: &str| PyValueError::new_err(format!("text {n}: {what}"));
     let ids = |a: &PyReadonlyArray1<'_, i64>, what: &str| -> PyResult<Vec<u32>> {
         a.as_array().iter().map(|&v| u32::try_from(v).map_err(|_| err(&format!("{what} id {v} is negative or too large")))).collect()
@@ -509,6 +511,7 @@ fn owned_text(n: usize, item: &TextArrays<'_>) -> PyResult<OwnedText> {
         tgt_spans: spans(tgt_spans, "target")?,
         topk_ids: iv.iter().map(|&v| i32::try_from(v).unwrap_or(-1)).collect(),
         topk_logp: lv.iter().copied().collect(),
+        true_logp: true_logp.as_ref().map(|a| a.as_array().iter().copied().collect()).unwrap_or_default(),
         k: iv.ncols(),
     })
 }
@@ -524,7 +527,8 @@ type TransferArrays<'py> = (
 
 /// Transfer many texts' source top-k onto their target tokens, in parallel with the GIL released.
 /// Each item: (text bytes, src ids [m], src byte spans [m, 2], tgt ids [n], tgt byte spans [n, 2],
-/// src top-k ids [m, k], src top-k log-probs [m, k]). Returns per item (ids [n, out_k] i32,
+/// src top-k ids [m, k], src top-k log-probs [m, k], optional log p of each row's true next source
+/// token [m] (NaN unknown)). Returns per item (ids [n, out_k] i32,
 /// probs [n, out_k] f32, carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32).
 #[pyfunction]
 #[pyo3(signature = (source, target, items, out_k, threads=None))]
@@ -551,6 +555,7 @@ fn transfer_batch<'py>(
                             tgt_spans: &t.tgt_spans,
                             src_topk_ids: &t.topk_ids,
                             src_topk_logp: &t.topk_logp,
+                            src_true_logp: &t.true_logp,
                             k: t.k,
                             out_k,
                         },

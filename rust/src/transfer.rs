@@ -97,6 +97,9 @@ pub struct TransferInputs<'a> {
     pub src_topk_ids: &'a [i32],
     /// Log-probabilities under the source's full softmax, [m, k].
     pub src_topk_logp: &'a [f32],
+    /// Per row, the log-probability of the true next source token (−CE, stored by extraction), NaN where
+    /// unknown: the true token takes part with its exact probability even when it fell out of the top-k.
+    pub src_true_logp: &'a [f32],
     pub k: usize,
     pub out_k: usize,
 }
@@ -138,6 +141,9 @@ fn check(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Result<(),
             x.src_spans.len(),
             x.tgt_spans.len()
         )));
+    }
+    if !x.src_true_logp.is_empty() && x.src_true_logp.len() != m {
+        return Err(TransferError(format!("src_true_logp has {} rows for {m} source tokens", x.src_true_logp.len())));
     }
     if x.src_topk_ids.len() != m * x.k || x.src_topk_logp.len() != m * x.k {
         return Err(TransferError(format!(
@@ -203,11 +209,18 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
         src_row: vec![-1; n],
     };
     let cand = |r: usize| {
-        (0..k).filter_map(move |c| {
-            let id = x.src_topk_ids[r * k + c];
-            let lp = x.src_topk_logp[r * k + c];
-            (id >= 0 && lp.is_finite()).then(|| (id as u32, f64::from(lp).exp()))
-        })
+        let truth = x.src_ids.get(r + 1).copied();
+        let row_ids = &x.src_topk_ids[r * k..(r + 1) * k];
+        let missing = truth.filter(|&t| !row_ids.contains(&(t as i32)));
+        let extra = missing
+            .and_then(|t| x.src_true_logp.get(r).copied().filter(|lp| lp.is_finite()).map(|lp| (t, f64::from(lp).exp())));
+        (0..k)
+            .filter_map(move |c| {
+                let id = x.src_topk_ids[r * k + c];
+                let lp = x.src_topk_logp[r * k + c];
+                (id >= 0 && lp.is_finite()).then(|| (id as u32, f64::from(lp).exp()))
+            })
+            .chain(extra)
     };
     let bytes_of = |id: u32| -> &[u8] { src.tokens.get(id as usize).map_or(&[][..], |t| t.as_slice()) };
     let mut row = Row { mass: Vec::with_capacity(4 * k) };
@@ -368,6 +381,7 @@ mod tests {
             tgt_spans: &spans(text, &["the", " c", "at"]),
             src_topk_ids: &topk_ids,
             src_topk_logp: &lp,
+            src_true_logp: &[],
             k: 3,
             out_k: 3,
         };
@@ -401,6 +415,7 @@ mod tests {
             tgt_spans: &spans(text, &["a", "bc"]),
             src_topk_ids: &topk_ids,
             src_topk_logp: &lp,
+            src_true_logp: &[],
             k: 2,
             out_k: 4,
         };
@@ -430,6 +445,7 @@ mod tests {
             tgt_spans: &sp,
             src_topk_ids: &topk_ids,
             src_topk_logp: &lp,
+            src_true_logp: &[],
             k: 3,
             out_k: 3,
         };
@@ -461,12 +477,37 @@ mod tests {
             tgt_spans: &spans(text, &["a", ","]),
             src_topk_ids: &topk_ids,
             src_topk_logp: &lp,
+            src_true_logp: &[],
             k: 3,
             out_k: 3,
         };
         let out = transfer(&x, &src_v, &tgt_v).unwrap();
         assert_eq!(&out.ids[0..3], &[3, 2, -1]);
         assert!((out.probs[0] - 0.625).abs() < 1e-6);
+    }
+
+    /// The true source token outside the top-k still carries its exact probability (from its CE).
+    #[test]
+    fn true_token_outside_the_top_k_uses_its_stored_probability() {
+        let text = "ab";
+        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c"]), eos: None };
+        let tgt_v = target(&["a", "b", "c"]);
+        let x = TransferInputs {
+            text: text.as_bytes(),
+            src_ids: &[0, 1],
+            src_spans: &spans(text, &["a", "b"]),
+            tgt_ids: &[0, 1],
+            tgt_spans: &spans(text, &["a", "b"]),
+            src_topk_ids: &[2, -1],
+            src_topk_logp: &[0.7f32.ln(), 0.0],
+            src_true_logp: &[0.2f32.ln(), f32::NAN],
+            k: 1,
+            out_k: 2,
+        };
+        let out = transfer(&x, &src_v, &tgt_v).unwrap();
+        assert_eq!(&out.ids[0..2], &[2, 1]);
+        assert!((out.true_mass[0] - 0.2).abs() < 1e-6);
+        assert!((out.probs[1] - 0.2 / 0.9).abs() < 1e-6);
     }
 
     #[test]
@@ -481,6 +522,7 @@ mod tests {
             tgt_spans: &[(0, 1)],
             src_topk_ids: &[0],
             src_topk_logp: &[0.0],
+            src_true_logp: &[],
             k: 1,
             out_k: 1,
         };
