@@ -284,7 +284,7 @@ def test_bytespan_reaches_the_positions_the_paper_rule_drops(extracted, tmp_path
                 # no smaller than −ln of the renormalised probability the row puts on it.
                 p = c.probs[j][c.ids[j] == w.input_ids[j + 1]].sum()
                 if p > 0:  # (the true token may have been cut from the row's k entries)
-                    assert c.ce[j] >= -np.log(p) - 1e-4
+                    assert c.ce[j] >= -np.log(p) - 2e-3  # probabilities are stored as float16
 
 
 def test_store_reads_randomly_and_in_order(extracted):
