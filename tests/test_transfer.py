@@ -193,10 +193,39 @@ def test_end_of_document_maps_by_role():
     assert out.ids[-2, 0] == tgt_tok.eos_token_id
 
 
-def test_bad_arrays_are_clear_errors():
+@pytest.mark.parametrize("method", ["bytespan", "fusellm"])
+def test_bad_arrays_are_clear_errors(method):
     tok = real_tokenizer("gpt-2")
-    with pytest.raises(ValueError, match="n_s"):
-        fusekit.transfer("some text", tok, tok, np.zeros((1, 3), np.int64), np.zeros((1, 3), np.float32))
+    text = "some text here"
+    ids, logp = perfect_source_topk(encode_offsets(tok, text).ids, 4, len(tok))
+    cases = [
+        ((np.zeros((1, 3), np.int64), np.zeros((1, 3), np.float32)), ValueError, "n_s"),
+        ((ids[:, :0], logp[:, :0]), ValueError, "k ≥ 1"),
+        ((ids.astype(float), logp), TypeError, "integer"),
+        ((ids, logp + 3), ValueError, "log-probabilities"),
+        ((ids, np.where(ids == ids[0, 0], np.nan, logp)), ValueError, "NaN"),
+        ((ids - len(tok) - 5, logp), ValueError, "-1"),
+    ]
+    for args, kind, words in cases:
+        with pytest.raises(kind, match=words):
+            fusekit.transfer(text, tok, tok, *args, method=method)
+    with pytest.raises(ValueError, match="choose from"):
+        fusekit.transfer(text, tok, tok, ids, logp, method="BYTESPAN")
+    out = fusekit.transfer(text, tok, tok, ids, logp, method=method)
+    assert not out.carried[-1] and (out.ids[-1] == -1).all()  # the last row predicts nothing, in both methods
+
+
+def test_a_normalising_tokenizer_onto_itself_never_borrows_a_neighbours_row():
+    """MPT normalises to NFC: a decomposed character has no bytes of its own in its tokens. The rows
+    around it fall back instead of taking another row's distribution."""
+    tok = real_tokenizer("mpt")
+    text = "I ❤️ 🍕 e\u0301 你好\r\n\tx  12345"
+    src = encode_offsets(tok, text)
+    ids, logp = perfect_source_topk(src.ids, 5, len(tok))
+    out = fusekit.transfer(text, tok, tok, ids, logp)
+    rows = np.flatnonzero(out.carried)
+    assert rows.size >= len(src.ids) - 3
+    assert (out.source_row[rows] == rows).all()
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,11 @@ class Transfer:
 
     Row j predicts target token j+1 (the last row is empty). `ids` int32 [n, m] target ids (−1 empty),
     `probs` float32 [n, m] (rows sum to 1 where non-empty), `carried` bool [n] (False: the row is the
-    one-hot fallback on the next target token), `true_prob` float32 [n]: the source's (unnormalised)
-    probability of the target's true next token, NaN where not carried — its −log is the like-for-like
-    CE. `source_row` int32 [n]: the source row the transfer started from, −1 on fallback.
+    one-hot fallback on the next target token), `true_prob` float32 [n], NaN where not carried: with
+    `bytespan` the source's (unnormalised) probability of the *target's* true next token — its −ln is
+    the like-for-like CE; with `fusellm` the paper's metric, the source's probability of *its own* next
+    token at the aligned position. `source_row` int32 [n]: the source row the transfer started from, −1
+    on fallback.
     """
 
     ids: np.ndarray
@@ -131,6 +133,8 @@ class Transferer:
             return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
         (path,) = align_ids_batch(self._src_table, self._tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
         out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp)
+        out.carried[-1] = False  # the last row predicts nothing: empty, as with bytespan
+        out.ids[-1], out.probs[-1] = -1, 0.0
         k = out.ids.shape[1]
         ids = np.full((n, out_k), -1, np.int32)
         probs = np.zeros((n, out_k), np.float32)
@@ -216,6 +220,15 @@ def transfer(
     (default: k). Tokenizers: `tokenizers.Tokenizer` or transformers fast tokenizers. `method`: "bytespan"
     (default) or "fusellm". Raises ValueError on arrays that do not match the source's tokens.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    for name, tok in (("source_tokenizer", source_tokenizer), ("target_tokenizer", target_tokenizer)):
+        if not hasattr(tok, "backend_tokenizer") and not hasattr(tok, "get_vocab_size"):
+            raise TypeError(f"{name} must be a transformers fast tokenizer or a tokenizers.Tokenizer, got {type(tok).__name__}")
+    try:
+        method = Method(method or DEFAULT_METHOD)
+    except ValueError:
+        raise ValueError(f"unknown method {method!r}: choose from {', '.join(m.value for m in Method)}") from None
     topk_ids, topk_logp = np.asarray(src_topk_ids), np.asarray(src_topk_logp)
     src = encode_offsets(source_tokenizer, text)
     tgt = encode_offsets(target_tokenizer, text)
@@ -224,6 +237,26 @@ def transfer(
             f"src_topk_ids {topk_ids.shape} and src_topk_logp {topk_logp.shape} must both be [n_s, k] with "
             f"n_s = {len(src.ids)} source tokens of the text"
         )
-    method = Method(method or DEFAULT_METHOD)
     t = cached_transferer(source_tokenizer, target_tokenizer, method)
-    return t.run([(text, src, tgt, topk_ids, topk_logp)], out_k or topk_ids.shape[1])[0]
+    _check_topk(topk_ids, topk_logp, len(t.source))
+    out_k = topk_ids.shape[1] if out_k is None else out_k
+    if not isinstance(out_k, (int, np.integer)) or out_k < 1:
+        raise ValueError(f"out_k must be a positive integer, got {out_k!r}")
+    if not len(tgt.ids):
+        z = np.zeros(0, np.float32)
+        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32))
+    return t.run([(text, src, tgt, topk_ids, topk_logp)], int(out_k))[0]
+
+
+def _check_topk(ids: np.ndarray, logp: np.ndarray, vocab_size: int) -> None:
+    """Integer ids in [−1, V) (−1: an empty slot), log-probabilities ≤ 0 (−inf allowed for empty slots)."""
+    if ids.shape[1] < 1:
+        raise ValueError("src_topk_ids must hold at least one entry per row (k ≥ 1)")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"src_topk_ids must be integer token ids, got {ids.dtype}")
+    if not np.issubdtype(logp.dtype, np.floating):
+        raise TypeError(f"src_topk_logp must be float log-probabilities, got {logp.dtype}")
+    if ids.size and (ids.min() < -1 or ids.max() >= vocab_size):
+        raise ValueError(f"src_topk_ids must lie in [-1, {vocab_size}) (the source vocabulary; -1 = empty slot), got {ids.min()}..{ids.max()}")
+    if np.isnan(logp).any() or (logp > 1e-4).any() or np.isposinf(logp).any():
+        raise ValueError("src_topk_logp must be log-probabilities (≤ 0, no NaN or +inf); pass log-softmax values, not probabilities or logits")

@@ -8,10 +8,12 @@ from rich.table import Table
 
 from fusekit.align import align_tokens, map_vocab_with_stats, normalize_vocab
 from fusekit.cli.app import app
+from fusekit.cli.errors import handle_errors
 from fusekit.tokenizer_io import load_tokenizer
 
 
 @app.command("align-text")
+@handle_errors
 def align_text(
     text: str = typer.Argument(..., help="The text both tokenizers segment."),
     source: Path = typer.Option(..., "--source", "-s", help="Source tokenizer: a tokenizer.json or a model folder."),

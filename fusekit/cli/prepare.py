@@ -20,9 +20,12 @@ def prepare_command(
     max_length: int = typer.Option(2048, help="Most tokens in a piece under any model's tokenizer (the extraction window)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
 ) -> None:
-    """Cut DATA's long texts into pieces of at most MAX_LENGTH tokens under every MODEL's tokenizer, at
-    line breaks where possible, so each piece is one extraction window for every model (same context,
-    no window boundary inside another model's window). Extract every model from OUT."""
+    """Cut a corpus once into pieces that every model sees whole.
+
+    Long texts of DATA become pieces of at most MAX_LENGTH tokens under every MODEL's tokenizer, cut at
+    line breaks where possible, so each piece is one extraction window for every model (same context, no
+    window boundary inside another model's window). Extract every model from OUT.
+    """
     from fusekit.prepare import prepare_corpus
     from fusekit.model_io import load_tokenizer
 

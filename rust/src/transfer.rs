@@ -248,7 +248,9 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
                     }
                 }
             }
-        } else if let Some(u) = containing(x.src_spans, b).filter(|&u| u >= 1) {
+        } else if let Some(u) = containing(x.src_spans, b).filter(|&u| u >= 1 && e > b) {
+            // (A target token with no bytes of its own — text its tokenizer normalised away — has no
+            // span to transfer onto: the row falls back rather than borrow a neighbour's.)
             start_row = (u - 1) as i32;
             let (us, ue) = x.src_spans[u];
             let need = &x.text[us as usize..b as usize];
