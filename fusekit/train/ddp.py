@@ -7,6 +7,7 @@ that do not fit one GPU.
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = False  # we created the process group, so we tear it down
 
     @property
     def enabled(self) -> bool:
@@ -50,10 +50,6 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def init_distributed() -> Dist:
     """Join the process group torchrun describes in the environment (or one the caller made)."""
@@ -69,7 +65,15 @@ def init_distributed() -> Dist:
     else:
         backend = "gloo"
     dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), local, owns_group=True)
+    # Kept until the process exits: a second `train` call in the same torchrun worker (stop, then resume)
+    # reuses it, where re-creating a group over torchrun's store can hang both ranks.
+    atexit.register(_destroy_group)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap(model: torch.nn.Module, d: Dist, device: torch.device, fsdp: bool) -> torch.nn.Module:

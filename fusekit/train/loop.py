@@ -110,11 +110,7 @@ def train(
     checkpoint in OUT (or returns at once if OUT holds a finished run with the same options).
     """
     cfg = build_config(config, **options)
-    d = init_distributed()
-    try:
-        return _train(str(model), aligned, Path(out), cfg, resume, progress, device, d)
-    finally:
-        d.close()
+    return _train(str(model), aligned, Path(out), cfg, resume, progress, device, init_distributed())
 
 
 def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
