@@ -84,11 +84,12 @@ def align_topk(path, src_ids, tgt_ids, vocab_map, src_topk_ids, src_topk_logp):
     return out
 
 
-def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src_eos, tgt_lookup, tgt_eos, topk_ids, topk_logp):
+def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src_ends, tgt_lookup, tgt_ends, topk_ids, topk_logp):
     """The byte-span chain-rule transfer (docs/ALIGN.md), written out as plainly as possible.
 
     `src_bytes[id]`: a source token's bytes (b"" for special / padded); `tgt_lookup`: bytes → the target id
-    that may take mass for them. Returns per target row ({target id: unnormalised mass}, kind) where kind
+    that may take mass for them; `src_ends`, `tgt_ends`: (end-of-sequence id, end-of-turn id), None where
+    absent. Returns per target row ({target id: unnormalised mass}, kind) where kind
     is "fallback", "last" or "carried"; rows are not truncated.
     """
 
@@ -97,6 +98,15 @@ def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src
             if s[:length] in tgt_lookup:
                 return tgt_lookup[s[:length]]
         return None
+
+    src_eos, src_eot = src_ends
+    tgt_eos, tgt_eot = tgt_ends
+    is_src_end = {src_eos, src_eot} - {None}
+
+    def by_role(v):  # end of turn to end of turn, end of sequence to end of sequence, else the other
+        if v == src_eot:
+            return tgt_eot if tgt_eot is not None else tgt_eos
+        return tgt_eos if tgt_eos is not None else tgt_eot
 
     def candidates(row):
         return [(int(v), math.exp(lp)) for v, lp in zip(topk_ids[row], topk_logp[row]) if v >= 0 and math.isfinite(lp)]
@@ -115,12 +125,13 @@ def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src
             if t is not None and w > 0:
                 mass[t] = mass.get(t, 0.0) + w
 
-        if truth == tgt_eos and b == e:
-            us = [u for u in range(1, m) if src_ids[u] == src_eos and src_spans[u][0] >= b]
+        if truth in {tgt_eos, tgt_eot} - {None} and b == e:
+            text_end = max([se for ss, se in src_spans if ss < se <= b], default=0)
+            us = [u for u in range(1, m) if src_ids[u] in is_src_end and text_end <= src_spans[u][0] <= b]
             if us:
-                u = us[-1]
+                u = us[0]
                 for v, p in candidates(u - 1):
-                    add(truth if v == src_eos else longest_prefix(src_bytes[v]), p)
+                    add(truth if v in is_src_end else longest_prefix(src_bytes[v]), p)
         else:
             holding = [u for u in range(m) if src_spans[u][0] <= b < src_spans[u][1]]
             if holding and holding[0] >= 1:
@@ -144,8 +155,8 @@ def transfer(text: bytes, src_ids, src_spans, tgt_ids, tgt_spans, src_bytes, src
                         elif depth == 0:
                             if need and not consistent(v):
                                 continue
-                            if not need and v == src_eos:
-                                add(tgt_eos, w * p)
+                            if not need and v in is_src_end:
+                                add(by_role(v), w * p)
                                 continue
                             add(longest_prefix(src_bytes[v][len(need) :]), w * p)
                         elif src_bytes[v]:

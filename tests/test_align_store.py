@@ -196,9 +196,12 @@ def test_carried_and_fallback_match_a_reference(extracted):
         sample = [i for i in range(0, len(src.vocab), 23) if src.vocab_info.usable[i]]
         assert mapping[sample].tolist() == reference.map_vocab([src.vocab[i] for i in sample], tgt.vocab, usable)
         special = src.vocab_info.kind >= 2
-        if src.vocab_info.eos is not None:  # EOS maps by role, to the target's EOS
-            assert mapping[src.vocab_info.eos] == tgt.vocab_info.eos
-            special[src.vocab_info.eos] = False
+        s_info, t_info = src.vocab_info, tgt.vocab_info
+        for role in ("eos", "eot"):  # the end tokens map by role (or onto the target's other end token)
+            end = getattr(s_info, role)
+            if end is not None:
+                assert mapping[end] in {getattr(t_info, role), t_info.eos, t_info.eot} - {None}
+                special[end] = False
         assert (mapping[special] == -1).all()  # other specials and padded ids: nowhere
     checked_carried = checked_fallback = 0
     for idx in range(0, len(store), 3):

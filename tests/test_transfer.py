@@ -41,7 +41,7 @@ def _merged_expectation(info, ids_row, logp_row) -> dict[int, float]:
             preferred.setdefault(s, i)
     out: dict[int, float] = {}
     for v, lp in zip(ids_row.tolist(), logp_row.tolist()):
-        if v == info.eos:
+        if v in (info.eos, info.eot):
             t = v
         elif info.kind[v] in (SPECIAL, EMPTY):
             continue
@@ -96,7 +96,7 @@ def test_rust_transfer_equals_the_slow_reference(pair):
             lookup[b] = i
     want = reference.transfer(
         text.encode(), src.ids.tolist(), t.spans(text, src, t.source.bytes).tolist(), tgt.ids.tolist(), t.spans(text, tgt, t.target.bytes).tolist(),
-        t.source.bytes, t.source.eos, lookup, t.target.eos, ids.tolist(), logp.tolist(),
+        t.source.bytes, (t.source.eos, t.source.eot), lookup, (t.target.eos, t.target.eot), ids.tolist(), logp.tolist(),
     )
     for j, (mass, kind) in enumerate(want):
         assert got.carried[j] == (kind == "carried"), j
@@ -266,3 +266,46 @@ def test_a_model_aligned_onto_itself_through_stores_at_any_window_length(window,
                 assert got[t] == pytest.approx(want[t], abs=2e-3)  # fp16 probabilities in the store
             rows += 1
     assert rows > 60
+
+
+CHAT = [("user", "What is 12 × 7?"), ("assistant", "12 × 7 = 84."), ("user", "And 84 ÷ 7?"), ("assistant", "It is 12, of course.")]
+
+
+def chatml(turns) -> str:
+    return "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns)
+
+
+def llama3_chat(turns) -> str:
+    return "<|begin_of_text|>" + "".join(f"<|start_header_id|>{r}<|end_header_id|>\n\n{c}<|eot_id|>" for r, c in turns)
+
+
+def llama2_chat(turns) -> str:
+    users, answers = turns[0::2], turns[1::2]
+    return "".join(f"<s>[INST] {u[1]} [/INST] {a[1]} </s>" for u, a in zip(users, answers))
+
+
+@pytest.mark.parametrize("target, render", [("llama-bpe", llama3_chat), ("llama-spm", llama2_chat)])
+def test_end_of_turn_maps_by_role_across_templates(target, render):
+    """Qwen2's ChatML ends turns with <|im_end|>; Llama-3's template with <|eot_id|>, Llama-2's with </s>.
+    A perfect source's end of turn reaches every target row that predicts its own template's end of turn,
+    from the source row of the same turn (not another turn's)."""
+    src_tok, tgt_tok = real_tokenizer("qwen2"), real_tokenizer(target)
+    t = Transferer(vocab_info(src_tok), vocab_info(tgt_tok))
+    assert t.source.eot == src_tok.convert_tokens_to_ids("<|im_end|>")
+    src_text, tgt_text = chatml(CHAT), render(CHAT)
+    src, tgt = encode_offsets(src_tok, src_text), encode_offsets(tgt_tok, tgt_text)
+    spans = remap_spans(src_text.encode(), tgt_text.encode(), t.source_spans(src_text, src))
+    ids, logp = perfect_source_topk(src.ids, 8, len(t.source))
+    (out,) = t.run([(tgt_text, TextTokens(src.ids, src.starts, spans), tgt, ids, logp)], out_k=8)
+    ends = {t.target.eos, t.target.eot} - {None}
+    end_rows = [j for j in range(len(tgt.ids) - 1) if tgt.ids[j + 1] in ends]
+    src_ends = [u for u in range(len(src.ids)) if src.ids[u] == t.source.eot]
+    expected = len(CHAT) if target == "llama-bpe" else len(CHAT) // 2  # Llama-2 ends only the answers
+    assert len(end_rows) == expected
+    assert recalled(out, tgt.ids)[end_rows].all()
+    # Each target turn end starts from the source row predicting the <|im_end|> after the same content.
+    tgt_spans = t.spans(tgt_text, tgt, t.target.bytes)
+    for j in end_rows:
+        content_end = max(e for s, e in tgt_spans[: j + 1].tolist() if e > s and tgt_text.encode()[s:e].strip())
+        u = int(out.source_row[j]) + 1
+        assert u in src_ends and spans[u][0] == content_end

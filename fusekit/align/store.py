@@ -293,12 +293,13 @@ class _WholeText:
 
 
 def _bad_ids(info) -> np.ndarray:
-    """bool [V_t]: target ids that must get no mass (twins, specials other than EOS, empty ids)."""
+    """bool [V_t]: target ids that must get no mass (twins, specials other than the end tokens, empty ids)."""
     from fusekit.align.vocab_info import EMPTY, SPECIAL
 
     bad = info.twin | (info.kind == SPECIAL) | (info.kind == EMPTY)
-    if info.eos is not None:
-        bad[info.eos] = False
+    for end in (info.eos, info.eot):
+        if end is not None:
+            bad[end] = False
     return bad
 
 

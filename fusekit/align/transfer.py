@@ -80,8 +80,8 @@ class Transferer:
     def __init__(self, source: VocabInfo, target: VocabInfo, method: Method | str = DEFAULT_METHOD, vocab_map: np.ndarray | None = None, threads: int | None = None):
         self.source, self.target, self.method, self.threads = source, target, Method(method), threads
         if self.method is Method.BYTESPAN:
-            self._src = _core.TransferSource(source.bytes, source.eos)
-            self._tgt = _core.TransferTarget(target.bytes, target.usable.tolist(), target.twin.astype(np.uint8).tolist(), target.eos)
+            self._src = _core.TransferSource(source.bytes, source.eos, source.eot)
+            self._tgt = _core.TransferTarget(target.bytes, target.usable.tolist(), target.twin.astype(np.uint8).tolist(), target.eos, target.eot)
         else:
             from fusekit.align.tokens import TokenTable
 
@@ -158,8 +158,9 @@ def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None 
     """FuseLLM's vocabulary map (identical string, else MinED), int64 [V_s], −1 = no target (dropped).
 
     Fixed against the reference: targets that the tokenizer never emits for their text (byte-fallback
-    twins), special and empty ids are never chosen; a source special token maps by role (EOS → EOS) or
-    not at all; a padded source id maps nowhere.
+    twins), special and empty ids are never chosen; a source special token maps by role (end of sequence
+    to end of sequence, end of turn to end of turn, each falling back on the other) or not at all; a padded
+    source id maps nowhere.
     """
     from fusekit.align.tokens import map_vocab_with_stats
 
@@ -168,8 +169,10 @@ def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None 
     from fusekit.align.vocab_info import EMPTY, SPECIAL
 
     ids[(source.kind == SPECIAL) | (source.kind == EMPTY)] = -1
-    if source.eos is not None and target.eos is not None:
-        ids[source.eos] = target.eos
+    for src_end, tgt_end in ((source.eos, target.eos if target.eos is not None else target.eot),
+                             (source.eot, target.eot if target.eot is not None else target.eos)):
+        if src_end is not None and tgt_end is not None:
+            ids[src_end] = tgt_end
     return ids
 
 

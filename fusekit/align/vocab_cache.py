@@ -25,7 +25,7 @@ from fusekit.store.shards import StoreError, write_bytes_atomic
 if TYPE_CHECKING:  # pragma: no cover
     from fusekit.align.vocab_info import VocabInfo
 
-CACHE_FORMAT = 2  # 2: byte-fallback twins, special and empty ids are never targets (align/vocab_info.py)
+CACHE_FORMAT = 3  # 2: byte-fallback twins, special and empty ids are never targets (align/vocab_info.py); 3: end of turn by role
 
 
 @dataclass(frozen=True)

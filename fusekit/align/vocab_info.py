@@ -6,7 +6,9 @@ Three facts about an id decide whether mass may land on it, beyond its text:
   `<|im_end|>`), or an *empty* id (a padded embedding row the tokenizer does not know);
 * **twins**: a byte-fallback piece whose text another ordinary token also has (`<0x2C>` and `,`) is never
   emitted by the tokenizer for that text — the ordinary token is preferred, and the twin takes no mass;
-* **roles**: special tokens map by role (end of sequence to end of sequence), never by their spelling.
+* **roles**: special tokens map by role, never by their spelling: end of sequence (`eos`) and end of a chat
+  turn (`eot`: `<|im_end|>`, `<|eot_id|>`, `<|end|>`, … — what the model's chat template puts after an
+  assistant message; often the same id as `eos`).
 
 `VocabInfo` is built from a tokenizer (the text-level API) or read from an extraction store, which keeps
 it beside the vocabulary (`tokens.json`).
@@ -25,6 +27,10 @@ from fusekit.align.normalize import STRAY_BYTE_BASE, Scheme, normalize_token, to
 
 TEXT, BYTE_FALLBACK, SPECIAL, EMPTY = 0, 1, 2, 3
 _SP_BYTE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+# End-of-turn spellings of the common chat templates (ChatML, Llama-3, Phi-3, Gemma, DeepSeek), for a
+# tokenizer without a chat template to probe.
+_EOT_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|EOT|>", "<｜end▁of▁sentence｜>")
 
 
 def token_bytes(normalised: str) -> bytes:
@@ -45,6 +51,7 @@ class VocabInfo:
     strings: list[str]
     kind: np.ndarray  # uint8 [V]: TEXT, BYTE_FALLBACK, SPECIAL, EMPTY
     eos: int | None  # the end-of-sequence id, mapped by role
+    eot: int | None = None  # the end-of-turn id of the chat template (may equal eos), mapped by role
 
     def __len__(self) -> int:
         return len(self.strings)
@@ -72,6 +79,7 @@ class VocabInfo:
             "special": np.flatnonzero(self.kind == SPECIAL).tolist(),
             "empty": np.flatnonzero(self.kind == EMPTY).tolist(),
             "eos": self.eos,
+            "eot": self.eot,
         }
 
     @classmethod
@@ -80,8 +88,10 @@ class VocabInfo:
         for name, value in (("byte_fallback", BYTE_FALLBACK), ("special", SPECIAL), ("empty", EMPTY)):
             ids = np.asarray(data.get(name, []), dtype=np.int64)
             kind[ids[(ids >= 0) & (ids < len(strings))]] = value
-        eos = data.get("eos")
-        return cls(list(strings), kind, int(eos) if eos is not None and 0 <= int(eos) < len(strings) else None)
+        def known(i: Any) -> int | None:
+            return int(i) if i is not None and 0 <= int(i) < len(strings) else None
+
+        return cls(list(strings), kind, known(data.get("eos")), known(data.get("eot")))
 
     @classmethod
     def guess(cls, strings: Sequence[str], scheme: str | None = None) -> "VocabInfo":
@@ -92,8 +102,8 @@ class VocabInfo:
                 kind[i] = EMPTY
             elif re.fullmatch(r"<\|?[^<>\s]{1,40}\|?>", s) and not _SP_BYTE.match(s):
                 kind[i] = SPECIAL
-        eos = next((i for i, s in enumerate(strings) if s in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")), None)
-        return cls(list(strings), kind, eos)
+        eos = next((i for i, s in enumerate(strings) if s in _EOS_NAMES), None)
+        return cls(list(strings), kind, eos, _named_special(strings, kind, _EOT_NAMES))
 
 
 def vocab_info(tokenizer: Any, size: int | None = None) -> VocabInfo:
@@ -120,4 +130,34 @@ def vocab_info(tokenizer: Any, size: int | None = None) -> VocabInfo:
             if scheme is Scheme.SENTENCEPIECE and _SP_BYTE.match(tok):
                 kind[i] = BYTE_FALLBACK
     eos = getattr(tokenizer, "eos_token_id", None)
-    return VocabInfo(strings, kind, int(eos) if isinstance(eos, int) and 0 <= eos < n else None)
+    eos = int(eos) if isinstance(eos, int) and 0 <= eos < n else None
+    eot = _template_end_of_turn(tokenizer, kind)
+    if eot is None:
+        eot = _named_special(strings, kind, _EOT_NAMES)
+    return VocabInfo(strings, kind, eos, eot)
+
+
+def _named_special(strings: Sequence[str], kind: np.ndarray, names: Sequence[str]) -> int | None:
+    """The first special id spelled as one of `names` (in the order of `names`)."""
+    where = {s: i for i, s in enumerate(strings) if kind[i] == SPECIAL and s in names}
+    return next((where[name] for name in names if name in where), None)
+
+
+def _template_end_of_turn(tokenizer: Any, kind: np.ndarray) -> int | None:
+    """The special id a model's chat template puts right after an assistant message's content (None
+    without a template, or when the template ends turns with plain text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "FUSEKIT-END-OF-TURN-PROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+        after = text[text.index(marker) + len(marker):]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    except Exception:  # a template that needs other roles or variables: fall back on spellings
+        return None
+    for i in ids[:4]:  # a few text tokens (a space, a newline) may come before the end token
+        if 0 <= i < len(kind) and kind[i] == SPECIAL:
+            return int(i)
+    return None

@@ -410,7 +410,8 @@ fn byte_strings(tokens: &[Bound<'_, PyBytes>]) -> Vec<Vec<u8>> {
     tokens.iter().map(|t| t.as_bytes().to_vec()).collect()
 }
 
-/// A source vocabulary for `transfer_batch`: byte strings (empty for special / padded ids) and its EOS id.
+/// A source vocabulary for `transfer_batch`: byte strings (empty for special / padded ids), its end-of-sequence
+/// and end-of-turn ids.
 #[pyclass(module = "fusekit._core", frozen)]
 pub struct TransferSource {
     vocab: transfer::SourceVocab,
@@ -419,9 +420,9 @@ pub struct TransferSource {
 #[pymethods]
 impl TransferSource {
     #[new]
-    #[pyo3(signature = (tokens, eos=None))]
-    fn new(tokens: Vec<Bound<'_, PyBytes>>, eos: Option<u32>) -> Self {
-        TransferSource { vocab: transfer::SourceVocab { tokens: byte_strings(&tokens), eos } }
+    #[pyo3(signature = (tokens, eos=None, eot=None))]
+    fn new(tokens: Vec<Bound<'_, PyBytes>>, eos: Option<u32>, eot: Option<u32>) -> Self {
+        TransferSource { vocab: transfer::SourceVocab { tokens: byte_strings(&tokens), ends: transfer::Ends { eos, eot } } }
     }
 
     fn __len__(&self) -> usize {
@@ -430,7 +431,7 @@ impl TransferSource {
 }
 
 /// A target vocabulary for `transfer_batch`: byte strings, which ids may receive mass, the preference
-/// among ids with equal bytes (lower rank wins) and its EOS id.
+/// among ids with equal bytes (lower rank wins), its end-of-sequence and end-of-turn ids.
 #[pyclass(module = "fusekit._core", frozen)]
 pub struct TransferTarget {
     vocab: transfer::TargetVocab,
@@ -439,12 +440,12 @@ pub struct TransferTarget {
 #[pymethods]
 impl TransferTarget {
     #[new]
-    #[pyo3(signature = (tokens, usable, rank, eos=None))]
-    fn new(tokens: Vec<Bound<'_, PyBytes>>, usable: Vec<bool>, rank: Vec<u8>, eos: Option<u32>) -> PyResult<Self> {
+    #[pyo3(signature = (tokens, usable, rank, eos=None, eot=None))]
+    fn new(tokens: Vec<Bound<'_, PyBytes>>, usable: Vec<bool>, rank: Vec<u8>, eos: Option<u32>, eot: Option<u32>) -> PyResult<Self> {
         if usable.len() != tokens.len() || rank.len() != tokens.len() {
             return Err(PyValueError::new_err("tokens, usable and rank must have the same length"));
         }
-        Ok(TransferTarget { vocab: transfer::TargetVocab::new(&byte_strings(&tokens), &usable, &rank, eos) })
+        Ok(TransferTarget { vocab: transfer::TargetVocab::new(&byte_strings(&tokens), &usable, &rank, transfer::Ends { eos, eot }) })
     }
 
     fn __len__(&self) -> usize {

@@ -16,9 +16,14 @@
 //!   again to e. Any other candidate gives its mass to the first target piece of its continuation: the
 //!   longest target token that is a prefix of it (text already passed from b counts, so a candidate deep
 //!   in a chain competes with the true target token on the same bytes).
-//! * **Roles.** Special tokens never match by string: the source's end-of-sequence maps to the target's
-//!   end-of-sequence (only where a target token may start: at a source boundary, depth 0), any other special
-//!   or empty (padded) source id is dropped; the target lookup never offers special, empty or byte-fallback
+//! * **Roles.** Special tokens never match by string. The two *end* roles map across vocabularies: the
+//!   source's end of turn (a chat template's `<|im_end|>`, `<|eot_id|>`) to the target's end of turn, its end
+//!   of sequence to the target's end of sequence (each falling back on the other where a vocabulary has only
+//!   one), only where a target token may start (at a source boundary, depth 0). Where the target's text ends
+//!   (a turn or the document: its true next token is an end id without bytes), the row starts from the
+//!   first source end token placed between the last source text before that point and the point itself,
+//!   and every source end candidate there counts for the target's end token. Any other special or empty
+//!   (padded) source id is dropped; the target lookup never offers special, empty or byte-fallback
 //!   twin ids (`<0x2C>` when `,` exists), so no mass lands on ids the tokenizer would not emit.
 //!
 //! Rows are the aggregated mass per target id, highest first (ties: lower id), truncated to `out_k` and
@@ -41,13 +46,38 @@ pub struct TargetVocab {
     lookup: HashMap<Vec<u8>, u32>,
     max_len: usize,
     pub size: usize,
+    pub ends: Ends,
+}
+
+/// The ids that end a document (`eos`) and a chat turn (`eot`, from the chat template; may equal `eos`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ends {
     pub eos: Option<u32>,
+    pub eot: Option<u32>,
+}
+
+impl Ends {
+    pub fn contains(&self, id: u32) -> bool {
+        self.eos == Some(id) || self.eot == Some(id)
+    }
+
+    /// The target id that takes a source end token's mass by role: end of turn to end of turn, end of
+    /// sequence to end of sequence, each falling back on the other role.
+    fn by_role(&self, src: &Ends, id: u32) -> Option<u32> {
+        if src.eot == Some(id) {
+            self.eot.or(self.eos)
+        } else if src.eos == Some(id) {
+            self.eos.or(self.eot)
+        } else {
+            None
+        }
+    }
 }
 
 impl TargetVocab {
     /// `tokens[id]` is the byte string of id; `rank[id]` its preference among ids with the same bytes
     /// (lower wins; ties to the lower id); `usable[id]` false for special, empty and unemittable ids.
-    pub fn new(tokens: &[Vec<u8>], usable: &[bool], rank: &[u8], eos: Option<u32>) -> Self {
+    pub fn new(tokens: &[Vec<u8>], usable: &[bool], rank: &[u8], ends: Ends) -> Self {
         let mut lookup: HashMap<Vec<u8>, u32> = HashMap::with_capacity(tokens.len());
         let mut max_len = 0;
         for (id, t) in tokens.iter().enumerate() {
@@ -66,7 +96,7 @@ impl TargetVocab {
                 })
                 .or_insert(id as u32);
         }
-        TargetVocab { lookup, max_len, size: tokens.len(), eos }
+        TargetVocab { lookup, max_len, size: tokens.len(), ends }
     }
 
     /// The longest emittable target token that is a prefix of `s`.
@@ -83,7 +113,7 @@ impl TargetVocab {
 /// A source vocabulary as byte strings (empty for special and padded ids).
 pub struct SourceVocab {
     pub tokens: Vec<Vec<u8>>,
-    pub eos: Option<u32>,
+    pub ends: Ends,
 }
 
 /// One text: byte spans of both tokenizations and the source's top-k rows.
@@ -235,13 +265,16 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
         row.mass.clear();
         let mut kind = KIND_FALLBACK;
         let mut start_row: i32 = -1;
-        if tgt.eos == Some(truth) && b == e {
-            // End of the document: the source row whose next token is the source's own end of sequence.
-            if let Some(u) = (1..m).rev().find(|&u| src.eos == Some(x.src_ids[u]) && x.src_spans[u].0 >= b) {
+        if tgt.ends.contains(truth) && b == e {
+            // The text ends here (a turn or the document): the source row whose next token is the source's
+            // own end token at the same place — after the last source text before b, not past b.
+            let text_end = x.src_spans.iter().filter(|s| s.1 > s.0 && s.1 <= b).map(|s| s.1).max().unwrap_or(0);
+            let at_end = |u: usize| src.ends.contains(x.src_ids[u]) && (text_end..=b).contains(&x.src_spans[u].0);
+            if let Some(u) = (1..m).find(|&u| at_end(u)) {
                 start_row = (u - 1) as i32;
                 kind = KIND_ONE_TO_ONE;
                 for (v, p) in cand(u - 1) {
-                    if src.eos == Some(v) {
+                    if src.ends.contains(v) {
                         row.add(truth, p);
                     } else if let Some(t) = tgt.longest_prefix(bytes_of(v)) {
                         row.add(t, p);
@@ -293,9 +326,9 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
                             if !need.is_empty() && !consistent(v) {
                                 continue;
                             }
-                            if need.is_empty() && src.eos == Some(v) {
-                                if let Some(eos) = tgt.eos {
-                                    row.add(eos, w);
+                            if need.is_empty() && src.ends.contains(v) {
+                                if let Some(end) = tgt.ends.by_role(&src.ends, v) {
+                                    row.add(end, w);
                                 }
                                 continue;
                             }
@@ -350,7 +383,7 @@ mod tests {
 
     fn target(tokens: &[&str]) -> TargetVocab {
         let v = vocab(tokens);
-        TargetVocab::new(&v, &vec![true; v.len()], &vec![0; v.len()], None)
+        TargetVocab::new(&v, &vec![true; v.len()], &vec![0; v.len()], Ends::default())
     }
 
     fn spans(text: &str, pieces: &[&str]) -> Vec<(u32, u32)> {
@@ -370,7 +403,7 @@ mod tests {
     #[test]
     fn one_to_many_first_piece_and_conditional_continuation() {
         let text = "the cat";
-        let src_v = SourceVocab { tokens: vocab(&["the", " cat", " car", " dog", " ca"]), eos: None };
+        let src_v = SourceVocab { tokens: vocab(&["the", " cat", " car", " dog", " ca"]), ends: Ends::default() };
         let tgt_v = target(&["the", " c", "at", " d", "ar", " ca", "r"]);
         // Row 0 predicts " cat" .6, " car" .3, " dog" .1.
         let topk_ids = [1, 2, 3, 0, 0, -1];
@@ -404,7 +437,7 @@ mod tests {
     #[test]
     fn many_to_one_chain_rule() {
         let text = "abc";
-        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c", "x"]), eos: None };
+        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c", "x"]), ends: Ends::default() };
         let tgt_v = target(&["a", "bc", "b", "bx", "x"]);
         // Row 0 → "b" .8, "x" .2; row 1 → "c" .5, "x" .5.
         let topk_ids = [1, 3, 2, 3, 0, 0];
@@ -433,7 +466,7 @@ mod tests {
     fn same_tokenizer_gives_the_source_rows_back() {
         let text = "ab ab";
         let toks = ["a", "b", " ", " a", "ab"];
-        let src_v = SourceVocab { tokens: vocab(&toks), eos: None };
+        let src_v = SourceVocab { tokens: vocab(&toks), ends: Ends::default() };
         let tgt_v = target(&toks);
         let ids = [4u32, 3, 1];
         let sp = spans(text, &["ab", " a", "b"]);
@@ -464,9 +497,9 @@ mod tests {
     fn twins_specials_and_padding_get_no_mass() {
         // Target: "," twice (a byte-fallback twin at id 1, rank 1) and a special id 2 with no bytes.
         let tv = vec![b"a".to_vec(), b",".to_vec(), Vec::new(), b",".to_vec()];
-        let tgt_v = TargetVocab::new(&tv, &[true, true, false, true], &[0, 1, 0, 0], Some(2));
+        let tgt_v = TargetVocab::new(&tv, &[true, true, false, true], &[0, 1, 0, 0], Ends { eos: Some(2), eot: None });
         assert_eq!(tgt_v.exact(b","), Some(3));
-        let src_v = SourceVocab { tokens: vec![b"a".to_vec(), b",".to_vec(), Vec::new(), Vec::new()], eos: Some(2) };
+        let src_v = SourceVocab { tokens: vec![b"a".to_vec(), b",".to_vec(), Vec::new(), Vec::new()], ends: Ends { eos: Some(2), eot: None } };
         let text = "a,";
         // Row 0 → "," .5, eos .3, padded id 3 .2.
         let topk_ids = [1, 2, 3, -1, -1, -1];
@@ -488,11 +521,52 @@ mod tests {
         assert!((out.probs[0] - 0.625).abs() < 1e-6);
     }
 
+    /// Two chat templates: the source ends each turn with its end-of-turn token (id 2) and has a separate
+    /// end of sequence (id 3); the target ends turns with its one end token (id 2, both roles). Source spans
+    /// are already carried into the target's text, so each end token sits where its turn's text ends.
+    #[test]
+    fn turn_ends_map_by_role_at_their_own_turn() {
+        let text = "Hi Yo";
+        let tgt_tokens = vec![b"Hi".to_vec(), b" Yo".to_vec(), Vec::new()];
+        let tgt_v = TargetVocab::new(&tgt_tokens, &[true, true, false], &[0, 0, 0], Ends { eos: Some(2), eot: Some(2) });
+        let src_tokens = vec![b"Hi".to_vec(), b" Yo".to_vec(), Vec::new(), Vec::new()];
+        let src_v = SourceVocab { tokens: src_tokens, ends: Ends { eos: Some(3), eot: Some(2) } };
+        // Rows: after "Hi" → end of turn .7, " Yo" .3; after the turn end → " Yo" .9, eos .1;
+        // after " Yo" → end of turn .5, eos .5.
+        let topk_ids = [2, 1, 1, 3, 2, 3, -1, -1];
+        let lp = [0.7f32.ln(), 0.3f32.ln(), 0.9f32.ln(), 0.1f32.ln(), 0.5f32.ln(), 0.5f32.ln(), 0.0, 0.0];
+        let x = TransferInputs {
+            text: text.as_bytes(),
+            src_ids: &[0, 2, 1, 2],
+            src_spans: &[(0, 2), (2, 2), (2, 5), (5, 5)],
+            tgt_ids: &[0, 2, 1, 2],
+            tgt_spans: &[(0, 2), (2, 2), (2, 5), (5, 5)],
+            src_topk_ids: &topk_ids,
+            src_topk_logp: &lp,
+            src_true_logp: &[],
+            k: 2,
+            out_k: 2,
+        };
+        let out = transfer(&x, &src_v, &tgt_v).unwrap();
+        // Row 0 predicts the first turn's end: it starts from source row 0 (the first turn's end token),
+        // not from the last end token of the text.
+        assert_eq!(out.src_row[0], 0);
+        assert_eq!(&out.ids[0..2], &[2, 1]);
+        assert!((out.probs[0] - 0.7).abs() < 1e-6);
+        // Row 1: the source's end of sequence maps by role onto the target's end token.
+        assert_eq!(&out.ids[2..4], &[1, 2]);
+        assert!((out.probs[3] - 0.1).abs() < 1e-6);
+        // Row 2: at the text's end both source end tokens count for the target's end token.
+        assert_eq!(out.src_row[2], 2);
+        assert_eq!(&out.ids[4..6], &[2, -1]);
+        assert!((out.probs[4] - 1.0).abs() < 1e-6);
+    }
+
     /// The true source token outside the top-k still carries its exact probability (from its CE).
     #[test]
     fn true_token_outside_the_top_k_uses_its_stored_probability() {
         let text = "ab";
-        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c"]), eos: None };
+        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c"]), ends: Ends::default() };
         let tgt_v = target(&["a", "b", "c"]);
         let x = TransferInputs {
             text: text.as_bytes(),
@@ -514,7 +588,7 @@ mod tests {
 
     #[test]
     fn bad_spans_are_errors() {
-        let src_v = SourceVocab { tokens: vocab(&["a"]), eos: None };
+        let src_v = SourceVocab { tokens: vocab(&["a"]), ends: Ends::default() };
         let tgt_v = target(&["a"]);
         let x = TransferInputs {
             text: b"a",
