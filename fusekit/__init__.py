@@ -38,12 +38,16 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fusekit' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
-    return getattr(importlib.import_module(module), name)
+    module = _LAZY.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(module), name)
+    # Subpackages (`fusekit.zoo`, `fusekit.store`, …) load on first attribute access too.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fusekit' has no attribute {name!r}")
 
 
 try:

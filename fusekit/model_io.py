@@ -112,12 +112,16 @@ def _split(model: str | Path) -> tuple[str, dict]:
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
-    """The model's tokenizer (a folder's tokenizer files, the .gguf's vocabulary, or the hub's).
+    """The model's tokenizer (a folder's tokenizer files, the .gguf's vocabulary, the hub's, or a bare
+    tokenizer.json file / tokenizer-only folder).
 
     Raises ModelLoadError naming the model when it has no tokenizer files or they cannot be read.
     """
     from transformers import AutoTokenizer
 
+    tokenizer_only = _tokenizer_only(model)
+    if tokenizer_only is not None:
+        return tokenizer_only
     where, extra = _split(model)
     folder = Path(where)
     if not extra and folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
@@ -130,6 +134,31 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ModelLoadError(f"cannot load a tokenizer from {model}: {first}") from None
+
+
+def _tokenizer_only(model: str | Path):
+    """A tokenizer given without its model — a tokenizer.json file, or a folder of tokenizer files and no
+    config.json (enough for `prepare` and `align-text`); None for anything else."""
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        file = p
+    elif p.is_dir() and not (p / "config.json").is_file() and (p / "tokenizer.json").is_file():
+        file = p / "tokenizer.json"
+        if (p / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(str(p))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise ModelLoadError(f"cannot load the tokenizer in {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    else:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(file))
+    except Exception as exc:  # the tokenizers library raises its own Exception type on a bad file
+        raise ModelLoadError(f"cannot read the tokenizer file {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def require_fast_tokenizer(tokenizer, model: str | Path):

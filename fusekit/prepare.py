@@ -28,6 +28,7 @@ class PrepareStats:
     texts: int = 0  # documents read
     pieces: int = 0  # pieces written
     cut: int = 0  # documents cut into more than one piece
+    skipped: str = ""  # what reading skipped (empty or non-UTF-8 texts), "" when nothing
 
 
 def _longest(tokenizers: Sequence[Any], text: str) -> int:
@@ -95,6 +96,7 @@ def prepare_corpus(
             lines.append(json.dumps(row, ensure_ascii=False))
     if not stats.texts:
         raise CorpusError(f"no texts in {data} ({read.summary()})")
+    stats.skipped = read.summary() if read.skipped else ""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(("\n".join(lines) + "\n").encode("utf-8"), out)

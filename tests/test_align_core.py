@@ -164,3 +164,18 @@ def test_bad_input_is_a_clear_error():
         fusekit.align_ids_batch(fusekit.TokenTable(["a"]), fusekit.TokenTable(["b"]), [(np.array([0, 1]), np.array([0]))])
     with pytest.raises(ValueError, match="threads"):
         fusekit.align_tokens_batch([(["a"], ["b"])], threads=0)
+
+
+def test_import_stays_light_and_subpackages_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fusekit\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'import fusekit pulled in torch'\n"
+        "assert callable(fusekit.zoo.build_tiny_model) and callable(fusekit.transfer)\n"
+        "try:\n    fusekit.no_such_thing\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "no attribute 'no_such_thing'" in run.stdout

@@ -44,3 +44,24 @@ def test_cli_prepare_names_its_output(tmp_path, tokenizers_by_kind):
     result = CliRunner().invoke(app, ["prepare", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "o.jsonl"), "--max-length", "64"])
     assert result.exit_code == 0, result.output
     assert "3 pieces from 3 texts (0 cut)" in result.output
+
+
+def test_cli_prepare_takes_bare_tokenizers_and_says_what_it_skipped(tmp_path, tokenizers_by_kind):
+    from fusekit.cli import app
+
+    bpe = tmp_path / "bpe.json"  # a bare tokenizer.json file
+    tokenizers_by_kind["bpe"].backend_tokenizer.save(str(bpe))
+    folder = tmp_path / "tok"  # a folder of tokenizer files, no model
+    tokenizers_by_kind["bpe"].save_pretrained(folder)
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "alpha beta"}\n{"text": "   "}\n{"text": "gamma delta"}\n')
+    result = CliRunner().invoke(
+        app, ["prepare", "--data", str(data), "--model", str(bpe), "--model", str(folder), "--out", str(tmp_path / "o.jsonl")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 pieces from 2 texts" in result.output
+    assert "skipped 1 empty" in result.output
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    bad = CliRunner().invoke(app, ["prepare", "--data", str(data), "--model", str(broken), "--out", str(tmp_path / "p.jsonl")])
+    assert bad.exit_code != 0 and "broken.json" in bad.output and "Traceback" not in bad.output

@@ -15,7 +15,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def prepare_command(
     data: Path = typer.Option(..., "--data", "-d", help="The corpus: text file, folder of text files, JSONL or Parquet."),
-    model: List[str] = typer.Option(..., "--model", "-m", help="Every model that will be extracted (folder, .gguf or hub id); repeat."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Every model that will be extracted (folder, .gguf, hub id, or just its tokenizer.json); repeat."),
     out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write (one piece per line)."),
     max_length: int = typer.Option(2048, help="Most tokens in a piece under any model's tokenizer (the extraction window)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
@@ -31,3 +31,5 @@ def prepare_command(
 
     stats = prepare_corpus(data, out, [load_tokenizer(m) for m in model], max_length, field)
     typer.echo(f"{out}: {stats.pieces:,} pieces from {stats.texts:,} texts ({stats.cut:,} cut)")
+    if stats.skipped:
+        typer.echo(f"warning: read {stats.skipped}", err=True)

@@ -1,0 +1,41 @@
+"""`fusekit align-text`: one text's target positions and where their rows come from, for both methods."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from fusekit.cli.app import app
+from real_tokenizers import real_tokenizer
+
+TEXT = "Price: 1234.56 dollars, naïve café"
+
+
+def _tokenizer_files(tmp_path):
+    paths = []
+    for name in ("gpt-2", "llama-spm"):
+        path = tmp_path / f"{name}.json"
+        real_tokenizer(name).backend_tokenizer.save(str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_bytespan_table_shows_how_each_target_token_is_reached(tmp_path):
+    src, tgt = _tokenizer_files(tmp_path)
+    result = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    # GPT-2's " 1234" pieces become Llama-2's single digits: one source token, several target rows (1:n).
+    assert "1:n" in result.output and "1:1" in result.output
+    assert "perfect-source recall on this text: 1.000" in result.output
+
+
+def test_fusellm_table_and_bad_input(tmp_path):
+    src, tgt = _tokenizer_files(tmp_path)
+    result = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--method", "fusellm"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "vocabulary map:" in result.output and "path of" in result.output
+    missing = CliRunner().invoke(app, ["align-text", TEXT, "-s", str(tmp_path / "nope.json"), "-t", tgt])
+    assert missing.exit_code != 0 and "no tokenizer" in missing.output and "Traceback" not in missing.output
+    unknown = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--method", "dtw"])
+    assert unknown.exit_code != 0
+    empty = CliRunner().invoke(app, ["align-text", "", "-s", src, "-t", tgt])
+    assert empty.exit_code != 0 and "tokenises to nothing" in empty.output
