@@ -180,6 +180,17 @@ def test_text_api_counts_and_bad_counts():
     given = fusekit.transfer(text, src_tok, tgt_tok, ids, logp, method="fusechat", counts=count_texts([text], src_tok, tgt_tok))
     np.testing.assert_array_equal(own.ids, given.ids)
     assert own.carried.any()
+    # A source spreading mass over special and random ids: nothing lands on Llama-2's twins or specials.
+    t_info = vocab_info(tgt_tok)
+    spread = ids.copy()
+    spread[:, 1] = src_tok.eos_token_id
+    spread[:, 2:] = np.random.default_rng(0).integers(0, len(src_tok), (len(ids), 2))
+    out = fusekit.transfer(text, src_tok, tgt_tok, spread, logp, method="fusechat")
+    bad = t_info.twin | (t_info.kind >= 2)  # SPECIAL, EMPTY
+    bad[t_info.eos] = False
+    live = out.ids >= 0
+    assert live.any() and not bad[out.ids[live]].any()
+    assert (out.ids[out.carried] == tgt_tok.eos_token_id).any()  # EOS by role
     other = count_texts([text], tgt_tok, src_tok)  # the reverse pair
     with pytest.raises(ValueError, match="another tokenizer pair"):
         fusekit.transfer(text, src_tok, tgt_tok, ids, logp, method="fusechat", counts=other)

@@ -189,11 +189,14 @@ def count_alignments(
 def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: Any, threads: int | None = None) -> AlignmentCounts:
     """Counts over `texts` for two tokenizers (the text-level API): each whole text tokenised by both
     (no special tokens) and aligned by DTW. Pass the result to `fusekit.transfer(…, counts=…)`."""
-    from fusekit.align.transfer import Method, cached_transferer, encode_offsets
+    from fusekit.align.tokens import TokenTable
+    from fusekit.align.transfer import encode_offsets
+    from fusekit.align.vocab_info import vocab_info
 
-    base = cached_transferer(source_tokenizer, target_tokenizer, Method.FUSELLM)
+    s_info, t_info = vocab_info(source_tokenizer), vocab_info(target_tokenizer)
     items = ((encode_offsets(source_tokenizer, t).ids, encode_offsets(target_tokenizer, t).ids) for t in texts)
-    return count_alignments(base.src_table, base.tgt_table, items, (len(base.source), len(base.target)), base.pair, threads)
+    tables = TokenTable(list(s_info.strings)), TokenTable(list(t_info.strings))
+    return count_alignments(*tables, items, (len(s_info), len(t_info)), pair_digest(s_info, t_info), threads)
 
 
 def _window_pairs(target, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
