@@ -272,3 +272,16 @@ def test_recipe_and_unknown_method(hand_stores, tmp_path):
     target, source = hand_stores
     with pytest.raises(StoreError, match="fusechat"):
         fusekit.align_store(target, [source], tmp_path / "x", method="fusechatt", progress=False)
+
+
+def test_summing_parts_equals_counting_once():
+    rng = np.random.default_rng(1)
+    s, t = rng.integers(0, 50, 5000), rng.integers(0, 70, 5000)
+    whole = AlignmentCounts.from_pairs(s, t, (50, 70))
+    parts = [AlignmentCounts.from_pairs(s[lo : lo + 700], t[lo : lo + 700], (50, 70)) for lo in range(0, 5000, 700)]
+    summed = AlignmentCounts.summed(parts)
+    assert summed.total == 5000 and summed.nnz == len(set(zip(s.tolist(), t.tolist())))
+    for name in ("src", "tgt", "count"):
+        np.testing.assert_array_equal(getattr(summed, name), getattr(whole, name))
+    with pytest.raises(ValueError, match="different tokenizer pairs"):
+        AlignmentCounts.summed([whole, AlignmentCounts.empty((50, 71))])

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 COUNTS_FORMAT = 1
 DTW_CHUNK = 256  # windows per align_ids_batch call (as the store path): every thread busy, bounded memory
+MERGE_EVERY = 32  # chunks of counts summed at once
 
 
 @dataclass(frozen=True)
@@ -87,16 +88,21 @@ class AlignmentCounts:
 
     def merged(self, other: "AlignmentCounts") -> "AlignmentCounts":
         """The sum of two count tables of the same tokenizer pair (exact integer sums)."""
-        if self.shape != other.shape or (self.pair and other.pair and self.pair != other.pair):
+        return AlignmentCounts.summed([self, other])
+
+    @staticmethod
+    def summed(parts: Sequence["AlignmentCounts"]) -> "AlignmentCounts":
+        """The sum of count tables of one tokenizer pair, in one sort (exact integer sums)."""
+        shape, pairs = parts[0].shape, {p.pair for p in parts} - {""}
+        if any(p.shape != shape for p in parts) or len(pairs) > 1:
             raise ValueError("cannot add alignment counts of different tokenizer pairs")
-        v_t = self.shape[1]
-        keys = np.concatenate([self.src.astype(np.int64) * v_t + self.tgt, other.src.astype(np.int64) * v_t + other.tgt])
-        counts = np.concatenate([self.count, other.count])
+        keys = np.concatenate([p.src.astype(np.int64) * shape[1] + p.tgt for p in parts])
+        counts = np.concatenate([p.count for p in parts])
         order = np.argsort(keys, kind="stable")
         keys, counts = keys[order], counts[order]
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, np.int64)
-        summed = np.add.reduceat(counts, starts) if keys.size else counts
-        return self._from_keys(keys[starts], summed, self.shape, self.pair or other.pair)
+        total = np.add.reduceat(counts, starts) if keys.size else counts
+        return AlignmentCounts._from_keys(keys[starts], total, shape, pairs.pop() if pairs else "")
 
     def to_bytes(self, meta: dict) -> bytes:
         """An .npz file: the three arrays, the shape and `meta` (JSON) beside the pair digest."""
@@ -161,29 +167,30 @@ def count_alignments(
     threads: int | None = None,
 ) -> AlignmentCounts:
     """Counts over many (source ids, target ids) tokenisations of the same texts: DTW on `threads` cores
-    in chunks of `DTW_CHUNK`, aggregated with numpy after each chunk (memory bounded by the distinct pairs)."""
+    in chunks of `DTW_CHUNK`, aggregated with numpy every `MERGE_EVERY` chunks (memory stays near the
+    distinct pairs)."""
     from fusekit.align.tokens import align_ids_batch
 
-    counts = AlignmentCounts.empty(shape, pair)
+    parts = [AlignmentCounts.empty(shape, pair)]
     chunk: list[tuple[np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
-        nonlocal counts
         live = [(np.asarray(s, np.int64), np.asarray(t, np.int64)) for s, t in chunk if len(s) and len(t)]
         chunk.clear()
         if not live:
             return
         paths = align_ids_batch(src_table, tgt_table, live, threads=threads)
         got = [co_start_pairs(p, s, t) for p, (s, t) in zip(paths, live)]
-        part = AlignmentCounts.from_pairs(np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got]), shape, pair)
-        counts = counts.merged(part)
+        parts.append(AlignmentCounts.from_pairs(np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got]), shape, pair))
+        if len(parts) >= MERGE_EVERY:  # one sort per MERGE_EVERY chunks keeps memory near the distinct pairs
+            parts[:] = [AlignmentCounts.summed(parts)]
 
     for item in pairs:
         chunk.append(item)
         if len(chunk) >= DTW_CHUNK:
             flush()
     flush()
-    return counts
+    return AlignmentCounts.summed(parts)
 
 
 def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: Any, threads: int | None = None) -> AlignmentCounts:
