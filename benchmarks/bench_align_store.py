@@ -5,8 +5,9 @@
 Three tiny models of different tokenizer families (byte-level BPE target, Unigram and WordPiece
 sources; 8k vocabularies trained here) are extracted with `fusekit.extract` over the standard library's
 sources and docs, in windows of 2048 tokens. The timed part is `fusekit.align_store` from those stores,
-with the paper's method (`fusellm`, the baseline) and the byte-span transfer (`bytespan`, which also
-runs the perfect-source check of the report)
+with the paper's method (`fusellm`, the baseline), FuseChat's statistical map (`fusechat`: the same carry;
+its alignment counts are built once beforehand and that pass is timed separately, on 1 and 2 threads)
+and the byte-span transfer (`bytespan`, which also runs the perfect-source check of the report)
 to a fresh aligned store: reading and decoding the stores, DTW, carrying the top-k, encoding and writing
 the shards. The vocabulary maps are built once beforehand (they are cached across runs; their cost is
 printed separately). Baseline: the same run on 1 worker thread, in this process.
@@ -55,6 +56,23 @@ def build_stores(root: Path, quick: bool) -> dict[str, Path]:
     return stores
 
 
+def count_pass(target: Path, sources: list[Path], root: Path) -> None:
+    """Build time of the `fusechat` alignment counts (a DTW pass over both stores), cold cache each time."""
+    from fusekit.align.statmap import corpus_counts
+    from fusekit.align.store import open_extract
+
+    tgt = open_extract(target, "target")
+    for i, ref in enumerate(sources):
+        src = open_extract(ref, "source")
+        tokens = tgt.token_count()
+        for threads in (1, 2):
+            t0 = time.perf_counter()
+            counts, _ = corpus_counts(tgt, src, root / f"counts-{i}-{threads}", threads)
+            dt = time.perf_counter() - t0
+            print(f"fusechat counts, source {i + 1} ({src.scheme}), {threads} thread(s): {tokens:,} target tokens in {dt:.2f} s "
+                  f"({tokens / dt:,.0f} tokens/s), {counts.nnz:,} distinct pairs of {counts.total:,} counted")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller corpus (CI smoke run)")
@@ -69,8 +87,10 @@ def main() -> None:
         fusekit.align_store(target, sources, root / "warm", vocab_map_cache=cache, num_shards=4, progress=False)
         print(f"first run incl. building 2 vocabulary maps (8k × 8k): {time.perf_counter() - t0:.2f} s")
         fusekit.align_store(target, sources, root / "warm-fusellm", vocab_map_cache=cache, num_shards=4, method="fusellm", progress=False)
+        count_pass(target, sources, root)
+        fusekit.align_store(target, sources, root / "warm-fusechat", vocab_map_cache=cache, num_shards=4, method="fusechat", progress=False)
         rows, base, reports = [], None, {}
-        for method in ("fusellm", "bytespan"):
+        for method in ("fusellm", "fusechat", "bytespan"):
             for workers in (1, 2):
                 best = float("inf")
                 for r in range(args.repeat):

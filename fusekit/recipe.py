@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str = Field(description="Short name used in tables and folder names.")
     model: str = Field(description="A local model folder, a .gguf file, or a Hugging Face id.")
-    align_method: Literal["bytespan", "fusellm"] | None = Field(
+    align_method: Literal["bytespan", "fusellm", "fusechat"] | None = Field(
         None, description="How this source's distributions reach the target's tokens (default: align.method)."
     )
 
@@ -62,8 +62,9 @@ class ExtractOptions(_Strict):
 
 class AlignOptions(_Strict):
     workers: int | None = Field(None, ge=1)
-    method: Literal["bytespan", "fusellm"] = Field(
-        "bytespan", description="bytespan: chain-rule transfer on byte spans (every position); fusellm: the paper's 1:1 carry."
+    method: Literal["bytespan", "fusellm", "fusechat"] = Field(
+        "bytespan", description="bytespan: chain-rule transfer on byte spans (every position); fusellm: the paper's 1:1 carry; "
+        "fusechat: the 1:1 carry through FuseChat's statistical vocabulary map (counted over the corpus)."
     )
 
 

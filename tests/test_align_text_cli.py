@@ -28,11 +28,15 @@ def test_bytespan_table_shows_how_each_target_token_is_reached(tmp_path):
     assert "perfect-source recall on this text: 1.000" in result.output
 
 
-def test_fusellm_table_and_bad_input(tmp_path):
+def test_paper_methods_path_and_bad_input(tmp_path):
     src, tgt = _tokenizer_files(tmp_path)
-    result = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--method", "fusellm"], terminal_width=200)
+    for method in ("fusellm", "fusechat"):  # 1:1 only: Llama-2's single digits of GPT-2's " 1234" fall back
+        result = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--method", method], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "fallback" in result.output and "1:n" not in result.output
+    result = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--path"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "vocabulary map:" in result.output and "path of" in result.output
+    assert "vocabulary map:" in result.output and "DTW path of" in result.output
     missing = CliRunner().invoke(app, ["align-text", TEXT, "-s", str(tmp_path / "nope.json"), "-t", tgt])
     assert missing.exit_code != 0 and "no tokenizer" in missing.output and "Traceback" not in missing.output
     unknown = CliRunner().invoke(app, ["align-text", TEXT, "-s", src, "-t", tgt, "--method", "dtw"])

@@ -193,7 +193,7 @@ def test_end_of_document_maps_by_role():
     assert out.ids[-2, 0] == tgt_tok.eos_token_id
 
 
-@pytest.mark.parametrize("method", ["bytespan", "fusellm"])
+@pytest.mark.parametrize("method", ["bytespan", "fusellm", "fusechat"])
 def test_bad_arrays_are_clear_errors(method):
     tok = real_tokenizer("gpt-2")
     text = "some text here"
@@ -212,7 +212,7 @@ def test_bad_arrays_are_clear_errors(method):
     with pytest.raises(ValueError, match="choose from"):
         fusekit.transfer(text, tok, tok, ids, logp, method="BYTESPAN")
     out = fusekit.transfer(text, tok, tok, ids, logp, method=method)
-    assert not out.carried[-1] and (out.ids[-1] == -1).all()  # the last row predicts nothing, in both methods
+    assert not out.carried[-1] and (out.ids[-1] == -1).all()  # the last row predicts nothing, in every method
 
 
 def test_a_normalising_tokenizer_onto_itself_never_borrows_a_neighbours_row():

@@ -3,7 +3,8 @@
 `align_store(target, sources, out)` reads extraction stores of one corpus (FUSION-METHOD.md §2–3):
 
 * **Vocabulary map** source → target, built once per tokenizer pair and cached on disk
-  (`vocab_cache.py`).
+  (`vocab_cache.py`); for the `fusechat` method, FuseChat's statistical map counted over this corpus
+  (`statmap.py`, cached per tokenizer pair and corpus).
 * **Alignment on the text, not on windows.** Extraction tokenised each text once and cut the tokens into
   consecutive windows, so source and target windows cover different character spans. For each target
   window [char_start, char_end) the source tokens whose *start offset* lies in that span are gathered
@@ -48,7 +49,7 @@ from fusekit.align.remap import remap_spans
 from fusekit.align.report import TIMINGS, SourceStats, build_report, print_report, split_timings
 from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
 from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transferer
-from fusekit.align.vocab_cache import VocabMap, exact_map, vocab_map
+from fusekit.align.vocab_cache import VocabMap, default_cache_dir, exact_map, vocab_map
 from fusekit.store.aligned_store import (
     FORMAT,
     FORMAT_VERSION,
@@ -235,8 +236,10 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
-def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats: SourceStats, target_info=None) -> Candidate:
-    """Carry one source onto one target window (path None: the span holds no source token)."""
+def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats: SourceStats, target_info=None, one_to_one: bool = False) -> Candidate:
+    """Carry one source onto one target window (path None: the span holds no source token).
+    `one_to_one`: carry only where the source position is aligned with that target position alone
+    (the `fusechat` method, `align_topk`)."""
     tgt_ids = p.tgt_ids
     n = len(tgt_ids)
     k = p.src.topk_ids.shape[1]
@@ -251,7 +254,7 @@ def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats
         return Candidate(ids=ids, probs=probs, ce=np.full(n, np.nan, dtype=np.float32), mean_ce=math.nan)
     s = p.src
     src_ids, topk_ids, topk_logp = s.ids[p.sel], s.topk_ids[p.sel], s.topk_logp[p.sel]
-    out = align_topk(path, src_ids, tgt_ids, vmap.ids, topk_ids, topk_logp)
+    out = align_topk(path, src_ids, tgt_ids, vmap.ids, topk_ids, topk_logp, one_to_one=one_to_one)
     carried = out.carried.copy()
     pos = out.src_pos
     ce_src = s.ce[p.sel]
@@ -272,7 +275,7 @@ def source_candidate(p: _Pending, path: np.ndarray | None, vmap: VocabMap, stats
         live = out.ids[:-1][counted] if n else out.ids[:0]
         stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], out.probs[:-1][counted], 0.0).sum())
         pk_ids, pk_lp = s.perfect(len(vmap.ids), seed=0)
-        chk = align_topk(path, src_ids, tgt_ids, vmap.ids, pk_ids[p.sel], pk_lp[p.sel])
+        chk = align_topk(path, src_ids, tgt_ids, vmap.ids, pk_ids[p.sel], pk_lp[p.sel], one_to_one=one_to_one)
         stats.recalled += int(recalled_rows(chk.ids, chk.probs, chk.carried, tgt_ids).sum())
     metric = s.metric[p.sel]
     return Candidate(ids=out.ids, probs=out.probs, ce=ce, mean_ce=_mean(ce_src[metric].astype(np.float64)))
@@ -427,7 +430,7 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
             out.append(AlignedWindow(text_id=int(text_id), window=int(w.window), input_ids=tgt_ids, candidates=[target_candidate(w)], loss_mask=mask))
             spans.append((int(w.char_start), int(w.char_end)))
             for s_i, tt in enumerate(per_source):
-                if methods[s_i] is Method.FUSELLM:
+                if methods[s_i] is not Method.BYTESPAN:
                     pending[s_i].append(_Pending(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
         tgt_tt = _TextTokens.of(windows, int(target.k))
         for s_i, tt in enumerate(per_source):
@@ -459,7 +462,7 @@ def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], Non
             paths = align_ids_batch(src_tables[s_i], tgt_table, [(p.src.ids[p.sel], p.tgt_ids) for _, p in live], threads=job.workers)
             by_item: dict[int, np.ndarray] = {n: path for (n, _), path in zip(live, paths)}
             for n, p in enumerate(chunk):
-                cands[lo + n] = source_candidate(p, by_item.get(n), job.vmaps[s_i], stats[s_i], info_of(target))
+                cands[lo + n] = source_candidate(p, by_item.get(n), job.vmaps[s_i], stats[s_i], info_of(target), methods[s_i] is Method.FUSECHAT)
             done += sum(len(p.tgt_ids) for p in chunk)
             if on_progress is not None:
                 on_progress(done, work)
@@ -499,6 +502,22 @@ def _methods(method: str | Sequence[str] | None, n: int) -> list[Method]:
         return [Method(m) if m is not None else DEFAULT_METHOD for m in names]
     except ValueError:
         raise StoreError(f"unknown alignment method in {names}: choose from {', '.join(m.value for m in Method)}") from None
+
+
+def _source_map(target, source, method: Method, cache_dir: str | Path | None, workers: int | None) -> VocabMap:
+    """The vocabulary map a source's method carries through: FuseLLM's (cached per tokenizer pair), the
+    statistical one built on it (`fusechat`: counts cached per pair and corpus), or exact matches only
+    (`bytespan`, for the report's counts)."""
+    if method is Method.BYTESPAN:
+        return exact_map(info_of(source), info_of(target))
+    fixed = vocab_map(
+        list(source.vocab), list(target.vocab), source.tokenizer_fingerprint, target.tokenizer_fingerprint, cache_dir, workers, info_of(source), info_of(target)
+    )
+    if method is Method.FUSELLM:
+        return fixed
+    from fusekit.align.statmap import statistical_map
+
+    return statistical_map(target, source, fixed, Path(cache_dir) if cache_dir is not None else default_cache_dir(), workers)
 
 
 def _num_shards(shard: str | None, num_shards: int | None, out: Path, target) -> tuple[int, list[int]]:
@@ -558,8 +577,9 @@ def align_store(
     folder of cached vocabulary maps (default `~/.cache/fusekit/vocab-maps`). `ray` ("auto" or an
     address) runs the shards as Ray tasks; the files are the same. Shards already complete are kept.
     `method`: how each source reaches the target's tokens — "bytespan" (default: the chain-rule transfer
-    on byte spans, every position) or "fusellm" (the paper's 1:1 carry); one name for all sources or a
-    list, one per source (`fusekit.align.transfer`, docs/ALIGN.md).
+    on byte spans, every position), "fusellm" (the paper's 1:1 carry) or "fusechat" (the 1:1 carry through
+    FuseChat's statistical vocabulary map, counted over this corpus first and cached beside the vocabulary
+    maps); one name for all sources or a list, one per source (`fusekit.align.transfer`, docs/ALIGN.md).
     """
     if isinstance(sources, (str, Path)) or not isinstance(sources, Iterable):
         sources = [sources]
@@ -573,12 +593,7 @@ def align_store(
     count, todo = _num_shards(shard, num_shards, out, tgt)
 
     methods = _methods(method, len(srcs))
-    vmaps = [
-        vocab_map(list(s.vocab), list(tgt.vocab), s.tokenizer_fingerprint, tgt.tokenizer_fingerprint, vocab_map_cache, workers, info_of(s), info_of(tgt))
-        if m is Method.FUSELLM
-        else exact_map(info_of(s), info_of(tgt))
-        for s, m in zip(srcs, methods)
-    ]
+    vmaps = [_source_map(tgt, s, m, vocab_map_cache, workers) for s, m in zip(srcs, methods)]
     max_length = int(tgt.settings.get("max_length") or max((len(w.input_ids) for w in tgt.iter_windows()), default=1))
     settings = {
         "format_version": FORMAT_VERSION,

@@ -105,6 +105,7 @@ def align_topk(
     vocab_map: np.ndarray,
     src_topk_ids: np.ndarray,
     src_topk_logp: np.ndarray,
+    one_to_one: bool = False,
 ) -> AlignedTopk:
     """Move a source's per-position top-k (ids, log-probs) onto the target positions along `path`.
 
@@ -112,6 +113,10 @@ def align_topk(
     `vocab_map`) to the target token carries the source's top-k, ids mapped, probabilities renormalised
     over the kept entries; ids that collide after mapping are merged by summing their probabilities.
     Every other position gets one-hot on the *next* target token; the last position gets nothing.
+
+    `one_to_one`: also require the source position to be aligned with that target position only. The
+    `fusechat` map sends a source token to the target piece it begins with, so without this check the
+    first piece of a 1:n group would carry the row that predicts what follows the *whole* source token.
     """
     path = np.asarray(path)
     if path.ndim != 2 or path.shape[1] != 2 or not np.issubdtype(path.dtype, np.integer):
@@ -130,4 +135,13 @@ def align_topk(
         np.ascontiguousarray(topk_ids, dtype=np.int64),
         np.ascontiguousarray(topk_logp, dtype=np.float32),
     )
+    if one_to_one and carried.any():
+        fanout = np.bincount(path[:, 0], minlength=len(src_ids))  # target positions per source position
+        wide = np.flatnonzero(carried & (fanout[np.maximum(src_pos, 0)] > 1))
+        if wide.size:
+            tgt = np.asarray(tgt_ids)
+            ids[wide], probs[wide] = -1, 0.0
+            inner = wide[wide + 1 < len(tgt)]
+            ids[inner, 0], probs[inner, 0] = tgt[inner + 1], 1.0
+            carried[wide], src_pos[wide] = False, -1
     return AlignedTopk(ids=ids, probs=probs, carried=carried, src_pos=src_pos)

@@ -1,6 +1,6 @@
 """Moving a source model's next-token distributions onto a target tokenizer's positions.
 
-Two methods, switchable per source (docs/ALIGN.md has the worked example):
+Three methods, switchable per source (docs/ALIGN.md has the worked example):
 
 * ``bytespan`` (default): the chain-rule transfer on exact byte spans (`rust/src/transfer.rs`). Every
   target position gets the source's probability of each target piece: 1:1 positions as FuseLLM carries
@@ -9,6 +9,8 @@ Two methods, switchable per source (docs/ALIGN.md has the worked example):
   A model transferred onto itself gets its own distribution back.
 * ``fusellm``: the paper's rule — DTW over normalised token strings, exact/MinED vocabulary map, only
   1:1 positions carry — with the byte-fallback-twin, special-token and padded-id bugs fixed.
+* ``fusechat``: FuseChat's statistical vocabulary map (`statmap.py`: each source token to the target token
+  it most often begins together with over the corpus) in place of exact/MinED, then the same 1:1 carry.
 
 `transfer(text, source_tokenizer, target_tokenizer, …)` is the text-level API; `transfer_texts` is the
 batch form that `fusekit align` runs over extraction stores (one code path for both).
@@ -16,9 +18,11 @@ batch form that `fusekit align` runs over extraction stores (one code path for b
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -26,11 +30,14 @@ from fusekit import _core
 from fusekit.align.spans import byte_spans
 from fusekit.align.vocab_info import VocabInfo, vocab_info
 
+if TYPE_CHECKING:  # pragma: no cover
+    from fusekit.align.statmap import AlignmentCounts
 
 
 class Method(str, Enum):
     BYTESPAN = "bytespan"
     FUSELLM = "fusellm"
+    FUSECHAT = "fusechat"
 
 
 DEFAULT_METHOD = Method.BYTESPAN
@@ -75,7 +82,10 @@ class TextTokens:
 
 
 class Transferer:
-    """A source→target vocabulary pair, prepared once (Rust tables, vocabulary map) for many texts."""
+    """A source→target vocabulary pair, prepared once (Rust tables, vocabulary map) for many texts.
+
+    `vocab_map` int64 [V_s] (−1 = nowhere): the map of the 1:1 carry (`fusellm`: FuseLLM's fixed map when
+    not given; `fusechat`: required, from `statmap.statistical_vocab_map` — ValueError without it)."""
 
     def __init__(self, source: VocabInfo, target: VocabInfo, method: Method | str = DEFAULT_METHOD, vocab_map: np.ndarray | None = None, threads: int | None = None):
         self.source, self.target, self.method, self.threads = source, target, Method(method), threads
@@ -85,8 +95,32 @@ class Transferer:
         else:
             from fusekit.align.tokens import TokenTable
 
+            if vocab_map is None and self.method is Method.FUSECHAT:
+                raise ValueError("the fusechat method needs its statistical vocabulary map (fusekit.align.statmap): pass vocab_map")
             self.vocab_map = vocab_map if vocab_map is not None else fusellm_vocab_map(source, target, threads)
-            self._src_table, self._tgt_table = TokenTable(list(source.strings)), TokenTable(list(target.strings))
+            self.src_table, self.tgt_table = TokenTable(list(source.strings)), TokenTable(list(target.strings))
+
+    def with_vocab_map(self, method: Method | str, vocab_map: np.ndarray) -> "Transferer":
+        """The same pair (tables shared, nothing rebuilt) carrying through another map, e.g. `fusechat`'s."""
+        if self.method is Method.BYTESPAN:
+            raise ValueError("the bytespan method has no vocabulary map to replace")
+        other = copy.copy(self)
+        other.method, other.vocab_map = Method(method), np.asarray(vocab_map, np.int64)
+        return other
+
+    @cached_property
+    def pair(self) -> str:
+        """Digest of both vocabularies (`statmap.pair_digest`): which alignment counts belong here."""
+        from fusekit.align.statmap import pair_digest
+
+        return pair_digest(self.source, self.target)
+
+    @cached_property
+    def identical(self) -> np.ndarray:
+        """int64 [V_s]: each source id's identical (usable) target id, −1 where none."""
+        from fusekit.align.vocab_cache import exact_map
+
+        return exact_map(self.source, self.target).ids
 
     def run(self, items: Sequence[tuple], out_k: int) -> list[Transfer]:
         """items: (text, source tokens, target tokens, source top-k ids [m, k], log-probs [m, k][, true_logp [m]]).
@@ -131,8 +165,8 @@ class Transferer:
             if n:
                 ids[:-1, 0], probs[:-1, 0] = tgt.ids[1:], 1.0
             return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
-        (path,) = align_ids_batch(self._src_table, self._tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
-        out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp)
+        (path,) = align_ids_batch(self.src_table, self.tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
+        out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp, one_to_one=self.method is Method.FUSECHAT)
         out.carried[-1] = False  # the last row predicts nothing: empty, as with bytespan
         out.ids[-1], out.probs[-1] = -1, 0.0
         k = out.ids.shape[1]
@@ -214,6 +248,7 @@ def transfer(
     src_topk_logp: np.ndarray,
     method: Method | str | None = None,
     out_k: int | None = None,
+    counts: "AlignmentCounts | None" = None,
 ) -> Transfer:
     """Move a source's top-k next-token distributions over `text` onto the target's tokens of `text`.
 
@@ -221,7 +256,9 @@ def transfer(
     predicts source token i+1 of `source_tokenizer(text, add_special_tokens=False)`. Returns a `Transfer`
     whose row j predicts target token j+1 of the target's tokens of `text`; `out_k` entries per row
     (default: k). Tokenizers: `tokenizers.Tokenizer` or transformers fast tokenizers. `method`: "bytespan"
-    (default) or "fusellm". Raises ValueError on arrays that do not match the source's tokens.
+    (default), "fusellm" or "fusechat". `counts` (fusechat only): the pair's alignment counts over a corpus
+    (`fusekit.align.statmap.count_texts`); default: counted over `text` itself. Raises ValueError on arrays
+    that do not match the source's tokens and on counts of another tokenizer pair.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -240,7 +277,19 @@ def transfer(
             f"src_topk_ids {topk_ids.shape} and src_topk_logp {topk_logp.shape} must both be [n_s, k] with "
             f"n_s = {len(src.ids)} source tokens of the text"
         )
-    t = cached_transferer(source_tokenizer, target_tokenizer, method)
+    if counts is not None and method is not Method.FUSECHAT:
+        raise ValueError(f"counts are for the fusechat method, not {method.value}")
+    if method is Method.FUSECHAT:
+        from fusekit.align.statmap import AlignmentCounts, count_alignments, fusechat_transferer
+
+        base = cached_transferer(source_tokenizer, target_tokenizer, Method.FUSELLM)
+        if counts is None:
+            counts = count_alignments(base.src_table, base.tgt_table, [(src.ids, tgt.ids)], (len(base.source), len(base.target)), base.pair)
+        elif not isinstance(counts, AlignmentCounts):
+            raise TypeError(f"counts must be fusekit.align.statmap.AlignmentCounts, got {type(counts).__name__}")
+        t = fusechat_transferer(base, counts)
+    else:
+        t = cached_transferer(source_tokenizer, target_tokenizer, method)
     _check_topk(topk_ids, topk_logp, len(t.source))
     out_k = topk_ids.shape[1] if out_k is None else out_k
     if not isinstance(out_k, (int, np.integer)) or out_k < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -36,6 +36,7 @@ class VocabMap:
     exact: np.ndarray  # bool [source vocab]: the target token has the identical (normalised) string
     stats: VocabMapStats
     key: str
+    detail: dict = field(default_factory=dict)  # method-specific figures for the report (fusechat: its counts)
 
     def as_json(self) -> dict:
         total = self.stats.exact + self.stats.min_ed
@@ -45,6 +46,7 @@ class VocabMap:
             "exact_share": self.stats.exact / total if total else 0.0,
             "min_ed_share": self.stats.min_ed / total if total else 0.0,
             "cache_key": self.key,
+            **self.detail,
         }
 
 

@@ -21,13 +21,14 @@ def align_command(
     shards: Optional[int] = typer.Option(None, "--shards", help="Number of shards N of a whole run (default: the existing store's, else the target store's)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="DTW threads (default: all cores)."),
     vocab_map_cache: Optional[Path] = typer.Option(
-        None, "--vocab-map-cache", help="Folder of cached vocabulary maps (default ~/.cache/fusekit/vocab-maps)."
+        None, "--vocab-map-cache", help="Folder of cached vocabulary maps and fusechat alignment counts (default ~/.cache/fusekit/vocab-maps)."
     ),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards as Ray tasks: 'auto' (the running cluster), an address, or 'local'."),
     method: List[str] = typer.Option(
         ["bytespan"], "--method", "-M",
-        help="How a source reaches the target's tokens: 'bytespan' (chain-rule transfer on byte spans, every position) "
-        "or 'fusellm' (the paper's 1:1 carry). Once for all sources, or once per --source, in order.",
+        help="How a source reaches the target's tokens: 'bytespan' (chain-rule transfer on byte spans, every position), "
+        "'fusellm' (the paper's 1:1 carry) or 'fusechat' (the 1:1 carry through FuseChat's statistical vocabulary map, "
+        "counted over this corpus). Once for all sources, or once per --source, in order.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars and the report table."),
 ) -> None:

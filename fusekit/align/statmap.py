@@ -1,0 +1,342 @@
+"""FuseChat's statistical vocabulary map (method `fusechat`): each source token goes to the target token
+it is most often aligned with over the corpus, instead of FuseLLM's exact/minimum-edit-distance guess.
+
+FuseChat (Wan et al., 2024, https://arxiv.org/abs/2402.16107, "mapping statistics"; reused by
+FuseChat-2.0, https://arxiv.org/abs/2408.07990) builds its source→target vocabulary map from the
+sequence-level DTW token alignment of the whole training corpus (reference: fanqiwan/FuseAI,
+`FuseChat/train/align_token_and_vocab.py`, `align_type="default"`). fusekit's rule, and where it differs
+from the reference, is in docs/ALIGN.md ("The statistical map"):
+
+* **Counts.** The same DTW the `fusellm` method runs (normalised strings, per target window) aligns the
+  source's and the target's tokens; C[s, t] counts how often source token s and target token t *begin
+  together* on the path — the pair (i, j) is the first pair of source position i and also the first of
+  target position j. (The reference counts every pair on the path.) The counts are kept sparse,
+  one (src, tgt, count) triple per distinct pair: never a dense V_s × V_t table.
+* **Map.** s → the usable target id with the largest C[s, t]; ties go to the identical string, then to the
+  lowest id. A source token never seen (or seen only beside ids that must take no mass: byte-fallback
+  twins, special, empty) keeps FuseLLM's fixed exact/MinED map; special tokens map by role (EOS → EOS),
+  padded ids nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from fusekit.store.shards import StoreError, settings_digest, shard_slice, write_bytes_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusekit.align.tokens import TokenTable
+    from fusekit.align.transfer import Transferer
+    from fusekit.align.vocab_cache import VocabMap
+    from fusekit.align.vocab_info import VocabInfo
+
+COUNTS_FORMAT = 1
+DTW_CHUNK = 256  # windows per align_ids_batch call (as the store path): every thread busy, bounded memory
+MERGE_EVERY = 32  # chunks of counts summed at once
+
+
+@dataclass(frozen=True)
+class AlignmentCounts:
+    """Sparse co-alignment counts of a source vocabulary (rows) against a target vocabulary (columns).
+
+    `src`, `tgt` int32 [nnz] and `count` int64 [nnz] ≥ 1, one entry per distinct (src, tgt) pair, sorted by
+    (src, tgt); `shape` = (V_s, V_t); `pair` = digest of both vocabularies (`pair_digest`, "" unknown) so
+    counts are never applied to another tokenizer pair.
+    """
+
+    src: np.ndarray
+    tgt: np.ndarray
+    count: np.ndarray
+    shape: tuple[int, int]
+    pair: str = ""
+
+    @property
+    def nnz(self) -> int:
+        return int(self.count.size)
+
+    @property
+    def total(self) -> int:
+        """Number of aligned pairs counted."""
+        return int(self.count.sum())
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], pair: str = "") -> "AlignmentCounts":
+        z = np.zeros(0, np.int32)
+        return cls(z, z.copy(), np.zeros(0, np.int64), (int(shape[0]), int(shape[1])), pair)
+
+    @classmethod
+    def from_pairs(cls, src_tokens: np.ndarray, tgt_tokens: np.ndarray, shape: tuple[int, int], pair: str = "") -> "AlignmentCounts":
+        """Count (src_tokens[n], tgt_tokens[n]) occurrences; ids must lie in [0, V_s) × [0, V_t) (ValueError)."""
+        s, t = np.asarray(src_tokens, np.int64).ravel(), np.asarray(tgt_tokens, np.int64).ravel()
+        if s.shape != t.shape:
+            raise ValueError(f"source and target token arrays differ in length: {s.size} vs {t.size}")
+        _check_range(s, t, shape)
+        keys, counts = np.unique(s * int(shape[1]) + t, return_counts=True)
+        return cls._from_keys(keys, counts.astype(np.int64), shape, pair)
+
+    @classmethod
+    def _from_keys(cls, keys: np.ndarray, counts: np.ndarray, shape: tuple[int, int], pair: str) -> "AlignmentCounts":
+        v_t = int(shape[1])
+        return cls((keys // v_t).astype(np.int32), (keys % v_t).astype(np.int32), counts, (int(shape[0]), v_t), pair)
+
+    def merged(self, other: "AlignmentCounts") -> "AlignmentCounts":
+        """The sum of two count tables of the same tokenizer pair (exact integer sums)."""
+        return AlignmentCounts.summed([self, other])
+
+    @staticmethod
+    def summed(parts: Sequence["AlignmentCounts"]) -> "AlignmentCounts":
+        """The sum of count tables of one tokenizer pair, in one sort (exact integer sums)."""
+        shape, pairs = parts[0].shape, {p.pair for p in parts} - {""}
+        if any(p.shape != shape for p in parts) or len(pairs) > 1:
+            raise ValueError("cannot add alignment counts of different tokenizer pairs")
+        keys = np.concatenate([p.src.astype(np.int64) * shape[1] + p.tgt for p in parts])
+        counts = np.concatenate([p.count for p in parts])
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if keys.size else np.zeros(0, np.int64)
+        total = np.add.reduceat(counts, starts) if keys.size else counts
+        return AlignmentCounts._from_keys(keys[starts], total, shape, pairs.pop() if pairs else "")
+
+    def to_bytes(self, meta: dict) -> bytes:
+        """An .npz file: the three arrays, the shape and `meta` (JSON) beside the pair digest."""
+        buf = io.BytesIO()
+        info = dict(meta, format=COUNTS_FORMAT, pair=self.pair, shape=list(self.shape))
+        np.savez(buf, src=self.src, tgt=self.tgt, count=self.count, meta=np.array(json.dumps(info, sort_keys=True)))
+        return buf.getvalue()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> tuple["AlignmentCounts", dict]:
+        """(counts, meta) from an .npz written by `to_bytes`; ValueError when it is not a valid counts file."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                src, tgt, count = (np.asarray(data[k]) for k in ("src", "tgt", "count"))
+            shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a fusekit alignment-counts file ({exc})") from None
+        if meta.get("format") != COUNTS_FORMAT or not (src.shape == tgt.shape == count.shape) or src.ndim != 1:
+            raise ValueError(f"{path} is not a fusekit alignment-counts file of format {COUNTS_FORMAT}")
+        _check_range(src.astype(np.int64), tgt.astype(np.int64), shape)
+        return cls(src.astype(np.int32), tgt.astype(np.int32), count.astype(np.int64), shape, str(meta.get("pair", ""))), meta
+
+
+def _check_range(s: np.ndarray, t: np.ndarray, shape: tuple[int, int]) -> None:
+    if s.size and (s.min() < 0 or s.max() >= shape[0] or t.min() < 0 or t.max() >= shape[1]):
+        raise ValueError(f"token ids outside the vocabularies {shape[0]} × {shape[1]}")
+
+
+def pair_digest(source: "VocabInfo", target: "VocabInfo") -> str:
+    """Digest of both normalised vocabularies and their kinds: what counts may be applied to."""
+    from fusekit.align.vocab_cache import vocab_digest
+
+    spec = vocab_digest(source.strings) + vocab_digest(target.strings) + json.dumps([source.as_json(), target.as_json()])
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- counting
+
+
+def co_start_pairs(path: np.ndarray, src_ids: np.ndarray, tgt_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source token ids, target token ids) of the pairs of a DTW path that begin together.
+
+    `path` int [P, 2] of (source position, target position), non-decreasing in both (`align_ids_batch`).
+    A pair counts when its source position and its target position both appear on the path for the first
+    time: a diagonal step. 1:n and n:1 groups count once, for their first tokens.
+    """
+    path = np.asarray(path, np.int64)
+    if not len(path):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    i, j = path[:, 0], path[:, 1]
+    both = np.r_[True, i[1:] != i[:-1]] & np.r_[True, j[1:] != j[:-1]]
+    return np.asarray(src_ids, np.int64)[i[both]], np.asarray(tgt_ids, np.int64)[j[both]]
+
+
+def count_alignments(
+    src_table: "TokenTable",
+    tgt_table: "TokenTable",
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    shape: tuple[int, int],
+    pair: str = "",
+    threads: int | None = None,
+) -> AlignmentCounts:
+    """Counts over many (source ids, target ids) tokenisations of the same texts: DTW on `threads` cores
+    in chunks of `DTW_CHUNK`, aggregated with numpy every `MERGE_EVERY` chunks (memory stays near the
+    distinct pairs)."""
+    from fusekit.align.tokens import align_ids_batch
+
+    parts = [AlignmentCounts.empty(shape, pair)]
+    chunk: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        live = [(np.asarray(s, np.int64), np.asarray(t, np.int64)) for s, t in chunk if len(s) and len(t)]
+        chunk.clear()
+        if not live:
+            return
+        paths = align_ids_batch(src_table, tgt_table, live, threads=threads)
+        got = [co_start_pairs(p, s, t) for p, (s, t) in zip(paths, live)]
+        parts.append(AlignmentCounts.from_pairs(np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got]), shape, pair))
+        if len(parts) >= MERGE_EVERY:  # one sort per MERGE_EVERY chunks keeps memory near the distinct pairs
+            parts[:] = [AlignmentCounts.summed(parts)]
+
+    for item in pairs:
+        chunk.append(item)
+        if len(chunk) >= DTW_CHUNK:
+            flush()
+    flush()
+    return AlignmentCounts.summed(parts)
+
+
+def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: Any, threads: int | None = None) -> AlignmentCounts:
+    """Counts over `texts` for two tokenizers (the text-level API): each whole text tokenised by both
+    (no special tokens) and aligned by DTW. Pass the result to `fusekit.transfer(…, counts=…)`."""
+    from fusekit.align.tokens import TokenTable
+    from fusekit.align.transfer import encode_offsets
+    from fusekit.align.vocab_info import vocab_info
+
+    s_info, t_info = vocab_info(source_tokenizer), vocab_info(target_tokenizer)
+    items = ((encode_offsets(source_tokenizer, t).ids, encode_offsets(target_tokenizer, t).ids) for t in texts)
+    tables = TokenTable(list(s_info.strings)), TokenTable(list(t_info.strings))
+    return count_alignments(*tables, items, (len(s_info), len(t_info)), pair_digest(s_info, t_info), threads)
+
+
+def _window_pairs(target, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(source ids, target ids) per target window, as the `fusellm` store path aligns them: the source
+    tokens whose start offset lies in the window's character span. Reads the target's shards in turn."""
+    from fusekit.align.store import _TextTokens
+
+    n_shards = int(getattr(target, "num_shards", None) or target.settings.get("num_shards") or 1)
+    for shard in range(n_shards):
+        texts = shard_slice(int(target.n_texts), shard, n_shards)
+        src_texts = dict(source.iter_texts(texts))
+        for text_id, windows in target.iter_texts(texts):
+            src = _TextTokens.of(src_texts.get(text_id, []), int(source.k))
+            for w in windows:
+                yield src.ids[src.span(int(w.char_start), int(w.char_end))], np.asarray(w.input_ids, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- the map
+
+
+def statistical_vocab_map(
+    counts: AlignmentCounts, source: "VocabInfo", target: "VocabInfo", fallback: np.ndarray, exact: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(map int64 [V_s] with −1 = nowhere, seen bool [V_s]: mapped from the counts).
+
+    s → argmax_t C[s, t] over usable target ids, ties to the identical string, then the lowest id;
+    `fallback` (FuseLLM's fixed map) where no usable pair was counted. Special source tokens by role,
+    empty (padded) ids nowhere. `exact` int64 [V_s]: each source id's identical target id or −1
+    (`vocab_cache.exact_map`; computed when not given). Raises ValueError on counts of another pair.
+    """
+    from fusekit.align.vocab_cache import exact_map
+    from fusekit.align.vocab_info import EMPTY, SPECIAL
+
+    if counts.shape != (len(source), len(target)) or (counts.pair and counts.pair != pair_digest(source, target)):
+        raise ValueError(
+            f"these alignment counts belong to another tokenizer pair (vocabularies {counts.shape[0]} × {counts.shape[1]}, "
+            f"this pair {len(source)} × {len(target)}): count over texts of this source and target"
+        )
+    keep = target.usable[counts.tgt]
+    s, t, c = counts.src[keep].astype(np.int64), counts.tgt[keep].astype(np.int64), counts.count[keep]
+    identical = (exact_map(source, target).ids if exact is None else exact)[s] == t
+    order = np.lexsort((t, ~identical, -c, s))  # by source, then count down, identical first, lowest id
+    s, t = s[order], t[order]
+    first = np.r_[True, s[1:] != s[:-1]] if s.size else np.zeros(0, bool)
+    ids = np.asarray(fallback, np.int64).copy()
+    ids[s[first]] = t[first]
+    seen = np.zeros(len(source), bool)
+    seen[s[first]] = True
+    role = (source.kind == SPECIAL) | (source.kind == EMPTY)
+    ids[role], seen[role] = -1, False
+    if source.eos is not None and target.eos is not None:
+        ids[source.eos] = target.eos
+    return ids, seen
+
+
+def fusechat_transferer(base: "Transferer", counts: AlignmentCounts) -> "Transferer":
+    """`base` (a `fusellm` Transferer of the pair: its tables and FuseLLM map as the fallback) carrying
+    through the statistical map of `counts`."""
+    from fusekit.align.transfer import Method
+
+    ids, _ = statistical_vocab_map(counts, base.source, base.target, base.vocab_map, base.identical)
+    return base.with_vocab_map(Method.FUSECHAT, ids)
+
+
+def _corpus_identity(target, source) -> dict:
+    return {
+        "corpus_fingerprint": target.corpus_fingerprint,
+        "n_texts": int(target.n_texts),
+        "target_extract": settings_digest(target.settings),
+        "source_extract": settings_digest(source.settings),
+    }
+
+
+def counts_cache_key(target, source) -> str:
+    spec = [COUNTS_FORMAT, source.tokenizer_fingerprint, target.tokenizer_fingerprint, len(source.vocab), len(target.vocab), _corpus_identity(target, source)]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def corpus_counts(target, source, cache_dir: Path, threads: int | None = None) -> tuple[AlignmentCounts, bool]:
+    """(counts of `source` against `target` over their corpus, read from the cache?).
+
+    Stores are extraction stores of one corpus. The file `<cache_dir>/<key>.counts.npz` is keyed on both
+    tokenizers' fingerprints, vocabulary sizes and the corpus (fingerprint, number of texts, both stores'
+    extraction settings); a file that does not hold this pair's vocabularies and corpus is rebuilt.
+    """
+    from fusekit.align.store import info_of
+    from fusekit.align.tokens import TokenTable
+
+    s_info, t_info = info_of(source), info_of(target)
+    pair, identity = pair_digest(s_info, t_info), _corpus_identity(target, source)
+    path = Path(cache_dir) / f"{counts_cache_key(target, source)}.counts.npz"
+    if path.is_file():
+        try:
+            counts, meta = AlignmentCounts.from_file(path)
+            if counts.pair == pair and meta.get("corpus") == identity and counts.shape == (len(s_info), len(t_info)):
+                return counts, True
+        except ValueError:
+            pass  # unreadable or another pair's: rebuilt below
+    counts = count_alignments(
+        TokenTable(list(source.vocab)), TokenTable(list(target.vocab)), _window_pairs(target, source), (len(s_info), len(t_info)), pair, threads
+    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(counts.to_bytes({"corpus": identity}), path)
+    except (OSError, StoreError):
+        pass  # a read-only cache only costs the rebuild next time
+    return counts, False
+
+
+def statistical_map(target, source, fallback: "VocabMap", cache_dir: Path, threads: int | None = None) -> "VocabMap":
+    """The `fusechat` `VocabMap` of a source store onto the target store (counts from the cache or counted
+    now; `fallback` is the pair's FuseLLM map). Its report entry adds the counts' size and the share of
+    the source vocabulary mapped from them."""
+    from fusekit.align.store import info_of
+    from fusekit.align.tokens import VocabMapStats
+    from fusekit.align.vocab_cache import VocabMap, exact_map
+
+    counts, _ = corpus_counts(target, source, cache_dir, threads)
+    s_info, t_info = info_of(source), info_of(target)
+    identical = exact_map(s_info, t_info).ids
+    ids, seen = statistical_vocab_map(counts, s_info, t_info, fallback.ids, identical)
+    exact = (ids >= 0) & (ids == identical)
+    usable = int(s_info.usable.sum())
+    detail = {
+        "statistical": int(seen.sum()),
+        "statistical_share": float(seen.sum()) / usable if usable else 0.0,
+        "count_pairs": counts.nnz,
+        "counted": counts.total,
+    }
+    return VocabMap(
+        ids=ids,
+        exact=exact,
+        stats=VocabMapStats(exact=int(exact.sum()), min_ed=usable - int(exact.sum())),
+        key=f"{fallback.key}+{counts_cache_key(target, source)}",
+        detail=detail,
+    )
