@@ -235,7 +235,7 @@ def statistical_vocab_map(
     (`vocab_cache.exact_map`; computed when not given). Raises ValueError on counts of another pair.
     """
     from fusekit.align.vocab_cache import exact_map
-    from fusekit.align.vocab_info import EMPTY, SPECIAL
+    from fusekit.align.vocab_info import EMPTY, SPECIAL, map_specials_by_role
 
     if counts.shape != (len(source), len(target)) or (counts.pair and counts.pair != pair_digest(source, target)):
         raise ValueError(
@@ -252,11 +252,8 @@ def statistical_vocab_map(
     ids[s[first]] = t[first]
     seen = np.zeros(len(source), bool)
     seen[s[first]] = True
-    role = (source.kind == SPECIAL) | (source.kind == EMPTY)
-    ids[role], seen[role] = -1, False
-    if source.eos is not None and target.eos is not None:
-        ids[source.eos] = target.eos
-    return ids, seen
+    seen[(source.kind == SPECIAL) | (source.kind == EMPTY)] = False
+    return map_specials_by_role(ids, source, target), seen
 
 
 def fusechat_transferer(base: "Transferer", counts: AlignmentCounts) -> "Transferer":

@@ -200,14 +200,9 @@ def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None 
 
     ids, _ = map_vocab_with_stats(source.strings, target.strings, threads, tgt_usable=target.usable.tolist())
     ids = np.asarray(ids, dtype=np.int64)
-    from fusekit.align.vocab_info import EMPTY, SPECIAL
+    from fusekit.align.vocab_info import map_specials_by_role
 
-    ids[(source.kind == SPECIAL) | (source.kind == EMPTY)] = -1
-    for src_end, tgt_end in ((source.eos, target.eos if target.eos is not None else target.eot),
-                             (source.eot, target.eot if target.eot is not None else target.eos)):
-        if src_end is not None and tgt_end is not None:
-            ids[src_end] = tgt_end
-    return ids
+    return map_specials_by_role(ids, source, target)
 
 
 # ---------------------------------------------------------------------------------------------- text API

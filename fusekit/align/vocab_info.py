@@ -137,6 +137,18 @@ def vocab_info(tokenizer: Any, size: int | None = None) -> VocabInfo:
     return VocabInfo(strings, kind, eos, eot)
 
 
+def map_specials_by_role(ids: np.ndarray, source: VocabInfo, target: VocabInfo) -> np.ndarray:
+    """A source→target id map (int64 [V_s], −1 = nowhere) with the special and empty source ids set by role:
+    end of sequence → end of sequence, end of turn → end of turn (each falling back on the target's other
+    end token), every other special or padded id → −1. Modifies and returns `ids`."""
+    ids[(source.kind == SPECIAL) | (source.kind == EMPTY)] = -1
+    for src_end, tgt_end in ((source.eos, target.eos if target.eos is not None else target.eot),
+                             (source.eot, target.eot if target.eot is not None else target.eos)):
+        if src_end is not None and tgt_end is not None:
+            ids[src_end] = tgt_end
+    return ids
+
+
 def _named_special(strings: Sequence[str], kind: np.ndarray, names: Sequence[str]) -> int | None:
     """The first special id spelled as one of `names` (in the order of `names`)."""
     where = {s: i for i, s in enumerate(strings) if kind[i] == SPECIAL and s in names}
