@@ -8,7 +8,7 @@ worst case for the codec, said in the title). Texts are the standard library's p
 
 Size: the exact top-20 of every position is computed once; k = 5 and 10 are its prefixes. Each layout
 stores the same windows (input ids, offsets, top-k ids and log-probs, CE) as one Parquet file (zstd):
-- codec: fusekit's store (rust/src/codec.rs), file bytes including the per-shard rank table;
+- codec: fusekit's store (rust/src/codec.rs), file bytes including the per-shard rank table and codec prior;
 - fp16+int64: the reference layout (log-probs as fp16, ids int64, one list row per window);
 - fp32+int32.
 KL is the mean over positions of KL(original top-k ‖ stored top-k), both renormalised over the k slots.
@@ -36,7 +36,7 @@ from fusekit import zoo  # noqa: E402
 from fusekit.corpus import Record  # noqa: E402
 from fusekit.extract import run as extract_run  # noqa: E402
 from fusekit.extract.model import forward_topk, load_net  # noqa: E402
-from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, decode_rank_table, encode_shard  # noqa: E402
+from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, encode_shard, shard_codec  # noqa: E402
 from fusekit.store.shards import parquet_bytes  # noqa: E402
 from fusekit.store.types import Window  # noqa: E402
 
@@ -100,7 +100,8 @@ def codec_figures(windows: list[Window], k: int, vocab_size: int, step: float, k
     ws = truncate(windows, k)
     frame, meta, _ = encode_shard(ws, k=k, vocab_size=vocab_size, step=step, knee=knee)
     data = parquet_bytes(frame, meta)
-    decoded = decode_frame(frame, decode_rank_table(meta["fusekit.rank_table"]), k, step, knee)
+    table, prior = shard_codec(meta)
+    decoded = decode_frame(frame, table, k, step, knee, prior=prior)
     tokens = sum(len(w.input_ids) for w in ws)
     orig = np.concatenate([w.topk_logp for w in ws])
     got = np.concatenate([w.topk_logp for w in decoded])

@@ -64,14 +64,26 @@ def align_topk(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.int32]]:
     """Per target position: (ids [n, k], probs [n, k], carried [n], source position [n])."""
 
+def codec_train_prior(
+    windows: Sequence[tuple],
+    k: int,
+    step: float,
+    threads: Optional[int] = None,
+    knee: float = 0.0,
+) -> bytes:
+    """A shard's codec prior learnt from its windows (the tuples of `codec_encode_windows`): one level
+    0..64 per adaptive cell of the coder. Deterministic; ValueError on a bad window."""
+
 def codec_encode_windows(
     windows: Sequence[tuple],
     k: int,
     step: float,
     threads: Optional[int] = None,
     knee: float = 0.0,
+    prior: Optional[bytes] = None,
 ) -> list[tuple[bytes, float, float]]:
-    """Per window: (coded bytes, Σ KL, max KL); see rust/src/codec.rs for the format."""
+    """Per window: (coded bytes, Σ KL, max KL); see rust/src/codec.rs for the format. Every window's
+    models start from `prior` (from `codec_train_prior`), or fresh when None; ValueError on a bad prior."""
 
 def codec_decode_windows(
     windows: Sequence[tuple[bytes, int, int, bool]],
@@ -79,4 +91,7 @@ def codec_decode_windows(
     step: float,
     threads: Optional[int] = None,
     knee: float = 0.0,
-) -> list[tuple]: ...
+    prior: Optional[bytes] = None,
+) -> list[tuple]:
+    """Per (bytes, n tokens, char_start, has_mask): (input ranks, offsets, top-k ranks [n, k], log-probs
+    [n, k] float32, CE [n] float32, mask or None). `prior`: the one the windows were encoded with."""

@@ -131,3 +131,53 @@ def test_bad_input_is_a_clear_error():
     [(blob, _, _)] = _core.codec_encode_windows([w], 3, 0.125)
     with pytest.raises(ValueError, match="corrupt|short"):
         _core.codec_decode_windows([(blob[: len(blob) // 3], 5, 0, False)], 3, 0.125)
+
+
+def short_model_windows(rng: np.random.Generator, count: int, k: int) -> list[tuple]:
+    """Many short windows of one 'model': the texts share a skewed token distribution (a Zipf-like
+    vocabulary, as ranks in a shard are) and the model's sharpness, so a shard's statistics repeat."""
+    out = []
+    for _ in range(count):
+        inp, offsets, cs, top, lp, ce, m = make_window(rng, int(rng.integers(20, 60)), k, sharp=2.0, vocab=300)
+        out.append((np.minimum(inp, rng.zipf(1.3, len(inp)) - 1).astype(np.uint32), offsets, cs, top, lp, ce, m))
+    return out
+
+
+def test_a_prior_codes_short_windows_in_fewer_bytes_to_the_same_values():
+    rng = np.random.default_rng(7)
+    windows = short_model_windows(rng, 120, 10)
+    prior = _core.codec_train_prior(windows, 10, 0.125)
+    # counted in parallel, the same prior whatever the thread count (the shard bytes depend on it)
+    assert _core.codec_train_prior(windows, 10, 0.125, 1) == prior == _core.codec_train_prior(windows, 10, 0.125, 2)
+    fresh = _core.codec_encode_windows(windows, 10, 0.125)
+    primed = _core.codec_encode_windows(windows, 10, 0.125, None, 0.0, prior)
+    keys = [(b, len(w[0]), w[2], w[6] is not None) for (b, _, _), w in zip(primed, windows)]
+    got = _core.codec_decode_windows(keys, 10, 0.125, None, 0.0, prior)
+    want = _core.codec_decode_windows([(b, len(w[0]), w[2], w[6] is not None) for (b, _, _), w in zip(fresh, windows)], 10, 0.125)
+    for w, g, f, (_, kl_p, _), (_, kl_f, _) in zip(windows, got, want, primed, fresh):
+        np.testing.assert_array_equal(g[0], w[0])
+        np.testing.assert_array_equal(g[2], w[3])
+        for a, b in zip(g, f):  # the prior changes how the values are coded, not what decodes
+            if a is None:
+                assert b is None
+            else:
+                np.testing.assert_array_equal(a, b)
+        assert kl_p == kl_f
+    tokens = sum(len(w[0]) for w in windows)
+    fresh_bpt = sum(len(b) for b, _, _ in fresh) / tokens
+    primed_bpt = sum(len(b) for b, _, _ in primed) / tokens
+    assert primed_bpt < 0.85 * fresh_bpt, (primed_bpt, fresh_bpt)
+
+
+def test_a_corrupt_or_foreign_prior_is_a_clear_error():
+    rng = np.random.default_rng(3)
+    windows = short_model_windows(rng, 4, 3)
+    prior = _core.codec_train_prior(windows, 3, 0.125)
+    with pytest.raises(ValueError, match="codec prior has 10 cells"):
+        _core.codec_encode_windows(windows, 3, 0.125, None, 0.0, prior[:10])
+    with pytest.raises(ValueError, match="level 200"):
+        _core.codec_decode_windows([(b"\0" * 8, 1, 0, False)], 3, 0.125, None, 0.0, bytes([200]) + prior[1:])
+    bad = list(windows[0])
+    bad[4] = np.ascontiguousarray(bad[4][:, ::-1])
+    with pytest.raises(ValueError, match="window 0: .*sorted"):
+        _core.codec_train_prior([tuple(bad)], 3, 0.125)

@@ -47,7 +47,7 @@ from fusekit.extract.model import (
     store_vocab,
     tokenizer_fingerprint,
 )
-from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, TOKENS_FILE, VOCAB_FILE, encode_shard
+from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, FRESH_CODEC, TOKENS_FILE, VOCAB_FILE, encode_shard
 from fusekit.store.shards import (
     MANIFEST,
     MAX_SHARDS,
@@ -261,7 +261,7 @@ def extract(
         "corpus_fingerprint": info.fingerprint,
         "n_texts": info.n_texts,
         "num_shards": num_shards,
-        "codec": CODEC,
+        "codec": _store_codec(out),
         "codec_step": DEFAULT_STEP,
         "codec_knee": DEFAULT_KNEE,
         "dtype": dtype_name,
@@ -352,6 +352,16 @@ def _store_num_shards(out: Path) -> int | None:
         return None
     value = manifest.get("settings", {}).get("num_shards")
     return value if isinstance(value, int) and 1 <= value <= MAX_SHARDS else None
+
+
+def _store_codec(out: Path) -> str:
+    """CODEC, or FRESH_CODEC when OUT is an extraction store written with it: a resume finishes an
+    older store in its own format (its shards must agree), a new store gets the current one."""
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest.get("format") == FORMAT and manifest.get("settings", {}).get("codec") == FRESH_CODEC:
+            return FRESH_CODEC
+    return CODEC
 
 
 class ShardLog:
@@ -457,6 +467,7 @@ def compute_shard(net, tokenizer, records, index, num_shards, n_texts, settings,
     frame, meta, stats = encode_shard(
         windows, k=k, vocab_size=vocab_size, step=settings["codec_step"], knee=settings["codec_knee"],
         metadata={"fusekit.settings_sha256": digest, "fusekit.shard": f"{index}/{num_shards}"},
+        primed=settings.get("codec", CODEC) != FRESH_CODEC,
     )
     data = parquet_bytes(frame, meta)
     span = shard_slice(n_texts, index, num_shards)

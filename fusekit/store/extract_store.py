@@ -8,11 +8,14 @@ Layout (the shared sharded layout of `shards.py`):
     DIR/part-00000-of-00004.parquet.json  sidecar: rows, tokens, sha256, compression KL, CE histogram
 
 A shard's rows are (text_id, window, char_start, char_end, n_tokens, mean_ce, has_mask, payload). The
-payload is one window coded by the Rust codec (`rust/src/codec.rs`, "topk-rc/1"): input tokens,
+payload is one window coded by the Rust codec (`rust/src/codec.rs`, "topk-rc/2"): input tokens,
 offsets, top-k ids and quantised log-probs, CE, loss mask, all through an adaptive range coder. Ids are
 coded as *ranks* in a per-shard table (ids sorted by how often they occur in the shard), which the
 file's key-value metadata carries (`fusekit.rank_table`: base64 of zlib-compressed LEB128 ids in
-rank order). Any window decodes on its own.
+rank order). Every window's coder starts from the shard's prior (`fusekit.codec_prior`: base64 of the
+zlib-compressed levels `codec_train_prior` learnt from the shard's windows), so short texts cost no
+more per token than long ones and any window still decodes on its own. Stores of "topk-rc/1" (fresh
+models in every window, no prior) are still read.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from fusekit.store.shards import (
 from fusekit.store.types import Window
 
 FORMAT = "fusekit.extract"
-CODEC = "topk-rc/1"
+CODEC = "topk-rc/2"  # every window starts from the shard's prior (fusekit.codec_prior)
+FRESH_CODEC = "topk-rc/1"  # every window starts from fresh models: older stores, still read
+READABLE_CODECS = (CODEC, FRESH_CODEC)
 # The top-k shape grid (rust/src/codec.rs, `Params`): `step` nats next to the top slot, widening by
 # `knee` (the grid is step·(1 + d/knee) wide d nats below the top). Chosen on SmolLM2 distributions,
 # see benchmarks/bench_extract.py and docs/EXTRACT.md.
@@ -132,6 +137,31 @@ def rank_table(windows: Sequence[Window], vocab_size: int) -> np.ndarray:
     return present[order]
 
 
+def encode_prior(levels: bytes) -> str:
+    return base64.b64encode(zlib.compress(levels, 9)).decode("ascii")
+
+
+def decode_prior(text: str) -> bytes:
+    """The levels of `fusekit.codec_prior`; their count and range are checked by the Rust decoder."""
+    try:
+        return zlib.decompress(base64.b64decode(text, validate=True))
+    except (ValueError, zlib.error) as exc:
+        raise StoreError(f"codec prior cannot be read ({exc}); the shard is damaged") from None
+
+
+def shard_codec(meta: dict[str, str]) -> tuple[np.ndarray, bytes | None]:
+    """(rank table, codec prior or None for fresh models) from a shard's Parquet key-value metadata."""
+    codec = meta.get("fusekit.codec")
+    if codec not in READABLE_CODECS:
+        raise StoreError(f"shard uses codec {codec!r}; this fusekit reads {', '.join(map(repr, READABLE_CODECS))}")
+    table = decode_rank_table(meta.get("fusekit.rank_table", ""))
+    if codec == FRESH_CODEC:
+        return table, None
+    if "fusekit.codec_prior" not in meta:
+        raise StoreError(f"shard of codec {codec!r} lacks its fusekit.codec_prior; the shard is damaged")
+    return table, decode_prior(meta["fusekit.codec_prior"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -173,8 +203,13 @@ def encode_shard(
     knee: float = DEFAULT_KNEE,
     metadata: dict[str, str] | None = None,
     threads: int | None = None,
+    primed: bool = True,
 ) -> tuple[pl.DataFrame, dict[str, str], ShardStats]:
-    """Code `windows` (exact values) into the shard's frame and Parquet metadata, measuring the loss."""
+    """Code `windows` (exact values) into the shard's frame and Parquet metadata, measuring the loss.
+
+    `primed`: learn the shard's codec prior from `windows` and start every window from it (CODEC);
+    False codes every window from fresh models (FRESH_CODEC, the older format: for comparisons).
+    """
     windows = sorted(windows, key=lambda w: (w.text_id, w.window))
     table = rank_table(windows, vocab_size)
     to_rank = np.zeros(vocab_size, dtype=np.uint32)
@@ -206,7 +241,8 @@ def encode_shard(
         stats.ce_sum += float(pred.sum())
         hist += np.bincount(np.minimum((pred / CE_BIN).astype(np.int64), CE_BINS - 1), minlength=CE_BINS)
     try:
-        coded = _core.codec_encode_windows(args, k, step, threads, knee)
+        prior = _core.codec_train_prior(args, k, step, threads, knee) if primed else None
+        coded = _core.codec_encode_windows(args, k, step, threads, knee, prior)
     except ValueError as exc:
         raise StoreError(f"cannot code the shard: {exc}") from None
     payloads = []
@@ -232,13 +268,15 @@ def encode_shard(
     )
     meta = {
         "fusekit.format": FORMAT,
-        "fusekit.codec": CODEC,
+        "fusekit.codec": CODEC if primed else FRESH_CODEC,
         "fusekit.codec_doc": "payload: one window per row, adaptive binary range coder (rust/src/codec.rs); "
-        "ids are ranks in fusekit.rank_table (base64(zlib(LEB128 ids in rank order)))",
+        "ids are ranks in fusekit.rank_table (base64(zlib(LEB128 ids in rank order)))"
+        + ("; every window's models start from fusekit.codec_prior (base64(zlib(one level 0..64 per cell)))" if primed else ""),
         "fusekit.k": str(k),
         "fusekit.step": repr(step),
         "fusekit.knee": repr(knee),
         "fusekit.rank_table": encode_rank_table(table),
+        **({"fusekit.codec_prior": encode_prior(prior)} if primed else {}),
         **(metadata or {}),
     }
     return frame, meta, stats
@@ -249,13 +287,22 @@ def encode_shard(
 
 
 def decode_frame(
-    frame: pl.DataFrame, table: np.ndarray, k: int, step: float, knee: float = DEFAULT_KNEE, threads: int | None = None
+    frame: pl.DataFrame,
+    table: np.ndarray,
+    k: int,
+    step: float,
+    knee: float = DEFAULT_KNEE,
+    threads: int | None = None,
+    prior: bytes | None = None,
 ) -> list[Window]:
-    """The windows of a slice of a shard's frame (exact ids; log-probs and CE as stored)."""
+    """The windows of a slice of a shard's frame (exact ids; log-probs and CE as stored).
+
+    `table` and `prior` come from the shard's metadata (`shard_codec`); prior None = fresh models.
+    """
     rows = frame.select("text_id", "window", "char_start", "char_end", "n_tokens", "mean_ce", "has_mask", "payload").rows()
     texts = frame["text"].to_list() if "text" in frame.columns else [None] * frame.height
     try:
-        decoded = _core.codec_decode_windows([(r[7], r[4], r[2], r[6]) for r in rows], k, step, threads, knee)
+        decoded = _core.codec_decode_windows([(r[7], r[4], r[2], r[6]) for r in rows], k, step, threads, knee, prior)
     except ValueError as exc:
         raise StoreError(f"cannot decode a window: {exc}") from None
     out = []
@@ -309,8 +356,10 @@ class ExtractStore:
             self.vocab_size: int = int(self.settings["vocab_size"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{self.folder / 'manifest.json'} lacks setting {exc}; the store is damaged") from None
-        if self.settings.get("codec") != CODEC:
-            raise StoreError(f"{self.folder} uses codec {self.settings.get('codec')!r}; this fusekit reads {CODEC!r}")
+        if self.settings.get("codec") not in READABLE_CODECS:
+            raise StoreError(
+                f"{self.folder} uses codec {self.settings.get('codec')!r}; this fusekit reads {', '.join(map(repr, READABLE_CODECS))}"
+            )
         self._digest = settings_digest(self.settings)
         self._sidecars = {
             name: info for name, info in complete_shards(self.folder).items() if info.get("sha256") and self._owns(name)
@@ -380,7 +429,7 @@ class ExtractStore:
     def sidecar(self, filename: str) -> dict:
         return self._sidecars[filename]
 
-    def _load(self, name: str) -> tuple[pl.DataFrame, np.ndarray]:
+    def _load(self, name: str) -> tuple[pl.DataFrame, np.ndarray, bytes | None]:
         path = self.folder / name
         try:
             data = path.read_bytes()
@@ -396,7 +445,11 @@ class ExtractStore:
             raise StoreError(f"{path} cannot be read as Parquet ({exc})") from None
         if meta.get("fusekit.settings_sha256") != self._digest:
             raise StoreError(f"{path} belongs to another extraction run (its settings differ from manifest.json)")
-        return frame, decode_rank_table(meta.get("fusekit.rank_table", ""))
+        try:
+            table, prior = shard_codec(meta)
+        except StoreError as exc:
+            raise StoreError(f"{path}: {exc}") from None
+        return frame, table, prior
 
     # -- windows
 
@@ -417,11 +470,15 @@ class ExtractStore:
                     f"{self.folder / name} (texts {held.start}..{held.stop - 1}) is not extracted yet; "
                     f"run `fusekit extract` with --shard {name[5:10].lstrip('0') or '0'}/{self.num_shards}"
                 )
-            frame, table = self._load(name)
+            frame, table, prior = self._load(name)
             frame = frame.filter((pl.col("text_id") >= lo) & (pl.col("text_id") < hi))
             current, group = None, []
             for start in range(0, frame.height, _DECODE_CHUNK):
-                for w in decode_frame(frame.slice(start, _DECODE_CHUNK), table, self.k, self.step, self.knee, self.threads):
+                try:
+                    chunk = decode_frame(frame.slice(start, _DECODE_CHUNK), table, self.k, self.step, self.knee, self.threads, prior)
+                except StoreError as exc:
+                    raise StoreError(f"{self.folder / name}: {exc}") from None
+                for w in chunk:
                     if w.text_id != current and group:
                         yield current, group
                         group = []

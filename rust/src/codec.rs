@@ -2,8 +2,12 @@
 //!
 //! Everything a window holds (input tokens, their character offsets, per position the top-k ids and
 //! log-probabilities, the cross-entropy of the next token, an optional loss mask) is written into one
-//! byte string by an adaptive binary range coder (the LZMA one: 11-bit probabilities, shift 5). The
-//! models start fresh in every window, so any window decodes on its own.
+//! byte string by an adaptive binary range coder (the LZMA one: 11-bit probabilities, shift 5). Every
+//! window starts its models from the same state, so any window decodes on its own: either fresh
+//! (every probability ½; format "topk-rc/1") or a per-shard [`Prior`] ("topk-rc/2"), the probabilities
+//! counted over the shard's own windows and stored with it, so a short window does not pay for
+//! learning them (on SmolLM2, a fresh start costs 25% more bytes/token on 50-token texts, 1.5% on
+//! 2,000-token ones). The models keep adapting within the window either way.
 //!
 //! What is coded, per window of n tokens and k slots (ids are *ranks* in a per-shard table sorted by
 //! frequency, so common tokens are small numbers):
@@ -82,7 +86,7 @@ impl Encoder {
         self.low = (self.low & 0x00FF_FFFF) << 8;
     }
 
-    fn bit(&mut self, prob: &mut u16, bit: bool) {
+    fn encode_bit(&mut self, prob: &mut u16, bit: bool) {
         let bound = (self.range >> PROB_BITS) * u32::from(*prob);
         if bit {
             self.low += u64::from(bound);
@@ -98,7 +102,7 @@ impl Encoder {
         }
     }
 
-    fn direct(&mut self, value: u64, nbits: u32) {
+    fn encode_direct(&mut self, value: u64, nbits: u32) {
         for i in (0..nbits).rev() {
             self.range >>= 1;
             if (value >> i) & 1 == 1 {
@@ -192,27 +196,42 @@ impl<'a> Decoder<'a> {
 // ---------------------------------------------------------------------------------------------
 // Adaptive models for unsigned symbols and bits
 
-/// Unsigned integers in `contexts` independent contexts: bucket tree per context, mantissa per bucket.
+/// Where the window coder sends its bits: the range encoder, or a [`Counts`] learning a prior.
+trait BitSink {
+    /// Code `bit` with the adaptive probability `probs[i]`.
+    fn bit(&mut self, probs: &mut [u16], i: usize, bit: bool);
+    /// Code the low `nbits` of `value` flat (no model).
+    fn direct(&mut self, value: u64, nbits: u32);
+}
+
+impl BitSink for Encoder {
+    fn bit(&mut self, probs: &mut [u16], i: usize, bit: bool) {
+        self.encode_bit(&mut probs[i], bit);
+    }
+
+    fn direct(&mut self, value: u64, nbits: u32) {
+        self.encode_direct(value, nbits);
+    }
+}
+
+/// Probability cells of one context of a `UintModel`: the bucket tree, then 65 mantissa trees.
+const UINT_NODES: usize = (1 << BUCKET_BITS) + (65 << MANT_BITS);
+
+/// Unsigned integers in independent contexts: bucket tree per context, mantissa tree per bucket.
+/// The cells live in the window's flat probability array (`Models::probs`) from `at` on.
+#[derive(Clone, Copy)]
 struct UintModel {
-    buckets: Vec<u16>, // contexts × 2^BUCKET_BITS tree nodes
-    mant: Vec<u16>,    // contexts × 65 buckets × 2^MANT_BITS tree nodes
+    at: usize,
 }
 
 impl UintModel {
-    fn new(contexts: usize) -> Self {
-        UintModel {
-            buckets: vec![PROB_INIT; contexts << BUCKET_BITS],
-            mant: vec![PROB_INIT; contexts * 65 << MANT_BITS],
-        }
-    }
-
-    fn encode(&mut self, enc: &mut Encoder, ctx: usize, v: u64) {
+    fn encode<S: BitSink>(self, probs: &mut [u16], sink: &mut S, ctx: usize, v: u64) {
+        let base = self.at + ctx * UINT_NODES;
         let b = 64 - v.leading_zeros(); // bit length: 0 for v = 0
-        let tree = &mut self.buckets[ctx << BUCKET_BITS..(ctx + 1) << BUCKET_BITS];
         let mut node = 1usize;
         for i in (0..BUCKET_BITS).rev() {
             let bit = (b >> i) & 1 == 1;
-            enc.bit(&mut tree[node], bit);
+            sink.bit(probs, base + node, bit);
             node = node * 2 + usize::from(bit);
         }
         if b <= 1 {
@@ -222,21 +241,21 @@ impl UintModel {
         let m = v - (1u64 << nbits);
         let top = nbits.min(MANT_BITS);
         let hi = m >> (nbits - top);
-        let base = (ctx * 65 + b as usize) << MANT_BITS;
+        let mant = base + (1 << BUCKET_BITS) + ((b as usize) << MANT_BITS);
         let mut node = 1usize;
         for i in (0..top).rev() {
             let bit = (hi >> i) & 1 == 1;
-            enc.bit(&mut self.mant[base + node], bit);
+            sink.bit(probs, mant + node, bit);
             node = node * 2 + usize::from(bit);
         }
-        enc.direct(m & ((1u64 << (nbits - top)) - 1), nbits - top);
+        sink.direct(m & ((1u64 << (nbits - top)) - 1), nbits - top);
     }
 
-    fn decode(&mut self, dec: &mut Decoder, ctx: usize) -> u64 {
-        let tree = &mut self.buckets[ctx << BUCKET_BITS..(ctx + 1) << BUCKET_BITS];
+    fn decode(self, probs: &mut [u16], dec: &mut Decoder, ctx: usize) -> u64 {
+        let base = self.at + ctx * UINT_NODES;
         let mut node = 1usize;
         for _ in 0..BUCKET_BITS {
-            let bit = dec.bit(&mut tree[node]);
+            let bit = dec.bit(&mut probs[base + node]);
             node = node * 2 + usize::from(bit);
         }
         let b = (node - (1 << BUCKET_BITS)) as u32;
@@ -246,10 +265,10 @@ impl UintModel {
         let b = b.min(64);
         let nbits = b - 1;
         let top = nbits.min(MANT_BITS);
-        let base = (ctx * 65 + b as usize) << MANT_BITS;
+        let mant = base + (1 << BUCKET_BITS) + ((b as usize) << MANT_BITS);
         let mut node = 1usize;
         for _ in 0..top {
-            let bit = dec.bit(&mut self.mant[base + node]);
+            let bit = dec.bit(&mut probs[mant + node]);
             node = node * 2 + usize::from(bit);
         }
         let hi = (node - (1 << top)) as u64;
@@ -268,28 +287,128 @@ fn unzigzag(v: u64) -> i64 {
 
 const SLOT_CONTEXTS: usize = 32;
 
+// The layout of `Models::probs`, in units of one UintModel context.
+const INPUT: UintModel = UintModel { at: 0 };
+const OFFSET: UintModel = UintModel { at: UINT_NODES };
+const LSE: UintModel = UintModel { at: 2 * UINT_NODES };
+const GAP: UintModel = UintModel { at: 3 * UINT_NODES }; // SLOT_CONTEXTS contexts
+const IDS: UintModel = UintModel { at: (3 + SLOT_CONTEXTS) * UINT_NODES }; // SLOT_CONTEXTS contexts
+const CE: UintModel = UintModel { at: (3 + 2 * SLOT_CONTEXTS) * UINT_NODES }; // ctx 0: residual after a hit, 1: CE outside the top-k
+const MASK: usize = (5 + 2 * SLOT_CONTEXTS) * UINT_NODES; // 2 cells: previous bit 0 / 1
+/// The number of adaptive probabilities a window uses (the length of a prior).
+pub const MODEL_CELLS: usize = MASK + 2;
+
 /// All adaptive state of one window; the same sequence of calls in encoder and decoder.
 struct Models {
-    input: UintModel,
-    offset: UintModel,
-    lse: UintModel,
-    gap: UintModel,
-    ids: UintModel,
-    ce: UintModel, // ctx 0: residual after a hit, ctx 1: CE of a next token outside the top-k
-    mask: [u16; 2],
+    probs: Vec<u16>,
 }
 
 impl Models {
-    fn new() -> Self {
-        Models {
-            input: UintModel::new(1),
-            offset: UintModel::new(1),
-            lse: UintModel::new(1),
-            gap: UintModel::new(SLOT_CONTEXTS),
-            ids: UintModel::new(SLOT_CONTEXTS),
-            ce: UintModel::new(2),
-            mask: [PROB_INIT; 2],
+    fn new(prior: Option<&Prior>) -> Self {
+        match prior {
+            Some(p) => Models { probs: p.probs.clone() },
+            None => Models { probs: vec![PROB_INIT; MODEL_CELLS] },
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The per-shard prior
+
+/// Prior probabilities are stored as one of 65 levels per cell, evenly spaced in the logistic domain
+/// between the adaptive coder's own limits (31/2048 and 2017/2048, where shift-5 updates saturate);
+/// level 32 is ½, the fresh state. A table, not `exp`, so every machine reads a prior the same way.
+const PRIOR_LEVELS: [u16; 65] = [
+    31, 35, 40, 46, 52, 59, 67, 76, 86, 97, 110, 124, 140, 158, 179, 201, 226, 253, 284, 317, 354, 394, 437, 483, 533, 586,
+    642, 701, 763, 826, 891, 957, 1024, 1091, 1157, 1222, 1285, 1347, 1406, 1462, 1515, 1565, 1611, 1654, 1694, 1731, 1764,
+    1795, 1822, 1847, 1869, 1890, 1908, 1924, 1938, 1951, 1962, 1972, 1981, 1989, 1996, 2002, 2008, 2013, 2017,
+];
+const FRESH_LEVEL: u8 = 32;
+/// A cell seen fewer times than this over the shard keeps the fresh level: its estimate is noise,
+/// and untouched levels compress to almost nothing in the stored prior.
+const PRIOR_MIN_COUNT: u64 = 8;
+
+/// How often each adaptive cell saw a 0 and a 1 over a set of windows (the counts are additive, so
+/// windows can be counted in parallel and summed in any order with the same result).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counts(Vec<[u64; 2]>);
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts(vec![[0; 2]; MODEL_CELLS])
+    }
+}
+
+impl Counts {
+    pub fn merge(mut self, other: Counts) -> Counts {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a[0] += b[0];
+            a[1] += b[1];
+        }
+        self
+    }
+}
+
+impl BitSink for Counts {
+    // The counter reads no probabilities: the bits to code depend only on the window's values.
+    fn bit(&mut self, _probs: &mut [u16], i: usize, bit: bool) {
+        self.0[i][usize::from(bit)] += 1;
+    }
+
+    fn direct(&mut self, _value: u64, _nbits: u32) {}
+}
+
+/// The starting probabilities of every window of a shard (format "topk-rc/2").
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prior {
+    levels: Vec<u8>,
+    probs: Vec<u16>,
+}
+
+impl Prior {
+    /// Each cell at the level nearest its Krichevsky–Trofimov estimate P(0) = (n0 + ½) / (n + 1)
+    /// (integer arithmetic, so the stored bytes are the same on every machine).
+    pub fn from_counts(c: &Counts) -> Prior {
+        let levels = c
+            .0
+            .iter()
+            .map(|&[n0, n1]| {
+                let n = n0 + n1;
+                if n < PRIOR_MIN_COUNT {
+                    return FRESH_LEVEL;
+                }
+                // target = 2048 · (2 n0 + 1) / (2 n + 2), compared in those units to avoid rounding
+                let (num, den) = ((2 * n0 + 1) << PROB_BITS, 2 * n + 2);
+                let mut best = (0u8, u64::MAX);
+                for (level, &p) in PRIOR_LEVELS.iter().enumerate() {
+                    let dist = (u64::from(p) * den).abs_diff(num);
+                    if dist < best.1 {
+                        best = (level as u8, dist);
+                    }
+                }
+                best.0
+            })
+            .collect::<Vec<u8>>();
+        Prior::from_levels(&levels).expect("levels from counts are valid")
+    }
+
+    /// A stored prior: one level (0..=64) per cell, `MODEL_CELLS` bytes.
+    pub fn from_levels(levels: &[u8]) -> Result<Prior, CodecError> {
+        if levels.len() != MODEL_CELLS {
+            return err(format!("codec prior has {} cells, this codec uses {MODEL_CELLS} (corrupt or foreign prior)", levels.len()));
+        }
+        let mut probs = Vec::with_capacity(MODEL_CELLS);
+        for &l in levels {
+            match PRIOR_LEVELS.get(usize::from(l)) {
+                Some(&p) => probs.push(p),
+                None => return err(format!("codec prior holds level {l}, beyond 0..=64 (corrupt or foreign prior)")),
+            }
+        }
+        Ok(Prior { levels: levels.to_vec(), probs })
+    }
+
+    pub fn levels(&self) -> &[u8] {
+        &self.levels
     }
 }
 
@@ -389,7 +508,21 @@ fn logsumexp(xs: &[f64]) -> f64 {
     m + xs.iter().map(|&x| (x - m).exp()).sum::<f64>().ln()
 }
 
-pub fn encode_window(w: &WindowIn, p: Params) -> Result<Encoded, CodecError> {
+/// Code one window, its models starting from `prior` (fresh when None).
+pub fn encode_window(w: &WindowIn, p: Params, prior: Option<&Prior>) -> Result<Encoded, CodecError> {
+    let mut enc = Encoder::new();
+    let mut m = Models::new(prior);
+    let (kl_sum, kl_max) = code_window(w, p, &mut m.probs, &mut enc)?;
+    Ok(Encoded { bytes: enc.finish(), kl_sum, kl_max })
+}
+
+/// Add the bits one window would code to `counts` (the training pass of a prior).
+pub fn count_window(w: &WindowIn, p: Params, counts: &mut Counts) -> Result<(), CodecError> {
+    code_window(w, p, &mut [], counts).map(|_| ())
+}
+
+/// Send every symbol of a window to `sink`; returns (Σ KL, max KL) of the quantisation.
+fn code_window<S: BitSink>(w: &WindowIn, p: Params, probs: &mut [u16], sink: &mut S) -> Result<(f64, f64), CodecError> {
     let (n, k) = (w.input.len(), p.k);
     if k == 0 || k > SLOT_CONTEXTS * 1024 {
         return err(format!("k = {k} is not supported"));
@@ -415,18 +548,17 @@ pub fn encode_window(w: &WindowIn, p: Params) -> Result<Encoded, CodecError> {
             return err(format!("loss mask has {} entries for {n} tokens", m.len()));
         }
     }
-    let mut enc = Encoder::new();
-    let mut m = Models::new();
+    let enc = sink;
     let mut prev = w.char_start;
     for t in 0..n {
-        m.input.encode(&mut enc, 0, u64::from(w.input[t]));
-        m.offset.encode(&mut enc, 0, zigzag(w.offsets[t] - prev));
+        INPUT.encode(probs, enc, 0, u64::from(w.input[t]));
+        OFFSET.encode(probs, enc, 0, zigzag(w.offsets[t] - prev));
         prev = w.offsets[t];
     }
     if let Some(mask) = w.mask {
         let mut ctx = 0usize;
         for &b in mask {
-            enc.bit(&mut m.mask[ctx], b);
+            enc.bit(probs, MASK + ctx, b);
             ctx = usize::from(b);
         }
     }
@@ -449,13 +581,13 @@ pub fn encode_window(w: &WindowIn, p: Params) -> Result<Encoded, CodecError> {
         }
         let lse = logsumexp(&orig);
         let u_lse = grid(-lse);
-        m.lse.encode(&mut enc, 0, u_lse);
+        LSE.encode(probs, enc, 0, u_lse);
         for j in 0..k {
             let rel = p.to_grid(orig[0] - orig[j]);
             q[j] = if rel.is_finite() { (rel.round() as u64).min(max_q) } else { max_q };
         }
         for j in 1..k {
-            m.gap.encode(&mut enc, j.min(SLOT_CONTEXTS - 1), q[j] - q[j - 1]);
+            GAP.encode(probs, enc, j.min(SLOT_CONTEXTS - 1), q[j] - q[j - 1]);
         }
         reconstruct(u_lse, &q, &p, &mut dec);
         // KL between the renormalised original and decoded top-k (the decoded one is softmax(−q·step))
@@ -480,7 +612,7 @@ pub fn encode_window(w: &WindowIn, p: Params) -> Result<Encoded, CodecError> {
             } else {
                 u64::from(id) + 1
             };
-            m.ids.encode(&mut enc, j.min(SLOT_CONTEXTS - 1), sym);
+            IDS.encode(probs, enc, j.min(SLOT_CONTEXTS - 1), sym);
         }
         if next.is_some() {
             let ce = f64::from(w.ce[t]);
@@ -489,22 +621,24 @@ pub fn encode_window(w: &WindowIn, p: Params) -> Result<Encoded, CodecError> {
             }
             let u = grid(ce) as i64;
             match hit {
-                Some(j) => m.ce.encode(&mut enc, 0, zigzag(u - grid(-dec[j]) as i64)),
-                None => m.ce.encode(&mut enc, 1, u as u64),
+                Some(j) => CE.encode(probs, enc, 0, zigzag(u - grid(-dec[j]) as i64)),
+                None => CE.encode(probs, enc, 1, u as u64),
             }
         }
     }
-    Ok(Encoded { bytes: enc.finish(), kl_sum, kl_max })
+    Ok((kl_sum, kl_max))
 }
 
-pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool) -> Result<WindowOut, CodecError> {
+/// Decode one window of `n` tokens whose models started from `prior` (fresh when None).
+pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool, prior: Option<&Prior>) -> Result<WindowOut, CodecError> {
     let k = p.k;
     if k == 0 || k > SLOT_CONTEXTS * 1024 {
         return err(format!("k = {k} is not supported"));
     }
     let max_q = p.max_q();
     let mut dec = Decoder::new(data)?;
-    let mut m = Models::new();
+    let mut m = Models::new(prior);
+    let probs = &mut m.probs;
     let mut out = WindowOut {
         input: Vec::with_capacity(n),
         offsets: Vec::with_capacity(n),
@@ -515,16 +649,16 @@ pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool) -> Result
     };
     let mut prev = 0i64;
     for _ in 0..n {
-        let v = m.input.decode(&mut dec, 0);
+        let v = INPUT.decode(probs, &mut dec, 0);
         out.input.push(u32::try_from(v).map_err(|_| CodecError("corrupt data: token rank out of range".into()))?);
-        prev += unzigzag(m.offset.decode(&mut dec, 0));
+        prev += unzigzag(OFFSET.decode(probs, &mut dec, 0));
         out.offsets.push(prev);
     }
     if has_mask {
         let mut ctx = 0usize;
         let mut mask = Vec::with_capacity(n);
         for _ in 0..n {
-            let b = dec.bit(&mut m.mask[ctx]);
+            let b = dec.bit(&mut probs[MASK + ctx]);
             ctx = usize::from(b);
             mask.push(b);
         }
@@ -533,10 +667,10 @@ pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool) -> Result
     let mut q = vec![0u64; k];
     let mut lp = vec![0f64; k];
     for t in 0..n {
-        let u_lse = m.lse.decode(&mut dec, 0);
+        let u_lse = LSE.decode(probs, &mut dec, 0);
         q[0] = 0;
         for j in 1..k {
-            let gap = m.gap.decode(&mut dec, j.min(SLOT_CONTEXTS - 1));
+            let gap = GAP.decode(probs, &mut dec, j.min(SLOT_CONTEXTS - 1));
             q[j] = q[j - 1].saturating_add(gap);
             if q[j] > max_q {
                 return err("corrupt data: a log-prob gap beyond the grid");
@@ -547,7 +681,7 @@ pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool) -> Result
         let next = if t + 1 < n { Some(out.input[t + 1]) } else { None };
         let mut hit = None;
         for j in 0..k {
-            let sym = m.ids.decode(&mut dec, j.min(SLOT_CONTEXTS - 1));
+            let sym = IDS.decode(probs, &mut dec, j.min(SLOT_CONTEXTS - 1));
             let id = if sym == 0 {
                 match (next, hit) {
                     (Some(id), None) => {
@@ -565,8 +699,8 @@ pub fn decode_window(data: &[u8], n: usize, p: Params, has_mask: bool) -> Result
             f32::NAN
         } else {
             let u = match hit {
-                Some(j) => grid(-lp[j]) as i64 + unzigzag(m.ce.decode(&mut dec, 0)),
-                None => m.ce.decode(&mut dec, 1) as i64,
+                Some(j) => grid(-lp[j]) as i64 + unzigzag(CE.decode(probs, &mut dec, 0)),
+                None => CE.decode(probs, &mut dec, 1) as i64,
             };
             (u as f64 * FINE) as f32
         };
@@ -642,16 +776,17 @@ mod tests {
     fn uint_roundtrip() {
         let values: Vec<u64> = vec![0, 1, 2, 3, 15, 16, 17, 255, 256, 1 << 20, (1 << 32) - 1, 123456789];
         let mut enc = Encoder::new();
-        let mut m = UintModel::new(2);
+        let m = UintModel { at: 0 };
+        let mut probs = vec![PROB_INIT; 2 * UINT_NODES];
         for (i, &v) in values.iter().enumerate() {
-            m.encode(&mut enc, i % 2, v);
-            enc.direct(v & 7, 3);
+            m.encode(&mut probs, &mut enc, i % 2, v);
+            enc.encode_direct(v & 7, 3);
         }
         let bytes = enc.finish();
         let mut dec = Decoder::new(&bytes).unwrap();
-        let mut m = UintModel::new(2);
+        let mut probs = vec![PROB_INIT; 2 * UINT_NODES];
         for (i, &v) in values.iter().enumerate() {
-            assert_eq!(m.decode(&mut dec, i % 2), v);
+            assert_eq!(m.decode(&mut probs, &mut dec, i % 2), v);
             assert_eq!(dec.direct(3), v & 7);
         }
         dec.check_end().unwrap();
@@ -670,8 +805,8 @@ mod tests {
             let (input, offsets, topk, logp, ce, mask) = random_window(seed, n, k, mask);
             let p = Params { k, step: 0.125, knee: 0.0 };
             let w = WindowIn { input: &input, offsets: &offsets, char_start: 7, topk: &topk, logp: &logp, ce: &ce, mask: mask.as_deref() };
-            let e = encode_window(&w, p).unwrap();
-            let mut out = decode_window(&e.bytes, n, p, mask.is_some()).unwrap();
+            let e = encode_window(&w, p, None).unwrap();
+            let mut out = decode_window(&e.bytes, n, p, mask.is_some(), None).unwrap();
             shift_offsets(&mut out, 7);
             assert_eq!(out.input, input);
             assert_eq!(out.offsets, offsets);
@@ -703,10 +838,10 @@ mod tests {
         let (input, offsets, topk, logp, ce, _) = random_window(5, 120, k, false);
         let p = Params { k, step, knee };
         let w = WindowIn { input: &input, offsets: &offsets, char_start: 7, topk: &topk, logp: &logp, ce: &ce, mask: None };
-        let e = encode_window(&w, p).unwrap();
-        let out = decode_window(&e.bytes, input.len(), p, false).unwrap();
+        let e = encode_window(&w, p, None).unwrap();
+        let out = decode_window(&e.bytes, input.len(), p, false, None).unwrap();
         assert_eq!(out.topk, topk);
-        let linear = encode_window(&w, Params { knee: 0.0, ..p }).unwrap();
+        let linear = encode_window(&w, Params { knee: 0.0, ..p }, None).unwrap();
         assert!(e.bytes.len() < linear.bytes.len(), "a wider grid for unlikely slots must cost fewer bytes");
         for t in 0..input.len() {
             let row: Vec<f64> = logp[t * k..(t + 1) * k].iter().map(|&x| f64::from(x)).collect();
@@ -727,8 +862,8 @@ mod tests {
     fn minus_infinity_log_probs_survive() {
         let p = Params { k: 3, step: 0.125, knee: 1.0 };
         let w = WindowIn { input: &[1, 2], offsets: &[0, 1], char_start: 0, topk: &[1, 2, 3, 2, 1, 3], logp: &[-0.1, -2.5, f32::NEG_INFINITY, -0.2, -1.8, f32::NEG_INFINITY], ce: &[2.5, f32::NAN], mask: None };
-        let e = encode_window(&w, p).unwrap();
-        let out = decode_window(&e.bytes, 2, p, false).unwrap();
+        let e = encode_window(&w, p, None).unwrap();
+        let out = decode_window(&e.bytes, 2, p, false, None).unwrap();
         assert!(out.logp[2] < -1000.0 && out.logp[5] < -1000.0);
         assert!((out.ce[0] - 2.5).abs() < 1e-3);
     }
@@ -738,18 +873,18 @@ mod tests {
         let (input, offsets, topk, logp, ce, _) = random_window(9, 40, 10, false);
         let p = Params { k: 10, step: 0.125, knee: 0.0 };
         let w = WindowIn { input: &input, offsets: &offsets, char_start: 7, topk: &topk, logp: &logp, ce: &ce, mask: None };
-        let e = encode_window(&w, p).unwrap();
-        assert!(decode_window(&e.bytes[..3], 40, p, false).is_err());
-        assert!(decode_window(&e.bytes[..e.bytes.len() / 2], 40, p, false).is_err());
+        let e = encode_window(&w, p, None).unwrap();
+        assert!(decode_window(&e.bytes[..3], 40, p, false, None).is_err());
+        assert!(decode_window(&e.bytes[..e.bytes.len() / 2], 40, p, false, None).is_err());
     }
 
     #[test]
     fn unsorted_or_mismatched_input_is_refused() {
         let p = Params { k: 2, step: 0.125, knee: 0.0 };
         let w = WindowIn { input: &[1, 2], offsets: &[0, 1], char_start: 0, topk: &[1, 2, 3, 4], logp: &[-2.0, -1.0, -1.0, -2.0], ce: &[1.0, f32::NAN], mask: None };
-        assert!(encode_window(&w, p).unwrap_err().0.contains("sorted"));
+        assert!(encode_window(&w, p, None).unwrap_err().0.contains("sorted"));
         let w = WindowIn { input: &[1, 2], offsets: &[0], char_start: 0, topk: &[1, 2, 3, 4], logp: &[-1.0, -2.0, -1.0, -2.0], ce: &[1.0, f32::NAN], mask: None };
-        assert!(encode_window(&w, p).is_err());
+        assert!(encode_window(&w, p, None).is_err());
     }
 
     #[test]
@@ -765,8 +900,8 @@ mod tests {
             ce: &[1.5, f32::NAN],
             mask: None,
         };
-        let e = encode_window(&w, p).unwrap();
-        let out = decode_window(&e.bytes, 2, p, false).unwrap();
+        let e = encode_window(&w, p, None).unwrap();
+        let out = decode_window(&e.bytes, 2, p, false, None).unwrap();
         assert_eq!(out.topk, vec![9, 5, 5, 9]);
         // gaps 1.0 and 2.75 are multiples of the step: the log-probs come back to float precision
         for (a, b) in out.logp.iter().zip([-0.5f32, -1.5, -0.25, -3.0]) {
@@ -774,5 +909,97 @@ mod tests {
         }
         assert!((out.ce[0] - 1.5).abs() < 1e-3);
         assert!(e.kl_max < 1e-5);
+    }
+
+    fn counts_of(windows: &[(Vec<u32>, Vec<i64>, Vec<u32>, Vec<f32>, Vec<f32>, Option<Vec<bool>>)], p: Params) -> Counts {
+        let mut c = Counts::default();
+        for (input, offsets, topk, logp, ce, mask) in windows {
+            let w = WindowIn { input, offsets, char_start: 7, topk, logp, ce, mask: mask.as_deref() };
+            count_window(&w, p, &mut c).unwrap();
+        }
+        c
+    }
+
+    #[test]
+    fn primed_windows_decode_to_the_same_values_in_fewer_bytes() {
+        let (k, p) = (10usize, Params { k: 10, step: 0.125, knee: 0.0 });
+        let windows: Vec<_> = (0..60u64).map(|s| random_window(100 + s, 20 + (s as usize % 7), k, s % 2 == 0)).collect();
+        let prior = Prior::from_counts(&counts_of(&windows, p));
+        let (mut fresh_bytes, mut primed_bytes) = (0usize, 0usize);
+        for (input, offsets, topk, logp, ce, mask) in &windows {
+            let w = WindowIn { input, offsets, char_start: 7, topk, logp, ce, mask: mask.as_deref() };
+            let fresh = encode_window(&w, p, None).unwrap();
+            let primed = encode_window(&w, p, Some(&prior)).unwrap();
+            let n = input.len();
+            // the prior changes how the symbols are coded, not which: the decoded values are the same
+            let a = decode_window(&fresh.bytes, n, p, mask.is_some(), None).unwrap();
+            let b = decode_window(&primed.bytes, n, p, mask.is_some(), Some(&prior)).unwrap();
+            assert_eq!(a.input, b.input);
+            assert_eq!(a.offsets, b.offsets);
+            assert_eq!(a.topk, b.topk);
+            assert_eq!(a.mask, b.mask);
+            assert_eq!(a.logp, b.logp);
+            assert_eq!(a.ce.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.ce.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert_eq!(b.input, *input);
+            assert_eq!(b.topk, *topk);
+            assert_eq!((fresh.kl_sum, fresh.kl_max), (primed.kl_sum, primed.kl_max));
+            fresh_bytes += fresh.bytes.len();
+            primed_bytes += primed.bytes.len();
+        }
+        // short windows no longer pay for learning the models
+        assert!((primed_bytes as f64) < 0.85 * fresh_bytes as f64, "primed {primed_bytes} vs fresh {fresh_bytes}");
+    }
+
+    #[test]
+    fn counts_add_up_in_any_order() {
+        let p = Params { k: 5, step: 0.125, knee: 0.0 };
+        let windows: Vec<_> = (0..6u64).map(|s| random_window(s, 30, 5, s == 3)).collect();
+        let whole = counts_of(&windows, p);
+        let halves = counts_of(&windows[3..], p).merge(counts_of(&windows[..3], p));
+        assert_eq!(whole, halves);
+        assert!(whole.0.iter().any(|c| c[0] + c[1] > 0));
+    }
+
+    #[test]
+    fn prior_levels_by_hand() {
+        let mut c = Counts::default();
+        c.0[0] = [0, 100]; // always 1: P(0) = 0.5/101 → the lowest level, 31/2048
+        c.0[1] = [50, 50]; // even → ½
+        c.0[2] = [2, 1]; // too few to trust → fresh
+        c.0[3] = [90, 10]; // P(0) = 90.5/101 · 2048 = 1835.1: level 49 (1847) is nearer than 48 (1822)
+        c.0[4] = [100, 0]; // always 0 → the highest level
+        let prior = Prior::from_counts(&c);
+        assert_eq!(&prior.levels()[..5], &[0, 32, 32, 49, 64]);
+        assert_eq!(&prior.probs[..5], &[31, 1024, 1024, 1847, 2017]);
+        assert!(prior.levels()[5..].iter().all(|&l| l == FRESH_LEVEL));
+        assert_eq!(Prior::from_levels(prior.levels()).unwrap(), prior);
+    }
+
+    #[test]
+    fn a_corrupt_or_foreign_prior_is_an_error() {
+        let e = Prior::from_levels(&[32u8; 100]).unwrap_err();
+        assert!(e.0.contains("100 cells"), "{e}");
+        let mut levels = vec![FRESH_LEVEL; MODEL_CELLS];
+        levels[17] = 65;
+        assert!(Prior::from_levels(&levels).unwrap_err().0.contains("level 65"));
+    }
+
+    #[test]
+    fn fresh_windows_read_as_topk_rc_1_wrote_them() {
+        // bytes written by the "topk-rc/1" encoder (fusekit before the prior) for a 3-token window:
+        // a hit at t = 0, a miss at t = 1, a loss mask; they must keep decoding with fresh models
+        let bytes = [
+            0u8, 10, 0, 114, 72, 241, 171, 183, 56, 126, 231, 86, 142, 111, 32, 27, 179, 151, 127, 58, 142, 84, 189, 251, 235, 96,
+        ];
+        let p = Params { k: 2, step: 0.125, knee: 0.0 };
+        let out = decode_window(&bytes, 3, p, true, None).unwrap();
+        assert_eq!(out.input, vec![3, 5, 2]);
+        assert_eq!(out.offsets, vec![0, 4, 9]);
+        assert_eq!(out.topk, vec![9, 5, 5, 9, 1, 2]);
+        assert_eq!(out.mask, Some(vec![true, false, true]));
+        for (a, b) in out.logp.iter().zip([-0.5f32, -1.5, -0.25, -3.0, -1.0, -1.0]) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
+        assert!((out.ce[0] - 1.5).abs() < 1e-3 && (out.ce[1] - 4.0).abs() < 1e-3 && out.ce[2].is_nan());
     }
 }

@@ -244,6 +244,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(transfer_batch, m)?)?;
     m.add_function(wrap_pyfunction!(codec_encode_windows, m)?)?;
     m.add_function(wrap_pyfunction!(codec_decode_windows, m)?)?;
+    m.add_function(wrap_pyfunction!(codec_train_prior, m)?)?;
     Ok(())
 }
 
@@ -283,20 +284,22 @@ fn codec_params(k: usize, step: f64, knee: f64) -> PyResult<codec::Params> {
     Ok(codec::Params { k, step, knee })
 }
 
-/// Encode windows (input ranks, offsets, char_start, top-k ranks [n, k], log-probs [n, k], CE [n], mask
-/// or None) in parallel; returns (bytes, Σ KL, max KL) per window. `knee` widens the log-prob grid
-/// for unlikely slots (0: uniform grid of `step` nats; see codec.rs).
-#[pyfunction]
-#[pyo3(signature = (windows, k, step, threads=None, knee=0.0))]
-fn codec_encode_windows<'py>(
-    py: Python<'py>,
-    windows: Vec<WindowArrays<'py>>,
-    k: usize,
-    step: f64,
-    threads: Option<usize>,
-    knee: f64,
-) -> PyResult<Vec<(Bound<'py, pyo3::types::PyBytes>, f64, f64)>> {
-    let params = codec_params(k, step, knee)?;
+impl OwnedWindow {
+    fn view(&self) -> codec::WindowIn<'_> {
+        codec::WindowIn {
+            input: &self.input,
+            offsets: &self.offsets,
+            char_start: self.char_start,
+            topk: &self.topk,
+            logp: &self.logp,
+            ce: &self.ce,
+            mask: self.mask.as_deref(),
+        }
+    }
+}
+
+/// Copy the numpy windows out, so the coding can run without the GIL.
+fn owned_windows(windows: &[WindowArrays<'_>], k: usize) -> PyResult<Vec<OwnedWindow>> {
     let mut owned = Vec::with_capacity(windows.len());
     for (i, (input, offsets, char_start, topk, logp, ce, mask)) in windows.iter().enumerate() {
         let (ts, ls) = (topk.as_array().dim(), logp.as_array().dim());
@@ -318,25 +321,64 @@ fn codec_encode_windows<'py>(
             },
         });
     }
-    let encoded = py.detach(|| {
+    Ok(owned)
+}
+
+fn codec_prior(levels: Option<&[u8]>) -> PyResult<Option<codec::Prior>> {
+    levels.map(codec::Prior::from_levels).transpose().map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Learn a shard's codec prior from its windows (the same tuples as `codec_encode_windows`): bytes,
+/// one level per adaptive cell. Counted in parallel; the result does not depend on `threads`.
+#[pyfunction]
+#[pyo3(signature = (windows, k, step, threads=None, knee=0.0))]
+fn codec_train_prior<'py>(
+    py: Python<'py>,
+    windows: Vec<WindowArrays<'py>>,
+    k: usize,
+    step: f64,
+    threads: Option<usize>,
+    knee: f64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let params = codec_params(k, step, knee)?;
+    let owned = owned_windows(&windows, k)?;
+    let counts = py.detach(|| {
         on_pool(threads, || {
             owned
                 .par_iter()
-                .map(|w| {
-                    codec::encode_window(
-                        &codec::WindowIn {
-                            input: &w.input,
-                            offsets: &w.offsets,
-                            char_start: w.char_start,
-                            topk: &w.topk,
-                            logp: &w.logp,
-                            ce: &w.ce,
-                            mask: w.mask.as_deref(),
-                        },
-                        params,
-                    )
+                .enumerate()
+                .try_fold(codec::Counts::default, |mut acc, (i, w)| {
+                    codec::count_window(&w.view(), params, &mut acc).map_err(|e| format!("window {i}: {e}"))?;
+                    Ok::<_, String>(acc)
                 })
-                .collect::<Vec<_>>()
+                .try_reduce(codec::Counts::default, |a, b| Ok(a.merge(b)))
+        })
+    })?
+    .map_err(PyValueError::new_err)?;
+    Ok(PyBytes::new(py, codec::Prior::from_counts(&counts).levels()))
+}
+
+/// Encode windows (input ranks, offsets, char_start, top-k ranks [n, k], log-probs [n, k], CE [n], mask
+/// or None) in parallel; returns (bytes, Σ KL, max KL) per window. `knee` widens the log-prob grid
+/// for unlikely slots (0: uniform grid of `step` nats; see codec.rs). `prior`: the levels from
+/// `codec_train_prior` every window's models start from (None: fresh models, format "topk-rc/1").
+#[pyfunction]
+#[pyo3(signature = (windows, k, step, threads=None, knee=0.0, prior=None))]
+fn codec_encode_windows<'py>(
+    py: Python<'py>,
+    windows: Vec<WindowArrays<'py>>,
+    k: usize,
+    step: f64,
+    threads: Option<usize>,
+    knee: f64,
+    prior: Option<&[u8]>,
+) -> PyResult<Vec<(Bound<'py, PyBytes>, f64, f64)>> {
+    let params = codec_params(k, step, knee)?;
+    let prior = codec_prior(prior)?;
+    let owned = owned_windows(&windows, k)?;
+    let encoded = py.detach(|| {
+        on_pool(threads, || {
+            owned.par_iter().map(|w| codec::encode_window(&w.view(), params, prior.as_ref())).collect::<Vec<_>>()
         })
     })?;
     encoded
@@ -344,7 +386,7 @@ fn codec_encode_windows<'py>(
         .enumerate()
         .map(|(i, r)| {
             let e = r.map_err(|e| PyValueError::new_err(format!("window {i}: {e}")))?;
-            Ok((pyo3::types::PyBytes::new(py, &e.bytes), e.kl_sum, e.kl_max))
+            Ok((PyBytes::new(py, &e.bytes), e.kl_sum, e.kl_max))
         })
         .collect()
 }
@@ -360,9 +402,10 @@ type DecodedArrays<'py> = (
 );
 
 /// Decode windows given (bytes, n tokens, char_start, has_mask) each; returns per window
-/// (input ranks, offsets, top-k ranks [n, k], log-probs [n, k], CE [n], mask or None).
+/// (input ranks, offsets, top-k ranks [n, k], log-probs [n, k], CE [n], mask or None). `prior`: the
+/// levels the windows were encoded with (None: fresh models).
 #[pyfunction]
-#[pyo3(signature = (windows, k, step, threads=None, knee=0.0))]
+#[pyo3(signature = (windows, k, step, threads=None, knee=0.0, prior=None))]
 fn codec_decode_windows<'py>(
     py: Python<'py>,
     windows: Vec<(Vec<u8>, usize, i64, bool)>,
@@ -370,14 +413,16 @@ fn codec_decode_windows<'py>(
     step: f64,
     threads: Option<usize>,
     knee: f64,
+    prior: Option<&[u8]>,
 ) -> PyResult<Vec<DecodedArrays<'py>>> {
     let params = codec_params(k, step, knee)?;
+    let prior = codec_prior(prior)?;
     let decoded = py.detach(|| {
         on_pool(threads, || {
             windows
                 .par_iter()
                 .map(|(bytes, n, char_start, has_mask)| {
-                    codec::decode_window(bytes, *n, params, *has_mask).map(|mut w| {
+                    codec::decode_window(bytes, *n, params, *has_mask, prior.as_ref()).map(|mut w| {
                         codec::shift_offsets(&mut w, *char_start);
                         w
                     })
