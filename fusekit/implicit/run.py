@@ -148,7 +148,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if record is None:
         if not resuming:  # checkpoints of another run
             shutil.rmtree(root / "sft" / "checkpoints", ignore_errors=True)
-        info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
+        info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft", progress)
         redo = True
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
@@ -181,7 +181,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         if not resuming:  # another SFT model or other options: stored log-probs and checkpoints are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
             shutil.rmtree(root / "dpo" / "checkpoints", ignore_errors=True)
-        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo")
+        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo", progress)
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record
