@@ -21,7 +21,6 @@ from fusekit.train import engine
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
 from fusekit.train.ddp import Dist, init_distributed
-from fusekit.train.engine import METRICS_FILE, EngineSettings, cosine_with_warmup  # noqa: F401  (re-exported)
 from fusekit.train.head import FusionStep, head_problem
 from fusekit.model_io import load_model, load_tokenizer, quiet_transformers
 
@@ -121,7 +120,7 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     )
     check_target(plan.source, tokenizer, net.config, model_ref)
     net.to(dev).train()
-    settings = EngineSettings(
+    settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
         stop_after=cfg.stop_after, log_every=cfg.log_every,
