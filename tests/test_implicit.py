@@ -468,30 +468,33 @@ def test_wrpo_objective_samples_the_sft_model_and_ramps_alpha(task, tmp_path):
 
 
 def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, tmp_path):
+    """SFT through the shared training engine: a process killed during step 7 resumes from the step-6
+    checkpoint and ends with the weights and losses of an uninterrupted run."""
     from fusekit.implicit.config import SFTOptions
-    from fusekit.implicit.sequences import collate, encode, token_logps
-    from fusekit.implicit.tune import optimize
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.implicit.objectives import SFTObjective
+    from fusekit.implicit.sequences import encode
+    from fusekit.implicit.tune import fit
+    from fusekit.model_io import load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES * 3]
     opts = SFTOptions(lr=1e-3, epochs=2, batch_size=2, save_every=2, seed=3)  # 5 steps per epoch, 10 in all
-
     computed: list[int] = []
 
-    def run(out: Path, die_at: int | None = None):
-        net = load_model(tiny["policy"])
-        computed.clear()
+    class Killable(SFTObjective):
+        die_at: int | None = None
 
-        def step_loss(idx, step, total):
+        def forward(self, model, batch, step, device):
             computed.append(step)
-            if step == die_at:
+            if step == self.die_at:
                 raise KeyboardInterrupt  # the process is killed during this step
-            logp, mask = token_logps(net, collate([items[i] for i in idx], tok.pad_token_id))
-            return -logp.sum() / mask.sum(), {}
+            return super().forward(model, batch, step, device)
 
-        log = optimize(net, len(items), step_loss, opts, out)
-        return net, log
+    def run(out: Path, die_at: int | None = None):
+        computed.clear()
+        objective = Killable(items, tok.pad_token_id, opts.batch_size, opts.epochs, opts.seed)
+        objective.die_at = die_at
+        return fit(tiny["policy"], objective, opts, out)
 
     whole, whole_log = run(tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
@@ -504,6 +507,26 @@ def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, t
     for (name, a), (_, b) in zip(whole.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert not (tmp_path / "killed" / "checkpoints").exists()  # removed once training ends
+
+
+def test_sft_objective_is_the_token_mean_response_cross_entropy(tiny, tmp_path):
+    """The engine's first step on SFTObjective: loss = mean over response tokens of −log p, by hand."""
+    from fusekit.implicit.config import SFTOptions
+    from fusekit.implicit.objectives import SFTObjective
+    from fusekit.implicit.sequences import encode
+    from fusekit.implicit.tune import fit
+    from fusekit.model_io import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny["policy"])
+    items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES]
+    net = load_model(tiny["policy"])
+    with torch.no_grad():  # every example in one step: Σ over examples and tokens / number of response tokens
+        logps = [_slow_logp(net, tok, m, c) for m, c, _ in TRIPLES]
+        n_tokens = sum(int((e.labels != -100).sum()) for e in items)
+    want = -float(sum(logps)) / n_tokens
+    opts = SFTOptions(lr=1e-3, epochs=1, batch_size=3, seed=0)
+    _, log = fit(tiny["policy"], SFTObjective(items, tok.pad_token_id, 3, 1, 0), opts, tmp_path)
+    assert len(log) == 1 and log[0]["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_generation_stops_at_the_models_own_end_of_turn_ids(tiny):

@@ -14,7 +14,10 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def implicit_command(
     config: Path = typer.Argument(..., help="Implicit-fusion YAML: workdir, target, sources, prompts, eval, sample, reward, build, sft, dpo."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show stage headers."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show stage headers and training progress."),
+    backend: str = typer.Option(
+        None, "--backend", help="Sampling backend, overriding sample.backend: auto (vLLM where installed with a CUDA GPU), transformers or vllm."
+    ),
 ) -> None:
     """Implicit fusion (FuseChat-3.0): every source answers every prompt n times, a reward function or
     model scores the answers, the target is fine-tuned on the best ones (SFT) and then on best-vs-worst
@@ -29,7 +32,14 @@ def implicit_command(
 
     from fusekit.implicit.evaluate import results_table
 
-    result = implicit_fusion(config, progress=progress)
+    if backend is None:
+        result = implicit_fusion(config, progress=progress)
+    else:
+        from fusekit.implicit.config import load_implicit
+
+        loaded = load_implicit(config)
+        loaded = loaded.model_copy(update={"sample": loaded.sample.model_copy(update={"backend": backend})})
+        result = implicit_fusion(loaded, progress=progress, config_dir=config.resolve().parent)
     if result["eval"]:
         Console().print(results_table(result["eval"]))
     if result["score"]["failed"]:

@@ -5,7 +5,7 @@
     sources: [{name: a, model: …}, {name: b, model: …}]
     prompts: {data: prompts.jsonl}     # chat `messages` without the final assistant turn; optional `reference`
     eval:    {data: heldout.jsonl}     # same format, optional
-    sample:  {n: 4, max_new_tokens: 256, temperature: 0.8, top_p: 0.95, seed: 0, batch_size: 8}
+    sample:  {n: 4, max_new_tokens: 256, temperature: 0.8, top_p: 0.95, seed: 0, batch_size: 8, backend: auto}
     reward:  {function: numeric}       # exact_match | numeric | "pkg.module:fn"; or {model: PATH}
     build:   {margin: 0.0}
     sft:     {lr: 5e-6, epochs: 1}
@@ -33,7 +33,16 @@ class SampleOptions(_Strict):
     top_p: float = Field(0.95, gt=0, le=1)
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call (each answered n times).")
-    device: str | None = Field(None, description="Default: cuda when available.")
+    device: str | None = Field(None, description="Default: cuda when available (transformers backend).")
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM where it is installed and a CUDA GPU is available, else transformers."
+    )
+
+    def identity(self, backend: str) -> dict[str, Any]:
+        """The options the samples depend on, with the backend that ran (`auto` resolved). The
+        transformers backend is left out, so workdirs from before the choice existed stay valid."""
+        ident = self.model_dump(exclude={"device", "backend"})
+        return ident if backend == "transformers" else {**ident, "backend": backend}
 
 
 class RewardOptions(_Strict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 @dataclass
 class DPOOutput:
     loss: "object"  # scalar tensor: the mean loss over pairs
+    losses: "object"  # [B] each pair's loss (with its graph; the engine sums them)
     chosen_reward: "object"  # [B] β·(log π − log π_ref) of the chosen responses (detached)
     rejected_reward: "object"  # [B] same for the rejected ones
 
@@ -33,8 +34,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
     chosen = policy_chosen - ref_chosen
     rejected = policy_rejected - ref_rejected
-    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
-    return DPOOutput(loss, (beta * chosen).detach(), (beta * rejected).detach())
+    losses = -F.logsigmoid(beta * (chosen - rejected))
+    return DPOOutput(losses.mean(), losses, (beta * chosen).detach(), (beta * rejected).detach())
 
 
 def wrpo_loss(policy_source, policy_self, policy_rejected, ref_source, ref_self, ref_rejected, beta: float, alpha: float) -> DPOOutput:
@@ -56,5 +57,5 @@ def wrpo_loss(policy_source, policy_self, policy_rejected, ref_source, ref_self,
         raise ValueError(f"wrpo_loss: need beta > 0 and 0 ≤ alpha ≤ 1, got beta={beta}, alpha={alpha}")
     chosen = alpha * (policy_source - ref_source) + (1 - alpha) * (policy_self - ref_self)
     rejected = policy_rejected - ref_rejected
-    loss = -F.logsigmoid(beta * (chosen - rejected)).mean()
-    return DPOOutput(loss, (beta * chosen).detach(), (beta * rejected).detach())
+    losses = -F.logsigmoid(beta * (chosen - rejected))
+    return DPOOutput(losses.mean(), losses, (beta * chosen).detach(), (beta * rejected).detach())

@@ -24,6 +24,7 @@ from fusekit.implicit.evaluate import evaluate_model, plot_results
 from fusekit.implicit.prompts import Prompt, has_template, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
+from fusekit.implicit.vllm_backend import resolve_backend
 from fusekit.model_io import load_tokenizer
 from fusekit.implicit.stage import (
     STAGE_FILE,
@@ -78,7 +79,11 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     by_id = {p.id: p for p in prompts}
     eval_prompts = read_prompts(config.eval.data) if config.eval is not None else []
     models = {s.name: s.model for s in config.sources}
-    sample_opts = config.sample.model_dump(exclude={"device"})
+    # `auto` resolved once, before any work: every stage samples with the same backend, and a backend
+    # that cannot run here fails now, not after the first stages.
+    backend = resolve_backend(config.sample.backend)
+    sampling = config.sample.model_copy(update={"backend": backend})
+    sample_opts = sampling.identity(backend)
     scorer = Scorer(config.reward, config_dir)
     timings: dict[str, float] = {}
     redo = False  # once a stage runs, every later stage runs again (its inputs were rewritten)
@@ -97,12 +102,12 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if record is None:
         t0, per_source, frames = time.perf_counter(), {}, []
         for s in config.sources:
-            frame, stats = sample_model(s.model, s.name, prompts, config.sample, _source_parts(stages / "sample" / "parts" / s.name, s.model))
+            frame, stats = sample_model(s.model, s.name, prompts, sampling, _source_parts(stages / "sample" / "parts" / s.name, s.model))
             frames.append(frame)
             chat_format = "template" if has_template(load_tokenizer(s.model)) else "plain"
             if chat_format == "plain":
                 note(f"sample: {s.name} has no chat template; it was prompted in the plain 'role: content' format (docs/IMPLICIT.md)")
-            per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None, "chat_format": chat_format}
+            per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None, "chat_format": chat_format, "backend": backend}
         write_parquet(pl.concat(frames), root / "responses.parquet")
         redo = True
         record = finish_stage(stages / "sample", ident, seconds=time.perf_counter() - t0, per_source=per_source)
@@ -148,7 +153,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if record is None:
         if not resuming:  # checkpoints of another run
             shutil.rmtree(root / "sft" / "checkpoints", ignore_errors=True)
-        info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft")
+        info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft", progress)
         redo = True
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
@@ -163,7 +168,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         record = open_stage(stages / "self", ident, "self-sample", redo, replace=True, notify=note)
         if record is None:
             t0 = time.perf_counter()
-            own, _ = sample_model(root / "sft" / "model", f"{config.target.name}+sft", prompts, config.sample, stages / "self" / "parts", stream="self")
+            own, _ = sample_model(root / "sft" / "model", f"{config.target.name}+sft", prompts, sampling, stages / "self" / "parts", stream="self")
             own, report = scorer.score(own, by_id)
             write_parquet(own, root / "self_responses.parquet")
             triples = build_wrpo(pl.read_parquet(root / "sft.parquet"), own, [p.id for p in prompts], config.build.margin)
@@ -181,7 +186,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         if not resuming:  # another SFT model or other options: stored log-probs and checkpoints are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
             shutil.rmtree(root / "dpo" / "checkpoints", ignore_errors=True)
-        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo")
+        info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo", progress)
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record
@@ -203,7 +208,7 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
             *[(s.name, "source", s.model) for s in config.sources],
         ]
         for name, role, model in entries:
-            rows.append({**evaluate_model(name, model, eval_prompts, config.sample, scorer, root / "eval"), "role": role})
+            rows.append({**evaluate_model(name, model, eval_prompts, sampling, scorer, root / "eval"), "role": role})
         timings["eval"] = time.perf_counter() - t0
         finish_stage(stages / "eval", ident, rows=rows)
         plot_results(rows, root / "results.png")

@@ -1,11 +1,11 @@
 """Stage 1 (sample): every model answers every prompt n times with its own chat template.
 
-Batched `transformers` generation with left padding. Chunk c of model M (prompts [c·B, (c+1)·B), each
-answered n times) draws from a torch RNG seeded with derive_seed(seed, M, c), so the output is a pure
-function of (model, prompts, options): re-running gives the same file, and a killed run resumes at the
-first chunk without a part file and still produces exactly the uninterrupted result.
-
-The vLLM backend the issue mentions is not implemented: generation always uses `transformers`.
+Two backends (`sample.backend`): batched `transformers` generation with left padding (here), or vLLM
+(`vllm_backend.py`); `auto` takes vLLM where it is installed and a CUDA GPU is available. Both write
+the same rows (RESPONSE_SCHEMA). Chunk c of model M (prompts [c·B, (c+1)·B), each answered n times)
+draws from an RNG seeded with derive_seed(seed, M, c), so the output is a pure function of (model,
+prompts, options, backend): re-running gives the same file, and a killed run resumes at the first
+chunk without a part file and still produces exactly the uninterrupted result.
 """
 
 from __future__ import annotations
@@ -42,9 +42,17 @@ class Generation:
 
 @dataclass
 class LoadedModel:
+    """The `transformers` backend: a causal LM and its tokenizer (left padding)."""
+
     net: object
     tokenizer: object
     device: object
+
+    def generate(self, texts: Sequence[str], **options) -> list[list[Generation]]:
+        return generate(self, texts, **options)
+
+    def close(self) -> None:
+        """Nothing to do: the model is freed with the object."""
 
 
 def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
@@ -70,11 +78,11 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def _eos_ids(tok, net) -> set[int]:
+def eos_ids(tok, generation_config) -> set[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's generation-config EOS ids
     (chat models such as Llama-3 end a turn with a token other than the tokenizer's EOS)."""
     ids: set[int] = set()
-    for value in (tok.eos_token_id, getattr(getattr(net, "generation_config", None), "eos_token_id", None)):
+    for value in (tok.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -88,7 +96,7 @@ def generate(
     """n generations for each text (one batched `generate` call); returns [len(texts)][n].
 
     Texts are tokenised without added special tokens (chat templates carry their own BOS). Generation
-    stops at any EOS id (_eos_ids); the EOS is not part of the text or tokens.
+    stops at any EOS id (`eos_ids`); the EOS is not part of the text or tokens.
     """
     import torch
 
@@ -97,7 +105,7 @@ def generate(
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
     input_ids = enc["input_ids"].to(model.device)
     attention = enc["attention_mask"].to(model.device)
-    eos_ids = _eos_ids(tok, net)
+    stop_ids = eos_ids(tok, getattr(net, "generation_config", None))
     torch.manual_seed(seed)
     greedy = temperature <= 0
     # Greedy answers are all alike: generate once per text and repeat it n times.
@@ -110,7 +118,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             num_return_sequences=per_text,
             pad_token_id=pad,
-            eos_token_id=sorted(eos_ids) or None,
+            eos_token_id=sorted(stop_ids) or None,
             **kwargs,
         )
     new = out[:, input_ids.shape[1] :].tolist()
@@ -119,7 +127,7 @@ def generate(
         row = []
         for j in range(n):
             ids = list(new[i * per_text + (0 if greedy else j)])
-            end = next((k for k, t in enumerate(ids) if t in eos_ids), None)
+            end = next((k for k, t in enumerate(ids) if t in stop_ids), None)
             if end is not None:
                 ids, reason = ids[:end], "stop"
             else:
@@ -130,13 +138,32 @@ def generate(
     return result
 
 
+def response_rows(source: str, prompts: Sequence[Prompt], gens: Sequence[Sequence[Generation]]) -> pl.DataFrame:
+    """RESPONSE_SCHEMA rows of one chunk: gens[i][j] is sample j of prompts[i] (either backend)."""
+    rows = [
+        {"prompt_id": p.id, "source": source, "sample": j, "response": g.text, "tokens": g.tokens,
+         "n_tokens": len(g.tokens), "finish_reason": g.finish_reason}
+        for p, row in zip(prompts, gens) for j, g in enumerate(row)
+    ]
+    return pl.DataFrame(rows, schema=RESPONSE_SCHEMA)
+
+
+def open_generator(model: str | Path, opts: SampleOptions):
+    """The generator `opts.backend` names (`auto` resolved): LoadedModel or vllm_backend.VLLMGenerator."""
+    from fusekit.implicit.vllm_backend import load_vllm, resolve_backend
+
+    if resolve_backend(opts.backend) == "vllm":
+        return load_vllm(model, opts.seed)
+    return load_generator(model, opts.device)
+
+
 def sample_model(
     model_ref: str | Path,
     name: str,
     prompts: Sequence[Prompt],
     opts: SampleOptions,
     parts_dir: Path,
-    model: LoadedModel | None = None,
+    model=None,
     stream: str | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """All of `name`'s responses to `prompts` (RESPONSE_SCHEMA rows), resuming from `parts_dir`.
@@ -145,31 +172,30 @@ def sample_model(
     makes them share random numbers (evaluation compares models on the same draws).
 
     Returns the frame and {"tokens": generated tokens, "seconds": generation time in this call}.
-    The model is loaded only when some chunk is missing.
+    `model` is a generator from `open_generator` / `load_generator` (kept open); without one, the
+    backend `opts.backend` names is opened only when some chunk is missing, and closed at the end.
     """
     size = opts.batch_size
     chunks = [list(prompts[i : i + size]) for i in range(0, len(prompts), size)]
     parts_dir.mkdir(parents=True, exist_ok=True)
     tokens, seconds = 0, 0.0
     frames = []
+    opened = None
     for c, chunk in enumerate(chunks):
         part = parts_dir / f"chunk-{c:05d}.parquet"
         if not part.is_file():
             if model is None:
-                model = load_generator(model_ref, opts.device)
+                model = opened = open_generator(model_ref, opts)
             texts = [render_prompt(model.tokenizer, p.messages) for p in chunk]
             t0 = time.perf_counter()
-            gens = generate(
-                model, texts, n=opts.n, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+            gens = model.generate(
+                texts, n=opts.n, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
                 top_p=opts.top_p, seed=derive_seed(opts.seed, stream or name, c),
             )
             seconds += time.perf_counter() - t0
-            rows = [
-                {"prompt_id": p.id, "source": name, "sample": j, "response": g.text, "tokens": g.tokens,
-                 "n_tokens": len(g.tokens), "finish_reason": g.finish_reason}
-                for p, row in zip(chunk, gens) for j, g in enumerate(row)
-            ]
             tokens += sum(len(g.tokens) for row in gens for g in row)
-            write_parquet(pl.DataFrame(rows, schema=RESPONSE_SCHEMA), part)
+            write_parquet(response_rows(name, chunk, gens), part)
         frames.append(pl.read_parquet(part))
+    if opened is not None:
+        opened.close()  # vLLM holds most of the GPU until closed
     return pl.concat(frames), {"tokens": tokens, "seconds": seconds}

@@ -46,6 +46,9 @@ class SeqBatch:
     attention_mask: "object"  # torch.long [B, L]
     labels: "object"  # torch.long [B, L], IGNORE on prompt and padding
 
+    def to(self, device) -> "SeqBatch":
+        return SeqBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
 
 def collate(items: Sequence[Encoded], pad_id: int, device=None) -> SeqBatch:
     import torch

@@ -1,19 +1,14 @@
-"""The training loop, nanoGPT-style: batches, forward, loss, backward, clip, step, schedule, checkpoint.
+"""Fusion training: λ·CLM + (1−λ)·fusion on aligned windows, run by the training engine (`engine.py`).
 
-One function, read top to bottom. The distributed branch is the `d.enabled` lines; everything else is
-the same for 1 process and for N.
+This module checks the output folder and the data, loads the target, and describes the objective (what a
+micro-batch is, how its loss and metrics are computed); the step loop itself — accumulation, DDP/FSDP,
+clipping, schedule, checkpoints, metrics — is `engine.run`, shared with the implicit-fusion stages.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import sys
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,38 +17,16 @@ import torch
 
 from fusekit.store.types import AlignedWindow
 from fusekit.train import checkpoint as ckpt
+from fusekit.train import engine
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
-from fusekit.train.ddp import Dist, gradient_sync, init_distributed, wrap
+from fusekit.train.ddp import Dist, init_distributed
 from fusekit.train.head import FusionStep, head_problem
 from fusekit.model_io import load_model, load_tokenizer, quiet_transformers
-from fusekit.train.progress import TrainProgress
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainError(RuntimeError):
     """A training run that cannot start or continue, with what to do about it."""
-
-
-def cosine_with_warmup(total_steps: int, warmup_ratio: float):
-    """lr multiplier: linear warm-up over ⌈ratio·total⌉ steps, then cosine decay to 0 (as HF's schedule)."""
-    warmup = math.ceil(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Matrices decay; biases and norm gains do not (as nanoGPT and HF's Trainer).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def _seed_everything(seed: int) -> None:
@@ -143,127 +116,63 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     )
     check_target(plan.source, tokenizer, net.config, model_ref)
     net.to(dev).train()
-    fsdp = cfg.fsdp and d.enabled
-    model = wrap(FusionStep(net, _fused_head(net, cfg, dev, d)), d, dev, fsdp)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan.total_steps, cfg.warmup_ratio))
-    step = 0
-    if start_ckpt is not None:
-        try:
-            state, rng = ckpt.load_trainer_state(start_ckpt, d)
-        except ckpt.CheckpointError as exc:
-            raise TrainError(str(exc)) from None
-        ckpt.load_optimizer(model, optimizer, state["optimizer"], fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        if d.is_main:
-            print(f"resuming {out} from step {step} of {plan.total_steps} ({start_ckpt})", file=sys.stderr, flush=True)
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-    params = [p for p in model.parameters() if p.requires_grad]
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    metrics = _open_metrics(out, step, d)
-    meta = {"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref}
-    bar = TrainProgress(plan.total_steps, step, enabled=progress and d.is_main)
-    last: dict[str, float] = {}
-    started, steps_here, tokens_here = time.perf_counter(), 0, 0
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    settings = engine.EngineSettings(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
+        bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+        stop_after=cfg.stop_after, log_every=cfg.log_every,
+        meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref},
+    )
+    step_module = FusionStep(net, _fused_head(net, cfg, dev, d))
 
-    def load(s: int):
-        return [plan.micro_batch(i) if i is not None else plan.empty_batch() for i in plan.micro_indices(s, d.rank)]
+    def export(state: dict | None, last: dict) -> None:
+        _export(out, net, state, tokenizer, cfg, plan, last, d, model_ref)
 
-    # One worker thread reads and fuses the next step's windows while this step computes; batches are a
-    # pure function of the step, so the overlap changes nothing in the result.
-    with bar, ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, step) if step < plan.total_steps else None
-        while step < plan.total_steps:
-            t0 = time.perf_counter()
-            batches = pending.result()
-            if step + 1 < plan.total_steps:
-                pending = pool.submit(load, step + 1)
-            local_tokens = sum(b.label_tokens for b in batches)
-            count = d.sum([local_tokens], dev)[0]
-            # Sum over tokens / tokens in the whole step; DDP averages over ranks, hence × world size.
-            scale = d.world_size / max(count, 1.0)
-            sums = torch.zeros(3, dtype=torch.float64, device=dev)
-            lam = cfg.lam_at(step, plan.total_steps)
-            for g, batch in enumerate(batches):
-                syncing = g == len(batches) - 1 or not d.enabled
-                with gradient_sync(model, syncing):
-                    with autocast:
-                        total, clm, fusion = model(
-                            torch.as_tensor(batch.input_ids, device=dev),
-                            torch.as_tensor(batch.position_ids, device=dev),
-                            torch.as_tensor(batch.labels, device=dev),
-                            None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
-                            None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
-                            lam,
-                        )
-                    (total * scale).backward()
-                sums += torch.stack([total.detach(), clm, fusion]).double()
-            if fsdp:
-                # DTensor gradients: the norm over every rank's shard (inf: measure without clipping).
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            elif cfg.clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
-            else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_here += 1
-
-            total, clm, fusion, tokens = d.sum([*sums.tolist(), float(sum(b.tokens for b in batches))], dev)
-            tokens_here += int(tokens)
-            dt = time.perf_counter() - t0
-            last = {
-                "step": step,
-                "loss": total / max(count, 1.0),
-                "clm": clm / max(count, 1.0),
-                "fusion": fusion / max(count, 1.0) if cfg.uses_target else None,
-                "lam": lam,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": int(tokens),
-                "tokens_per_s": tokens / dt if dt > 0 else None,
-                "elapsed_s": time.perf_counter() - started,
-            }
-            if metrics is not None and (step % cfg.log_every == 0 or step == plan.total_steps):
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-            bar.update(step, last)
-            stopping = cfg.stop_after is not None and steps_here >= cfg.stop_after and step < plan.total_steps
-            if step == plan.total_steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
-                ckpt.save_checkpoint(out, step, net, model, optimizer, scheduler, meta, d, cfg.keep_checkpoints, fsdp)
-            if stopping:
-                break
-
-    if metrics is not None:
-        metrics.close()
-    last["run"] = _run_figures(dev, tokens_here, time.perf_counter() - started, steps_here)
-    if step == plan.total_steps:
-        _export(out, net, model, tokenizer, cfg, plan, last, d, model_ref)
+    try:
+        engine.run(net, FusionObjective(plan, cfg), out, settings, d, dev, step_module=step_module,
+                   start=start_ckpt, progress=progress, export=export)
+    except ckpt.CheckpointError as exc:
+        raise TrainError(str(exc)) from None
     return out
 
 
-def _run_figures(dev: torch.device, tokens: int, seconds: float, steps: int) -> dict:
-    """This invocation's throughput (all ranks' tokens) and this process's peak memory."""
-    if dev.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(dev) / 2**20, "cuda max_memory_allocated"
-    else:
-        from fusekit._procmem import memory_mb
+class FusionObjective:
+    """λ·CLM + (1−λ)·fusion over a DataPlan's packed windows; the loss is summed over label tokens."""
 
-        peak, kind = memory_mb()["VmHWM"], "process peak RSS"
-    return {
-        "steps": steps,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "peak_memory_mib": peak,
-        "peak_memory_kind": kind,
-    }
+    sums = ("loss", "clm", "fusion")
+
+    def __init__(self, plan: DataPlan, cfg: TrainConfig):
+        self.plan, self.cfg = plan, cfg
+        self.total_steps = plan.total_steps
+
+    def micro_batches(self, step: int, rank: int) -> list:
+        plan = self.plan
+        return [plan.micro_batch(i) if i is not None else plan.empty_batch() for i in plan.micro_indices(step, rank)]
+
+    def units(self, batch) -> float:
+        return batch.label_tokens
+
+    def tokens(self, batch) -> int:
+        return batch.tokens
+
+    def forward(self, model, batch, step: int, dev: torch.device):
+        total, clm, fusion = model(
+            torch.as_tensor(batch.input_ids, device=dev),
+            torch.as_tensor(batch.position_ids, device=dev),
+            torch.as_tensor(batch.labels, device=dev),
+            None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
+            None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
+            self.cfg.lam_at(step, self.total_steps),
+        )
+        return total, torch.stack([total.detach(), clm, fusion])
+
+    def report(self, sums: list[float], units: float, step: int) -> dict:
+        total, clm, fusion = sums
+        return {
+            "loss": total / max(units, 1.0),
+            "clm": clm / max(units, 1.0),
+            "fusion": fusion / max(units, 1.0) if self.cfg.uses_target else None,
+            "lam": self.cfg.lam_at(step, self.total_steps),
+        }
 
 
 def _fused_head(net, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
@@ -288,22 +197,7 @@ def _maybe_tokenizer(model_ref: str):
         return None
 
 
-def _open_metrics(out: Path, step: int, d: Dist):
-    """The metrics log, truncated to the resumed step so a resumed run's log equals an uninterrupted one."""
-    if not d.is_main:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / METRICS_FILE
-    kept = []
-    if step and path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    f = path.open("w")
-    f.writelines(ln + "\n" for ln in kept)
-    return f
-
-
-def _export(out: Path, net, model, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
-    state, _ = ckpt.full_state_dicts(model, None, cfg.fsdp and d.enabled)
+def _export(out: Path, net, state: dict | None, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
     if d.is_main:
         with quiet_transformers():
             net.save_pretrained(out, safe_serialization=True, state_dict=state)
