@@ -43,6 +43,8 @@ fn signature(s: &[char]) -> u128 {
 /// matches nothing in `b`, so it is deleted or substituted: `S + D ≥ a_only`; likewise
 /// `S + I ≥ b_only`. Hence `lev = S + D + I ≥ a_only`, and `lev = (S + I) + (I + Δ) ≥ b_only + Δ`.
 /// Hash collisions only merge classes, which can shrink `a_only`/`b_only` but never grow them.
+/// The search tests `bound ≤ limit` without computing the bound (`next_within`); this plain form is
+/// what the unit tests hold it to.
 #[cfg(test)]
 fn class_length_bound(sig_a: u128, len_a: usize, sig_b: u128, len_b: usize) -> u32 {
     let a_only = (sig_a & !sig_b).count_ones();
@@ -253,12 +255,12 @@ impl<'t> VocabMapper<'t> {
             exact.entry(t.as_slice()).or_insert(idx as u32);
             let group = &mut by_len[t.len()];
             group.ids.push(idx as u32);
-            group.signatures.push(signature(t));
-            group.chars.extend_from_slice(t);
-            let (sig, row) = (signature(t), group.ids.len() as u32 - 1);
+            let sig = signature(t);
             for c in set_bits(sig) {
-                group.postings[c].push(row);
+                group.postings[c].push(group.signatures.len() as u32);
             }
+            group.signatures.push(sig);
+            group.chars.extend_from_slice(t);
         }
         let (one_edit, neighbours) = (OneEditIndex::new(tgt, usable), Neighbours::new(tgt, usable));
         VocabMapper { tgt, exact, one_edit, neighbours, by_len }
@@ -288,29 +290,84 @@ impl<'t> VocabMapper<'t> {
             }
             for l in [below, above].into_iter().flatten() {
                 if let Some(group) = self.by_len.get(l) {
-                    self.search_group(group, l, &pattern, sig, &mut best);
+                    GroupSearch::new(group, l, &pattern, sig, &best).run(&mut best);
                 }
             }
             delta += 1;
         }
         (best.idx, best.distance)
     }
+}
 
-    /// The rows of `group` that can be within `limit` of the source, when few enough to beat a scan.
+/// One length group searched for one source (the pattern, its class signature `sig`).
+struct GroupSearch<'a> {
+    group: &'a LengthGroup,
+    /// The group's string length.
+    l: usize,
+    pattern: &'a Pattern,
+    sig: u128,
+    delta: u32,
+    /// No target of this group is closer than the length difference, nor than 2: `map_one` only
+    /// searches when the source has no target at distance 0 or 1.
+    floor: u32,
+    /// Ids ascend: rows below `ties_end` have a lower index than the best, so they win at an equal
+    /// distance; the others must be strictly closer.
+    ties_end: usize,
+}
+
+impl<'a> GroupSearch<'a> {
+    fn new(group: &'a LengthGroup, l: usize, pattern: &'a Pattern, sig: u128, best: &Best) -> Self {
+        let delta = pattern.len().abs_diff(l) as u32;
+        let ties_end = group.ids.partition_point(|&i| i < best.idx);
+        GroupSearch { group, l, pattern, sig, delta, floor: delta.max(2), ties_end }
+    }
+
+    /// Offer every target of the group that the bound cannot rule out to `best`.
+    fn run(mut self, best: &mut Best) {
+        match self.rows_holding_a_rare_class(best.distance) {
+            Some(rows) => self.offer_listed(&rows, best),
+            None => self.scan(best),
+        }
+    }
+
+    /// The largest distance at which row `k` would still beat `best`.
+    fn limit(&self, k: usize, best: &Best) -> u32 {
+        if k < self.ties_end {
+            best.distance
+        } else {
+            best.distance.saturating_sub(1)
+        }
+    }
+
+    /// The first row in `from..to` whose `class_length_bound` is at most `limit`.
+    fn next_within(&self, from: usize, to: usize, limit: u32) -> Option<usize> {
+        let source_longer = self.pattern.len() >= self.l;
+        next_within(&self.group.signatures[from..to], self.sig, source_longer, self.delta, limit).map(|o| from + o)
+    }
+
+    /// Compare row `k` and offer it.
+    fn offer(&mut self, k: usize, best: &mut Best) {
+        let l = self.l;
+        if best.offer(self.pattern.distance(&self.group.chars[k * l..(k + 1) * l]), self.group.ids[k]) {
+            self.ties_end = k; // the new best is row k: every later row has a higher id
+        }
+    }
+
+    /// The rows that can be within `limit` of the source, when few enough to beat a scan.
     ///
     /// Why it is exact: within `limit`, a target lacks at most `m` of the source's classes (`m` =
     /// `limit`, less the length difference when the source is the shorter; see `class_length_bound`),
     /// so it holds at least one of any `m + 1` of them: the union of those classes' postings holds
     /// every such target. The rarest `m + 1` classes give the smallest union.
-    fn rows_holding_a_rare_class(&self, group: &LengthGroup, source_longer: bool, delta: u32, sig: u128, limit: u32) -> Option<Vec<u32>> {
-        let missing = if source_longer { limit } else { limit.checked_sub(delta)? };
-        let mut lists: Vec<&Vec<u32>> = set_bits(sig).map(|c| &group.postings[c]).collect();
+    fn rows_holding_a_rare_class(&self, limit: u32) -> Option<Vec<u32>> {
+        let missing = if self.pattern.len() >= self.l { limit } else { limit.checked_sub(self.delta)? };
+        let mut lists: Vec<&Vec<u32>> = set_bits(self.sig).map(|c| &self.group.postings[c]).collect();
         if lists.len() as u64 <= u64::from(missing) {
             return None;
         }
         lists.sort_unstable_by_key(|p| p.len());
         lists.truncate(missing as usize + 1);
-        if lists.iter().map(|p| p.len()).sum::<usize>() * 4 > group.ids.len() {
+        if lists.iter().map(|p| p.len()).sum::<usize>() * 4 > self.group.ids.len() {
             return None;
         }
         let mut rows: Vec<u32> = lists.into_iter().flatten().copied().collect();
@@ -319,47 +376,31 @@ impl<'t> VocabMapper<'t> {
         Some(rows)
     }
 
-    /// Offer every target of `group` (all of length `l`) that the bound cannot rule out.
-    fn search_group(&self, group: &LengthGroup, l: usize, pattern: &Pattern, sig: u128, best: &mut Best) {
-        let len = pattern.len();
-        let delta = len.abs_diff(l) as u32;
-        // No target of this group is closer than the length difference, nor than 2: `map_one` only
-        // searches when the source has no target at distance 0 or 1.
-        let floor = delta.max(2);
-        // Ids ascend: the targets below the best index win at an equal distance and come first
-        // (up to `ties_end`); the others must be strictly closer.
-        let mut ties_end = group.ids.partition_point(|&i| i < best.idx);
-        if let Some(rows) = self.rows_holding_a_rare_class(group, len >= l, delta, sig, best.distance) {
-            for k in rows {
-                let k = k as usize;
-                let limit = if k < ties_end { best.distance } else { best.distance.saturating_sub(1) };
-                if limit < floor {
-                    break; // only past `ties_end`: later rows are there too
-                }
-                if next_within(&group.signatures[k..=k], sig, len >= l, delta, limit).is_some()
-                    && best.offer(pattern.distance(&group.chars[k * l..(k + 1) * l]), group.ids[k])
-                {
-                    ties_end = k;
-                }
+    /// Offer the listed rows (ascending) that pass the bound.
+    fn offer_listed(&mut self, rows: &[u32], best: &mut Best) {
+        for &k in rows {
+            let k = k as usize;
+            let limit = self.limit(k, best);
+            if limit < self.floor {
+                break; // only past `ties_end`, where every later row is too
             }
-            return;
+            if self.next_within(k, k + 1, limit).is_some() {
+                self.offer(k, best);
+            }
         }
+    }
+
+    /// Scan the rows in order, jumping from one that passes the bound to the next.
+    fn scan(&mut self, best: &mut Best) {
+        let n = self.group.ids.len();
         let mut k = 0;
-        while k < group.ids.len() {
-            let (end, limit) =
-                if k < ties_end { (ties_end, best.distance) } else { (group.ids.len(), best.distance.saturating_sub(1)) };
-            let found = if limit < floor {
-                None
-            } else {
-                next_within(&group.signatures[k..end], sig, len >= l, delta, limit)
-            };
-            match found {
-                Some(offset) => {
-                    k += offset;
-                    if best.offer(pattern.distance(&group.chars[k * l..(k + 1) * l]), group.ids[k]) {
-                        ties_end = k; // the new best is target k: every later id is higher
-                    }
-                    k += 1;
+        while k < n {
+            let end = if k < self.ties_end { self.ties_end } else { n };
+            let limit = self.limit(k, best);
+            match (limit >= self.floor).then(|| self.next_within(k, end, limit)).flatten() {
+                Some(found) => {
+                    self.offer(found, best);
+                    k = found + 1;
                 }
                 None => k = end,
             }
