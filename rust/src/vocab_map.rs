@@ -285,7 +285,7 @@ impl<'t> VocabMapper<'t> {
         while (delta as u64) <= u64::from(best.distance) {
             let below = len.checked_sub(delta);
             let above = if delta == 0 { None } else { Some(len + delta) };
-            if below.is_none() && above.map_or(true, |l| l >= self.by_len.len()) {
+            if below.is_none() && above.is_none_or(|l| l >= self.by_len.len()) {
                 break;
             }
             for l in [below, above].into_iter().flatten() {
