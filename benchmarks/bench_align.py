@@ -6,6 +6,8 @@ Pairs are real texts (the standard library's sources and docs) tokenised by two 
 (byte-level BPE and Unigram, trained here), cut to 2048 source tokens. The baseline is the FuseLLM
 reference's algorithm: a Python double loop calling the `editdistance` C extension per cell (pure-Python
 Levenshtein if that package is absent — slower, so the ratio would flatter us; it says which).
+Then `map_vocab` on real tokenizer pairs (Qwen2 → Llama-3, GPT-2 → Llama-2, Llama-3 → Llama-2, from
+../shared/tokenizers) against a numpy brute force extrapolated from a sample.
 """
 
 from __future__ import annotations
@@ -126,6 +128,47 @@ def bench_map_vocab(quick: bool) -> None:
     )
 
 
+REAL_PAIRS = [("qwen2", "llama-bpe"), ("gpt-2", "llama-spm"), ("llama-bpe", "llama-spm")]
+REAL_NAMES = {"qwen2": "Qwen2", "llama-bpe": "Llama-3", "gpt-2": "GPT-2", "llama-spm": "Llama-2"}
+
+
+def bench_map_vocab_real(quick: bool) -> None:
+    """`map_vocab` on real tokenizer pairs (../shared/tokenizers), as the fusellm transfer calls it
+    (normalised strings, usable targets only), vs a brute force extrapolated from a sample of the
+    sources without an exact match (tests/reference.py: every target, numpy DP rows)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from real_tokenizers import real_tokenizer
+    from reference import map_vocab_vectorized
+
+    from fusekit.align.vocab_info import vocab_info
+
+    rows = []
+    for src_name, tgt_name in REAL_PAIRS:
+        try:
+            src, tgt = vocab_info(real_tokenizer(src_name)), vocab_info(real_tokenizer(tgt_name))
+        except BaseException as exc:  # noqa: BLE001 - pytest.skip outside pytest: the folder is absent
+            print(f"skipping {src_name} → {tgt_name}: {exc}")
+            continue
+        usable = tgt.usable.tolist()
+        run = lambda threads: fusekit.map_vocab_with_stats(src.strings, tgt.strings, threads, tgt_usable=usable)  # noqa: E731
+        t2 = best_of(lambda: run(2), 1 if quick else 2)
+        t1 = best_of(lambda: run(1), 1) if not quick else "—"
+        exact = {t for t, ok in zip(tgt.strings, usable) if ok}
+        inexact = [s for s in src.strings if s not in exact]
+        rng = np.random.default_rng(0)
+        sample = [inexact[i] for i in rng.choice(len(inexact), 10 if quick else 40, replace=False)]
+        start = time.perf_counter()
+        map_vocab_vectorized(sample, tgt.strings, usable)
+        t_ref = (time.perf_counter() - start) / len(sample) * len(inexact)
+        name = f"{REAL_NAMES[src_name]} {len(src) // 1000}k → {REAL_NAMES[tgt_name]} {len(tgt) // 1000}k"
+        rows.append([name, f"{len(inexact):,}", t_ref, t1, t2, t_ref / t2])
+    print_table(
+        f"map_vocab on real vocabularies, {os.cpu_count()} cores (brute force extrapolated from a sample)",
+        ["pair", "MinED sources", "brute force s", "1 thread s", "2 threads s", "speed-up"],
+        rows,
+    )
+
+
 def _real_source_vocab() -> list[str]:
     """SmolLM2's real 49,152-token vocabulary when its package is installed, else a trained 50k BPE."""
     try:
@@ -149,3 +192,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     bench_dtw(args.quick)
     bench_map_vocab(args.quick)
+    bench_map_vocab_real(args.quick)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 
 def levenshtein(a: str, b: str) -> int:
     d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
@@ -56,6 +58,43 @@ def map_vocab(src: list[str], tgt: list[str], usable: list[bool] | None = None) 
             continue
         dists = [levenshtein(s, t) if ok[i] else math.inf for i, t in enumerate(tgt)]
         out.append(dists.index(min(dists)))
+    return out
+
+
+def map_vocab_vectorized(src: list[str], tgt: list[str], usable: list[bool] | None = None) -> list[int]:
+    """`map_vocab` with the same brute force (every source against every usable target), but each DP row
+    computed for all targets of one length at once with numpy, so that whole real vocabularies (100k+
+    targets) are affordable. Row update, as in `levenshtein`: from the previous row `prev`,
+    `best[j] = min(prev[j-1] + (a_i != b_j), prev[j] + 1)`, then the insertions
+    `cur[j] = min(best[j], cur[j-1] + 1)`, which unrolled is `min over k ≤ j of best[k] + (j - k)`: a
+    running minimum of `best[k] - k`, plus `j`."""
+    ok = [True] * len(tgt) if usable is None else list(usable)
+    first: dict[str, int] = {}
+    groups: dict[int, list[int]] = {}
+    for idx, t in enumerate(tgt):
+        if ok[idx]:
+            first.setdefault(t, idx)
+            groups.setdefault(len(t), []).append(idx)
+    # Per length n: target ids int64 [N] and code points int64 [N, n].
+    tables = [(np.array(ids), np.array([[ord(c) for c in tgt[i]] for i in ids], dtype=np.int64).reshape(len(ids), n))
+              for n, ids in groups.items()]
+    out = []
+    for s in src:
+        if s in first:
+            out.append(first[s])
+            continue
+        dist = np.full(len(tgt), np.iinfo(np.int64).max)
+        for ids, codes in tables:
+            n = codes.shape[1]
+            offsets = np.arange(n + 1)
+            prev = np.broadcast_to(offsets, (len(ids), n + 1))
+            for i, ch in enumerate(s, start=1):
+                best = np.empty_like(prev)
+                best[:, 0] = i
+                best[:, 1:] = np.minimum(prev[:, :-1] + (codes != ord(ch)), prev[:, 1:] + 1)
+                prev = np.minimum.accumulate(best - offsets, axis=1) + offsets
+            dist[ids] = prev[:, n]
+        out.append(int(np.argmin(dist)))  # argmin: the first (lowest) index among equal minima
     return out
 
 

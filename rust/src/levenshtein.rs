@@ -57,6 +57,10 @@ impl Pattern {
         Pattern { chars: chars.to_vec(), ascii, other }
     }
 
+    pub fn chars(&self) -> &[char] {
+        &self.chars
+    }
+
     pub fn len(&self) -> usize {
         self.chars.len()
     }
