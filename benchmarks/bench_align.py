@@ -140,7 +140,7 @@ def bench_map_vocab_real(quick: bool) -> None:
     from real_tokenizers import real_tokenizer
     from reference import map_vocab_vectorized
 
-    from fusekit.align.vocab_info import vocab_info
+    from fusekit.vocab.info import vocab_info
 
     rows = []
     for src_name, tgt_name in REAL_PAIRS:

@@ -32,7 +32,7 @@ from fusekit.align.probe_texts import probe_texts  # noqa: E402
 from fusekit.align.recall import perfect_source_topk, recalled  # noqa: E402
 from fusekit.align.statmap import count_alignments, fusechat_transferer  # noqa: E402
 from fusekit.align.transfer import Transferer, encode_offsets  # noqa: E402
-from fusekit.align.vocab_info import vocab_info  # noqa: E402
+from fusekit.vocab.info import vocab_info  # noqa: E402
 
 PAIRS = [
     ("gpt-2", "llama-spm"),

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from fusekit.align import normalize_vocab, token_scheme
-from fusekit.align.vocab_info import vocab_info
+from fusekit.vocab.info import vocab_info
 from fusekit.store.types import Window
 
 

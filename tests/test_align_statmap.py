@@ -14,7 +14,7 @@ import fusekit
 from fusekit.align.recall import perfect_source_topk, recalled
 from fusekit.align.statmap import AlignmentCounts, co_start_pairs, count_texts, statistical_vocab_map
 from fusekit.align.transfer import encode_offsets
-from fusekit.align.vocab_info import vocab_info
+from fusekit.vocab.info import vocab_info
 from fusekit.store.aligned_store import AlignedStore
 from fusekit.store.types import Window
 from align_store_data import MemoryExtractStore
@@ -96,7 +96,7 @@ def test_hand_worked_statistical_map(hand_stores, tmp_path):
 def test_map_rule_ties_fallback_and_roles():
     """argmax count; ties to the identical string, then the lowest id; unseen → the fallback; counts on
     ids that must take no mass are ignored; special tokens by role."""
-    from fusekit.align.vocab_info import EMPTY, SPECIAL, TEXT, VocabInfo
+    from fusekit.vocab.info import EMPTY, SPECIAL, TEXT, VocabInfo
 
     src = VocabInfo(["ab", "c", "d", "e", "</s>", ""], np.array([TEXT] * 4 + [SPECIAL, EMPTY], np.uint8), 4)
     tgt = VocabInfo(["a", "ab", "c", "<unk>", "</s>"], np.array([TEXT] * 3 + [SPECIAL, SPECIAL], np.uint8), 4)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 import fusekit
-from fusekit.align.vocab_info import vocab_info
+from fusekit.vocab.info import vocab_info
 from real_tokenizers import real_tokenizer
 from reference import map_vocab as ref_map_vocab
 from reference import map_vocab_vectorized

@@ -7,7 +7,7 @@ import pytest
 
 import fusekit
 from fusekit import Scheme, normalize_token
-from fusekit.align.normalize import STRAY_BYTE_BASE
+from fusekit.vocab.normalize import STRAY_BYTE_BASE
 
 TEXT = "The cat sat on the mat.\nIt was happy, then it slept:  quietly."
 

@@ -12,7 +12,7 @@ import fusekit
 from fusekit.align.recall import perfect_source_topk, recalled
 from fusekit.align.remap import remap_spans
 from fusekit.align.transfer import TextTokens, Transferer, encode_offsets
-from fusekit.align.vocab_info import EMPTY, SPECIAL, vocab_info
+from fusekit.vocab.info import EMPTY, SPECIAL, vocab_info
 
 import reference
 from real_tokenizers import real_tokenizer

@@ -1,6 +1,6 @@
 """Stage 2: token alignment, vocabulary mapping and moving source distributions onto target tokens."""
 
-from fusekit.align.normalize import Scheme, normalize_token, normalize_tokens, normalize_vocab, token_scheme
+from fusekit.vocab.normalize import Scheme, normalize_token, normalize_tokens, normalize_vocab, token_scheme
 from fusekit.align.tokens import (
     AlignedTopk,
     TokenTable,

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fusekit.align.tokens import TokenTable
     from fusekit.align.transfer import Transferer
     from fusekit.align.vocab_cache import VocabMap
-    from fusekit.align.vocab_info import VocabInfo
+    from fusekit.vocab.info import VocabInfo
 
 COUNTS_FORMAT = 1
 DTW_CHUNK = 256  # windows per align_ids_batch call (as the store path): every thread busy, bounded memory
@@ -198,7 +198,7 @@ def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: A
     (no special tokens) and aligned by DTW. Pass the result to `fusekit.transfer(…, counts=…)`."""
     from fusekit.align.tokens import TokenTable
     from fusekit.align.transfer import encode_offsets
-    from fusekit.align.vocab_info import vocab_info
+    from fusekit.vocab.info import vocab_info
 
     s_info, t_info = vocab_info(source_tokenizer), vocab_info(target_tokenizer)
     items = ((encode_offsets(source_tokenizer, t).ids, encode_offsets(target_tokenizer, t).ids) for t in texts)
@@ -235,7 +235,7 @@ def statistical_vocab_map(
     (`vocab_cache.exact_map`; computed when not given). Raises ValueError on counts of another pair.
     """
     from fusekit.align.vocab_cache import exact_map
-    from fusekit.align.vocab_info import EMPTY, SPECIAL, map_specials_by_role
+    from fusekit.vocab.info import EMPTY, SPECIAL, map_specials_by_role
 
     if counts.shape != (len(source), len(target)) or (counts.pair and counts.pair != pair_digest(source, target)):
         raise ValueError(

@@ -77,7 +77,7 @@ from fusekit.store.shards import (
 from fusekit.store.types import AlignedWindow, Candidate, Window
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.align.vocab_info import VocabInfo
+    from fusekit.vocab.info import VocabInfo
 
 DTW_CHUNK = 256  # windows per align_ids_batch call: enough to keep every thread busy, bounded memory
 
@@ -100,7 +100,7 @@ def info_of(store) -> "VocabInfo":
     """The store's `VocabInfo` (objects with the ExtractStore interface but without one: guessed)."""
     info = getattr(store, "vocab_info", None)
     if info is None:
-        from fusekit.align.vocab_info import VocabInfo
+        from fusekit.vocab.info import VocabInfo
 
         info = VocabInfo.guess(list(store.vocab), getattr(store, "scheme", None))
         try:
@@ -297,7 +297,7 @@ class _WholeText:
 
 def _bad_ids(info) -> np.ndarray:
     """bool [V_t]: target ids that must get no mass (twins, specials other than the end tokens, empty ids)."""
-    from fusekit.align.vocab_info import EMPTY, SPECIAL
+    from fusekit.vocab.info import EMPTY, SPECIAL
 
     bad = info.twin | (info.kind == SPECIAL) | (info.kind == EMPTY)
     for end in (info.eos, info.eot):

@@ -28,7 +28,7 @@ import numpy as np
 
 from fusekit import _core
 from fusekit.align.spans import byte_spans
-from fusekit.align.vocab_info import VocabInfo, vocab_info
+from fusekit.vocab.info import VocabInfo, vocab_info
 
 if TYPE_CHECKING:  # pragma: no cover
     from fusekit.align.statmap import AlignmentCounts
@@ -200,7 +200,7 @@ def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None 
 
     ids, _ = map_vocab_with_stats(source.strings, target.strings, threads, tgt_usable=target.usable.tolist())
     ids = np.asarray(ids, dtype=np.int64)
-    from fusekit.align.vocab_info import map_specials_by_role
+    from fusekit.vocab.info import map_specials_by_role
 
     return map_specials_by_role(ids, source, target)
 

@@ -23,9 +23,9 @@ from fusekit.align.tokens import VocabMapStats, map_vocab_with_stats
 from fusekit.store.shards import StoreError, write_bytes_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.align.vocab_info import VocabInfo
+    from fusekit.vocab.info import VocabInfo
 
-CACHE_FORMAT = 3  # 2: byte-fallback twins, special and empty ids are never targets (align/vocab_info.py); 3: end of turn by role
+CACHE_FORMAT = 3  # 2: byte-fallback twins, special and empty ids are never targets (vocab/info.py); 3: end of turn by role
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def store_vocab(tokenizer, vocab_size: int) -> list[str]:
     """Normalised strings of ids 0..vocab_size−1; ids the tokenizer lacks get unique placeholders."""
-    from fusekit.align import normalize_vocab
+    from fusekit.vocab.normalize import normalize_vocab
 
     n_tok = len(tokenizer)
     if n_tok > vocab_size:

@@ -247,7 +247,7 @@ def extract(
     vocab = store_vocab(tokenizer, vocab_size)
     context = model_context(config)
     window = min(max_length, context) if context else max_length
-    from fusekit.align import token_scheme
+    from fusekit.vocab.normalize import token_scheme
 
     settings = {
         "model": model_name(model),
@@ -271,7 +271,7 @@ def extract(
     if (out / MANIFEST).is_file():
         open_store(out, FORMAT, settings)  # other settings: refused before anything else is looked at
     _check_folder(out, num_shards, digest)
-    from fusekit.align.vocab_info import vocab_info
+    from fusekit.vocab.info import vocab_info
 
     _open(out, settings, vocab, info, vocab_info(tokenizer, vocab_size).as_json())
     clean_temporaries(out)

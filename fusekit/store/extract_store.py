@@ -59,7 +59,7 @@ READABLE_CODECS = (CODEC, FRESH_CODEC)
 DEFAULT_STEP = 0.125
 DEFAULT_KNEE = 0.0
 VOCAB_FILE = "vocab.json"
-TOKENS_FILE = "tokens.json"  # what each id is (byte-fallback, special, empty) and the EOS id: align/vocab_info.py
+TOKENS_FILE = "tokens.json"  # what each id is (byte-fallback, special, empty) and the EOS id: vocab/info.py
 CE_BIN = 0.25  # CE histogram bins of 0.25 nats from 0; the last bin holds everything beyond
 CE_BINS = 80
 _DECODE_CHUNK = 256  # windows decoded per call (bounded memory, parallel decode)
@@ -375,7 +375,7 @@ class ExtractStore:
 
     def _read_vocab_info(self):
         """What each id is (tokens.json); stores written before it existed get it guessed from spellings."""
-        from fusekit.align.vocab_info import VocabInfo
+        from fusekit.vocab.info import VocabInfo
 
         path = self.folder / TOKENS_FILE
         if not path.is_file():

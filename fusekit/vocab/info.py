@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fusekit.align.normalize import STRAY_BYTE_BASE, Scheme, normalize_token, token_scheme
+from fusekit.vocab.normalize import STRAY_BYTE_BASE, Scheme, normalize_token, token_scheme
 
 TEXT, BYTE_FALLBACK, SPECIAL, EMPTY = 0, 1, 2, 3
 _SP_BYTE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
