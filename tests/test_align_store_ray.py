@@ -7,14 +7,7 @@ import pytest
 import fusekit
 from align_store_data import extract_three
 
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytest.importorskip("ray")
 
 
 def test_ray_run_equals_serial_byte_for_byte(tmp_path, tokenizers_by_kind, corpus_texts, local_cluster):

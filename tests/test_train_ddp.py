@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import fusekit
 from fusekit import zoo
-from fusion_data import random_window
+from torchrun_helpers import metrics, torchrun, uneven_windows
 
 WORKER = """
 import pickle, sys
 import fusekit
-model, windows_file, out = sys.argv[1:4]
+windows_file, model, out = sys.argv[1:4]
 with open(windows_file, "rb") as f:
     windows = pickle.load(f)
 fusekit.train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token", lr=1e-3,
@@ -31,25 +24,12 @@ fusekit.train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token"
 def test_two_processes_equal_one_with_double_accumulation(tokenizers_by_kind, tmp_path):
     tok = tokenizers_by_kind["bpe"]
     model = zoo.build_tiny_model("llama", tok, tmp_path / "model", hidden=32)
-    rng = np.random.default_rng(0)
-    # Uneven lengths (no two fit one row), so micro-batches differ in token counts; 9 rows: the last step
-    # leaves rank 1 idle.
-    windows = [random_window(rng, n=n, k=3, vocab=len(tok), sources=2, text_id=i)
-               for i, n in enumerate([24, 17, 13, 24, 20, 14, 24, 16, 19])]
-    with open(tmp_path / "windows.pkl", "wb") as f:
-        pickle.dump(windows, f)
-    (tmp_path / "worker.py").write_text(WORKER)
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(tmp_path / "worker.py"), str(model), str(tmp_path / "windows.pkl"), str(tmp_path / "ddp")]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    windows = uneven_windows(len(tok))
+    torchrun(tmp_path, WORKER, windows, model, tmp_path / "ddp")
 
     single = fusekit.train(model, windows, tmp_path / "single", lam=0.7, fusion="min_ce", granularity="token",
                            lr=1e-3, batch_size=1, grad_accum=2, max_length=24, progress=False)
-    ddp_log = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    one_log = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    ddp_log, one_log = metrics(tmp_path / "ddp"), metrics(single)
     assert len(ddp_log) == len(one_log) == 5
     for a, b in zip(ddp_log, one_log):
         assert a["tokens"] == b["tokens"]

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import fusekit
 from fusekit import zoo
-from fusion_data import random_window
+from torchrun_helpers import metrics, torchrun, uneven_windows
 
 pytest.importorskip("torch.distributed.fsdp", reason="this torch has no FSDP2")
 
 WORKER = """
 import pickle, sys
 import fusekit
-model, windows_file, out, stop = sys.argv[1:5]
+windows_file, model, out, stop = sys.argv[1:5]
 with open(windows_file, "rb") as f:
     windows = pickle.load(f)
 for limit in ([int(stop), None] if stop != "0" else [None]):
@@ -32,33 +25,15 @@ for limit in ([int(stop), None] if stop != "0" else [None]):
 """
 
 
-def torchrun(tmp_path, model, out, stop: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(tmp_path / "worker.py"), str(model), str(tmp_path / "windows.pkl"), str(out), str(stop)]
-    try:
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as exc:  # say where the workers were, not only that they hung
-        raise AssertionError(f"torchrun timed out; its stderr ends with: {str(exc.stderr)[-3000:]}") from None
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_and_resume_is_exact(tokenizers_by_kind, tmp_path):
     tok = tokenizers_by_kind["bpe"]
     model = zoo.build_tiny_model("llama", tok, tmp_path / "model", hidden=32)
-    rng = np.random.default_rng(0)
-    windows = [random_window(rng, n=n, k=3, vocab=len(tok), sources=2, text_id=i)
-               for i, n in enumerate([24, 17, 13, 24, 20, 14, 24, 16, 19])]
-    with open(tmp_path / "windows.pkl", "wb") as f:
-        pickle.dump(windows, f)
-    (tmp_path / "worker.py").write_text(WORKER)
-
-    torchrun(tmp_path, model, tmp_path / "fsdp", stop=3)  # stops at a step-3 checkpoint, then resumes
+    windows = uneven_windows(len(tok))
+    torchrun(tmp_path, WORKER, windows, model, tmp_path / "fsdp", 3)  # stops at a step-3 checkpoint, then resumes
     single = fusekit.train(model, windows, tmp_path / "single", lam=0.7, fusion="min_ce", granularity="token",
                            lr=1e-3, batch_size=1, grad_accum=2, max_length=24, progress=False)
-    fsdp_log = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-    one_log = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    fsdp_log, one_log = metrics(tmp_path / "fsdp"), metrics(single)
     assert len(fsdp_log) == len(one_log) == 5
     for a, b in zip(fsdp_log, one_log):
         assert a["tokens"] == b["tokens"]
