@@ -288,6 +288,18 @@ def test_bytespan_reaches_the_positions_the_paper_rule_drops(extracted, tmp_path
                 p = c.probs[j][c.ids[j] == w.input_ids[j + 1]].sum()
                 if p > 0:  # (the true token may have been cut from the row's k entries)
                     assert c.ce[j] >= -np.log(p) - 2e-3  # probabilities are stored as float16
+    # A window's mean CE is the mean over its rows with a known CE (a row with none — a source window's last
+    # row when the true token is outside the top-k — must not make the whole window's mean unknown).
+    unknown = 0
+    for w in store.iter_windows():
+        for c in w.candidates[1:]:
+            known = np.isfinite(c.ce[:-1])
+            if w.loss_mask is not None:
+                known &= np.asarray(w.loss_mask, bool)[1:]
+            unknown += int((~np.isfinite(c.ce[:-1]) & (c.ids[:-1, 0] != w.input_ids[1:])).sum())
+            if known.any():
+                assert c.mean_ce == pytest.approx(float(c.ce[:-1][known].astype(np.float64).mean()), rel=1e-3, abs=1e-3)
+    assert unknown > 0  # such rows exist in these stores (else this test would check nothing new)
 
 
 def test_store_reads_randomly_and_in_order(extracted):

@@ -349,7 +349,10 @@ def bytespan_candidates(chunk: Sequence[_WholeText], transferer: Transferer, out
             pred = np.ones(max(n - 1, 0), bool)
             if window.loss_mask is not None and n:
                 pred &= np.asarray(window.loss_mask, bool)[1:]
-            used = carried[: max(n - 1, 0)] & pred
+            # Rows whose true-token probability is unknown (a source window's last row, whose next token the
+            # extraction could not score, when the true token is also outside the top-k) have no CE: left in,
+            # one NaN would make the whole window's mean unknown and hand the window to the target (MinCE).
+            used = carried[: max(n - 1, 0)] & pred & np.isfinite(ce[: max(n - 1, 0)])
             mean_ce = _mean(ce[: max(n - 1, 0)][used].astype(np.float64))
             window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce))
             stats.windows += 1
