@@ -45,18 +45,19 @@ def _pieces(text: str, tokenizers: Sequence[Any], budget: int) -> Iterator[str]:
     if _longest(tokenizers, text) <= budget:
         yield text
         return
-    units = _split_units(text)
-    if len(units) == 1:
+    units = [u for u in _split_units(text) if u]
+    if len(units) <= 1:
         words = text.split(" ")
-        units = [w + " " for w in words[:-1]] + [words[-1]] if len(words) > 1 else []
-        if len(units) <= 1:  # one unbroken run: halves by characters
-            mid = len(text) // 2
-            if mid == 0:
-                yield text
-                return
-            yield from _pieces(text[:mid], tokenizers, budget)
-            yield from _pieces(text[mid:], tokenizers, budget)
+        units = [u for u in [w + " " for w in words[:-1]] + [words[-1]] if u]
+    if len(units) <= 1:  # one unbroken run (a long word, CJK, base64): halves by characters
+        mid = len(text) // 2
+        if mid == 0:
+            yield text
             return
+        yield from _pieces(text[:mid], tokenizers, budget)
+        yield from _pieces(text[mid:], tokenizers, budget)
+        return
+    # With two or more units every piece below is a strict part of `text`, so the recursion ends.
     # Greedy on units; each closed piece is checked with the real tokenizers and split again if over.
     current = ""
     for unit in units:

@@ -12,7 +12,8 @@ from fusekit.prepare import prepare_corpus
 
 def test_pieces_fit_every_tokenizer_and_rebuild_the_text(tmp_path, tokenizers_by_kind, corpus_texts):
     toks = [tokenizers_by_kind["bpe"], tokenizers_by_kind["unigram"]]
-    texts = corpus_texts[:6] + ["short one", "x" * 3000]  # long prose, a short text, one unbroken run
+    # Long prose, a short text, one unbroken run, and unbroken runs followed by a space (a long word, CJK).
+    texts = corpus_texts[:6] + ["short one", "x" * 3000, "y" * 400 + " ok", "猫が好き" * 60 + " 🐱"]
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     stats = prepare_corpus(data, tmp_path / "out.jsonl", toks, max_length=64)
