@@ -107,7 +107,8 @@ def align_topk(path, src_ids, tgt_ids, vocab_map, src_topk_ids, src_topk_logp):
     n = len(tgt_ids)
     for j in range(n):
         ps = partners.get(j, [])
-        if len(ps) == 1 and vocab_map[src_ids[ps[0]]] == tgt_ids[j] and vocab_map[src_ids[ps[0]]] >= 0:
+        next_maps = ps and (ps[0] + 1 >= len(src_ids) or vocab_map[src_ids[ps[0] + 1]] >= 0)
+        if len(ps) == 1 and next_maps and vocab_map[src_ids[ps[0]]] == tgt_ids[j] and vocab_map[src_ids[ps[0]]] >= 0:
             i = ps[0]
             # Ids mapped to −1 (special / padded source ids) are dropped; the rest renormalised.
             kept = [(vocab_map[sid], math.exp(lp)) for sid, lp in zip(src_topk_ids[i], src_topk_logp[i]) if vocab_map[sid] >= 0]

@@ -309,3 +309,21 @@ def test_end_of_turn_maps_by_role_across_templates(target, render):
         content_end = max(e for s, e in tgt_spans[: j + 1].tolist() if e > s and tgt_text.encode()[s:e].strip())
         u = int(out.source_row[j]) + 1
         assert u in src_ends and spans[u][0] == content_end
+
+
+@pytest.mark.parametrize("method", ["fusellm", "fusechat"])
+def test_paper_rule_never_carries_a_row_about_a_token_the_target_cannot_take(method):
+    """Phi-3 onto itself over a chat: a row whose next source token is a role marker (mapped nowhere) falls
+    back to one-hot; it never carries the top-k's leftover noise, renormalised, as a confident row."""
+    tok = real_tokenizer("phi-3")
+    text = "<|user|>Hi<|end|><|assistant|>Hello!<|end|>"
+    ids = encode_offsets(tok, text).ids
+    topk, logp = perfect_source_topk(ids, 4, len(tok))
+    out = fusekit.transfer(text, tok, tok, topk, logp, method=method)
+    info = vocab_info(tok)
+    for j in range(len(ids) - 1):
+        nxt = ids[j + 1]
+        if info.kind[nxt] == SPECIAL and nxt not in (info.eos, info.eot):
+            assert not out.carried[j] and out.ids[j, 0] == nxt and out.probs[j, 0] == 1.0, j
+        elif out.carried[j]:
+            assert out.probs[j][out.ids[j] == nxt].sum() > 0.99, j  # what carries is the source's own row

@@ -8,6 +8,8 @@
 //! mapping are merged by **summing** their probabilities, so no probability mass is dropped; entries
 //! are then ordered by probability (ties: lower target id first) and padded with id −1, prob 0.
 //!
+//! A position whose source next token maps nowhere (special or padded ids) does not carry either.
+//!
 //! Every other target position falls back to one-hot on the **next** target token b_{j+1}: the
 //! distribution at j predicts j+1 (the FuseLLM reference put the one-hot on b_j, an off-by-one fixed
 //! in FuseChat-2.0). The last position has no next token: it gets no entries at all (all −1), the
@@ -89,7 +91,14 @@ pub fn align_topk(x: &TopkInputs) -> Result<AlignedTopk, TopkError> {
     let mut merged: Vec<(i32, f32)> = Vec::with_capacity(k);
     for j in 0..n {
         let i = partner[j] as usize;
-        let agree = count[j] == 1 && map(x.src_ids[i]).is_some_and(usable) && map(x.src_ids[i]) == Some(x.tgt_ids[j]);
+        // The source's own next token must reach the target too: where it maps nowhere (a chat template's
+        // role marker, a padded id) the source's row is about a token the target cannot take, and what is
+        // left after dropping it is the top-k's noise, renormalised into a confident-looking row.
+        let next_maps = x.src_ids.get(i + 1).map_or(true, |&s| map(s).is_some_and(usable));
+        let agree = count[j] == 1
+            && next_maps
+            && map(x.src_ids[i]).is_some_and(usable)
+            && map(x.src_ids[i]) == Some(x.tgt_ids[j]);
         let row_ids = &mut out.ids[j * k..(j + 1) * k];
         let row_probs = &mut out.probs[j * k..(j + 1) * k];
         if agree {
@@ -171,6 +180,29 @@ mod tests {
         // Collision: both entries land on 12, summed to the whole mass.
         assert_eq!(&out.ids[4..6], &[12, -1]);
         assert!((out.probs[4] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_row_whose_next_source_token_maps_nowhere_falls_back() {
+        // Source "a <role> b" (ids 0 1 2, <role> unmapped); target "a b" (ids 10 12). Source row 0 predicts
+        // <role> with .9 and "b" with .1: dropping <role> would leave "b" at 1.0 — it falls back instead.
+        let vocab_map = [10u32, UNMAPPED, 12];
+        let inputs = TopkInputs {
+            path: &[(0, 0), (1, 1), (2, 1)],
+            src_ids: &[0, 1, 2],
+            tgt_ids: &[10, 12],
+            vocab_map: &vocab_map,
+            src_topk_ids: &[1, 2, 2, 0, 0, 2],
+            src_topk_logp: &[0.9f32.ln(), 0.1f32.ln(), 0.8f32.ln(), 0.2f32.ln(), 0.5f32.ln(), 0.5f32.ln()],
+            k: 2,
+        };
+        let out = align_topk(&inputs).unwrap();
+        assert_eq!(out.carried, vec![false, false]);
+        assert_eq!(&out.ids[0..2], &[12, -1]);
+        // With the role marker dropped from the text the same row carries.
+        let inputs = TopkInputs { path: &[(0, 0), (1, 1)], src_ids: &[0, 2], src_topk_ids: &[2, 0, 0, 2], src_topk_logp: &[0.8f32.ln(), 0.2f32.ln(), 0.5f32.ln(), 0.5f32.ln()], ..inputs };
+        let out = align_topk(&inputs).unwrap();
+        assert!(out.carried[0]);
     }
 
     #[test]
