@@ -43,3 +43,17 @@ def test_paper_methods_path_and_bad_input(tmp_path):
     assert unknown.exit_code != 0
     empty = CliRunner().invoke(app, ["align-text", "", "-s", src, "-t", tgt])
     assert empty.exit_code != 0 and "tokenises to nothing" in empty.output
+
+
+def test_how_follows_exact_byte_spans_and_bad_text_is_one_line(tmp_path):
+    src, tgt = _tokenizer_files(tmp_path)
+    # Llama-2 has 好 as one token where GPT-2 splits its three bytes into pieces: n:1 by bytes, although
+    # both tokenizers give those pieces the same character offset.
+    result = CliRunner().invoke(app, ["align-text", "猫が好き ok", "-s", src, "-t", tgt], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "'好'" in line)
+    assert "n:1" in row and "\\xe5" in row  # the source piece shown as its bytes
+    bad = CliRunner().invoke(app, ["align-text", "caf\udce9", "-s", src, "-t", tgt])
+    assert bad.exit_code != 0 and "not valid UTF-8" in bad.output and "Traceback" not in bad.output
+    one = CliRunner().invoke(app, ["align-text", "hi", "-s", src, "-t", tgt])
+    assert one.exit_code != 0 and "one target token" in one.output

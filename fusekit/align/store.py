@@ -501,10 +501,11 @@ def _methods(method: str | Sequence[str] | None, n: int) -> list[Method]:
     names = [method] * n if method is None or isinstance(method, (str, Method)) else list(method)
     if len(names) != n:
         raise StoreError(f"{len(names)} alignment methods for {n} sources: give one, or one per source")
-    try:
-        return [Method(m) if m is not None else DEFAULT_METHOD for m in names]
-    except ValueError:
-        raise StoreError(f"unknown alignment method in {names}: choose from {', '.join(m.value for m in Method)}") from None
+    known = {m.value for m in Method}
+    unknown = sorted({str(m) for m in names if m is not None and str(getattr(m, "value", m)) not in known})
+    if unknown:
+        raise StoreError(f"unknown alignment method {', '.join(map(repr, unknown))}: choose from {', '.join(m.value for m in Method)}")
+    return [Method(m) if m is not None else DEFAULT_METHOD for m in names]
 
 
 def _source_map(target, source, method: Method, cache_dir: str | Path | None, workers: int | None) -> VocabMap:
