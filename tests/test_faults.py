@@ -311,3 +311,16 @@ def test_help_and_the_plan_table_fit_80_columns():
     assert "…" not in text and max(len(ln) for ln in text.splitlines()) <= 80
     for cell in ("target-llama", "123.5M", "1.7B", "2.5 GB", "20.3", "1.2e18", "3.4 h", "12.0 GB"):
         assert cell in text, (cell, text)
+
+
+def test_help_piped_to_a_file_rewraps_paragraphs():
+    """Rich panels keep the docstrings' line breaks and render at 80 columns off a terminal, so lines broke
+    mid-sentence in `fusekit demo --help | less`; off a terminal the plain help re-wraps them."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-m", "fusekit.cli", "demo", "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    assert "╭" not in out
+    assert "API docs: GPT-NeoX + another BPE" in " ".join(out.split())  # one paragraph, whatever the width
+    assert not any(line.rstrip().endswith("GPT-NeoX +") for line in out.splitlines())

@@ -1,12 +1,14 @@
 """The Typer application object; each command lives in its own module under fusekit/cli/."""
 
 import shutil
+import sys
 
 import typer
 
-# Rich help panels cut long option names and paths with "…" in terminals narrower than ~100 columns;
-# there the plain help (which wraps instead) is used.
-_NARROW = shutil.get_terminal_size((120, 40)).columns < 100
+# Rich help panels cut long option names and paths with "…" in terminals narrower than ~100 columns, and
+# keep the docstrings' line breaks when output goes to a pipe or a file (rendered at 80 columns, lines then
+# break mid-sentence); there the plain help, which re-wraps paragraphs, is used.
+_NARROW = shutil.get_terminal_size((120, 40)).columns < 100 or not sys.stdout.isatty()
 
 app = typer.Typer(
     name="fusekit",
