@@ -96,6 +96,8 @@ def test_cli_backend_vllm_without_vllm_is_one_line_before_any_work(tmp_path):
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["implicit", str(path), "--no-progress", "--backend", "vllm"])
     assert result.exit_code == 1 and "sample.backend vllm: vLLM is not installed" in result.output
+    typo = CliRunner().invoke(app, ["implicit", str(path), "--no-progress", "--backend", "vlm"])
+    assert typo.exit_code != 0 and "--backend 'vlm'" in typo.output and "Traceback" not in typo.output
 
 
 # --------------------------------------------------------------------------------------------- adapter

@@ -32,6 +32,11 @@ def implicit_command(
 
     from fusekit.implicit.evaluate import results_table
 
+    if backend is not None:
+        from fusekit.implicit.vllm_backend import BACKENDS
+
+        if backend not in BACKENDS:
+            raise typer.BadParameter(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend is None:
         result = implicit_fusion(config, progress=progress)
     else:
