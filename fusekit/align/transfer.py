@@ -42,6 +42,9 @@ class Method(str, Enum):
 
 DEFAULT_METHOD = Method.BYTESPAN
 
+# How a row was reached (`Transfer.kind`; the KIND_* constants of rust/src/transfer.rs).
+KIND_NAMES = ("fallback", "1:1", "1:n", "n:1", "last")
+
 
 @dataclass
 class Transfer:
@@ -53,7 +56,8 @@ class Transfer:
     `bytespan` the source's (unnormalised) probability of the *target's* true next token — its −ln is
     the like-for-like CE; with `fusellm` the paper's metric, the source's probability of *its own* next
     token at the aligned position. `source_row` int32 [n]: the source row the transfer started from, −1
-    on fallback.
+    on fallback. `kind` uint8 [n]: how the row was reached, an index into `KIND_NAMES` (the paper's rules
+    carry 1:1 rows only).
     """
 
     ids: np.ndarray
@@ -61,6 +65,7 @@ class Transfer:
     carried: np.ndarray
     true_prob: np.ndarray
     source_row: np.ndarray
+    kind: np.ndarray
 
     @property
     def ce(self) -> np.ndarray:
@@ -144,7 +149,7 @@ class Transferer:
                     None if true_logp is None else np.ascontiguousarray(true_logp, dtype=np.float32),
                 ))
             raw = _core.transfer_batch(self._src, self._tgt, batch, out_k, self.threads)
-            return [Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r) for i, p, c, t, _kind, r in raw]
+            return [Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r, kind=kind) for i, p, c, t, kind, r in raw]
         return [self._fusellm(item[1], item[2], item[3], item[4], out_k) for item in items]
 
     @staticmethod
@@ -164,7 +169,9 @@ class Transferer:
             probs = np.zeros((n, out_k), np.float32)
             if n:
                 ids[:-1, 0], probs[:-1, 0] = tgt.ids[1:], 1.0
-            return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32))
+            kind = np.zeros(n, np.uint8)
+            kind[-1:] = KIND_NAMES.index("last")
+            return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32), kind)
         (path,) = align_ids_batch(self.src_table, self.tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
         out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp, one_to_one=self.method is Method.FUSECHAT)
         out.carried[-1] = False  # the last row predicts nothing: empty, as with bytespan
@@ -185,7 +192,9 @@ class Transferer:
             hit = np.asarray(topk_ids)[pos] == nxt[:, None]
             lp = np.where(hit, np.asarray(topk_logp, np.float64)[pos], -np.inf).max(axis=1)
             true[rows] = np.exp(lp)
-        return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32))
+        kind = out.carried.astype(np.uint8)  # 1 = KIND_NAMES' "1:1"
+        kind[-1:] = KIND_NAMES.index("last")
+        return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32), kind)
 
 
 def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None = None) -> np.ndarray:
@@ -291,7 +300,7 @@ def transfer(
         raise ValueError(f"out_k must be a positive integer, got {out_k!r}")
     if not len(tgt.ids):
         z = np.zeros(0, np.float32)
-        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32))
+        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32), np.zeros(0, np.uint8))
     return t.run([(text, src, tgt, topk_ids, topk_logp)], int(out_k))[0]
 
 

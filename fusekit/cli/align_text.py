@@ -55,18 +55,14 @@ def _show(token: bytes) -> str:
 
 
 def _transfer_table(text: str, src_tok, tgt_tok, method: Method) -> tuple[Table, str]:
-    import numpy as np
-
     from fusekit.align.recall import perfect_source_topk, recalled
-    from fusekit.align.transfer import cached_transferer, encode_offsets, transfer
+    from fusekit.align.transfer import KIND_NAMES, cached_transferer, encode_offsets, transfer
 
-    t = cached_transferer(src_tok, tgt_tok, Method.BYTESPAN)  # for the byte spans and token bytes of any method
+    t = cached_transferer(src_tok, tgt_tok, Method.BYTESPAN)  # the token bytes, for any method
     src, tgt = encode_offsets(src_tok, text), encode_offsets(tgt_tok, text)
     ids, logp = perfect_source_topk(src.ids, 4, len(t.source))
     out = transfer(text, src_tok, tgt_tok, ids, logp, method=method)
     hit = recalled(out, tgt.ids)
-    src_spans = t.spans(text, src, t.source.bytes)
-    tgt_spans = t.spans(text, tgt, t.target.bytes)
     table = Table(title=f"{len(tgt.ids)} target tokens from {len(src.ids)} source tokens ({method.value})")
     for col in ("j", "target token j+1", "from source", "how", "p(true)"):
         table.add_column(col)
@@ -77,11 +73,7 @@ def _transfer_table(text: str, src_tok, tgt_tok, method: Method) -> tuple[Table,
         else:
             u = int(out.source_row[j]) + 1
             src_cell = f"{u} {_show(t.source.bytes[src.ids[u]])}"
-            (ss, se), (ts, te) = src_spans[u], tgt_spans[j + 1]
-            if method is not Method.BYTESPAN or (ss, se) == (ts, te):  # the paper's rules carry 1:1 only
-                how = "1:1"
-            else:  # bytespan: the source token starts before or ends after the target token, or ends inside it
-                how = "1:n" if ss < ts or se > te else "n:1"
+            how = KIND_NAMES[out.kind[j]]
             p_true = float(out.probs[j][out.ids[j] == nxt].sum())
             p_cell = f"{p_true:.3f}" + (" ✓" if hit[j] else "")
         table.add_row(str(j), _show(t.target.bytes[nxt]), src_cell, how, p_cell)
