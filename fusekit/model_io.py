@@ -140,10 +140,7 @@ def _tokenizer_only(model: str | Path):
     """A tokenizer given without its model — a tokenizer.json file, or a folder of tokenizer files and no
     config.json (enough for `prepare` and `align-text`); None for anything else."""
     p = Path(model).expanduser()
-    if p.is_file() and p.suffix == ".json":
-        file = p
-    elif p.is_dir() and not (p / "config.json").is_file() and (p / "tokenizer.json").is_file():
-        file = p / "tokenizer.json"
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "tokenizer.json").is_file():
         if (p / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
@@ -151,14 +148,16 @@ def _tokenizer_only(model: str | Path):
                 return AutoTokenizer.from_pretrained(str(p))
             except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise ModelLoadError(f"cannot load the tokenizer in {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    else:
+    elif not (p.is_file() and p.suffix == ".json"):
         return None
     from transformers import PreTrainedTokenizerFast
 
-    try:
-        return PreTrainedTokenizerFast(tokenizer_file=str(file))
-    except Exception as exc:  # the tokenizers library raises its own Exception type on a bad file
-        raise ModelLoadError(f"cannot read the tokenizer file {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    from fusekit.tokenizer_io import TokenizerNotFound, load_tokenizer as load_tokenizer_file
+
+    try:  # the one reader of bare tokenizer.json files (align-text uses it too)
+        return PreTrainedTokenizerFast(tokenizer_object=load_tokenizer_file(p))
+    except TokenizerNotFound as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def require_fast_tokenizer(tokenizer, model: str | Path):
