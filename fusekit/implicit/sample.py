@@ -20,6 +20,7 @@ import polars as pl
 from fusekit.implicit.config import SampleOptions
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.prompts import Prompt, render_prompt
+from fusekit.implicit.sequences import pad_id
 from fusekit.implicit.stage import derive_seed, write_parquet
 
 RESPONSE_SCHEMA = {
@@ -71,13 +72,6 @@ def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
     return LoadedModel(net, tok, dev)
 
 
-def _pad_id(tok) -> int:
-    for value in (tok.pad_token_id, tok.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def eos_ids(tok, generation_config) -> set[int]:
     """Every id that ends an answer: the tokenizer's EOS and the model's generation-config EOS ids
     (chat models such as Llama-3 end a turn with a token other than the tokenizer's EOS)."""
@@ -101,7 +95,7 @@ def generate(
     import torch
 
     tok, net = model.tokenizer, model.net
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
     input_ids = enc["input_ids"].to(model.device)
     attention = enc["attention_mask"].to(model.device)

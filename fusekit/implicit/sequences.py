@@ -17,6 +17,15 @@ from fusekit.implicit.prompts import render_prompt
 IGNORE = -100
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS, else 0 (padded positions are
+    masked out, so any id will do)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 @dataclass
 class Encoded:
     input_ids: np.ndarray  # int64 [n]

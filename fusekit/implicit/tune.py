@@ -20,25 +20,13 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
+from fusekit.extract.model import resolve_device
 from fusekit.implicit.config import DPOOptions, SFTOptions
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.objectives import PreferenceObjective, SFTObjective
 from fusekit.implicit.prompts import Prompt
-from fusekit.implicit.sequences import Encoded, collate, encode, sequence_logps
+from fusekit.implicit.sequences import Encoded, collate, encode, pad_id, sequence_logps
 from fusekit.implicit.stage import write_parquet
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _pad_id(tok) -> int:
-    for value in (tok.pad_token_id, tok.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: bool = False):
@@ -61,7 +49,7 @@ def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: boo
     net = load_model(start or model)
     net.config.use_cache = False
     torch.manual_seed(opts.seed)
-    dev = _device()
+    dev = resolve_device(None)
     net.to(dev).train()
     settings = engine.EngineSettings(
         lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95), warmup_ratio=opts.warmup_ratio, clip=opts.clip,
@@ -78,8 +66,6 @@ def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: boo
 
 def _save(net, tokenizer, folder: Path) -> Path:
     """Save model + tokenizer to a temporary folder, then rename it to `folder`."""
-    import shutil
-
     from fusekit.model_io import quiet_transformers
 
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -120,7 +106,7 @@ def run_sft(model: str | Path, prompts: dict[str, Prompt], sft: pl.DataFrame, op
     if not items:
         raise ImplicitError(f"no SFT example fits sft.max_length={opts.max_length}: raise it")
     t0 = time.perf_counter()
-    objective = SFTObjective(items, _pad_id(tok), opts.batch_size, opts.epochs, opts.seed)
+    objective = SFTObjective(items, pad_id(tok), opts.batch_size, opts.epochs, opts.seed)
     net, log = fit(model, objective, opts, out, progress)
     _save(net, tok, out / "model")
     return {"examples": len(items), "skipped": skipped, "steps": len(log), "final_loss": log[-1]["loss"], "seconds": time.perf_counter() - t0}
@@ -155,11 +141,11 @@ def reference_logps(model: str | Path, prompts: dict[str, Prompt], pairs: pl.Dat
     if path.is_file():
         return pl.read_parquet(path)
     net, tok = _load(model)
-    dev = _device()
+    dev = resolve_device(None)
     net.to(dev).eval()
     columns = _columns(opts)
     keep, encoded = _pair_items(tok, prompts, pairs, opts.max_length, columns)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     values: dict[str, list[float]] = {f"ref_{c}": [] for c in columns}
     with torch.inference_mode():
         for c, items in zip(columns, encoded):
@@ -191,7 +177,7 @@ def run_dpo(sft_model: str | Path, prompts: dict[str, Prompt], pairs: pl.DataFra
     if not keep:
         raise ImplicitError(f"no pair fits dpo.max_length={opts.max_length}: raise it")
     objective = PreferenceObjective(
-        encoded, [ref[f"ref_{c}"].to_numpy() for c in columns], _pad_id(tok), objective=opts.objective,
+        encoded, [ref[f"ref_{c}"].to_numpy() for c in columns], pad_id(tok), objective=opts.objective,
         beta=opts.beta, alpha=opts.alpha, batch_size=opts.batch_size, epochs=opts.epochs, seed=opts.seed,
     )
     net, log = fit(sft_model, objective, opts, out, progress)
