@@ -38,7 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fusekit.vocab.info import VocabInfo
 
 COUNTS_FORMAT = 1
-DTW_CHUNK = 256  # windows per align_ids_batch call (as the store path): every thread busy, bounded memory
 MERGE_EVERY = 32  # chunks of counts summed at once
 
 
@@ -169,7 +168,7 @@ def count_alignments(
     """Counts over many (source ids, target ids) tokenisations of the same texts: DTW on `threads` cores
     in chunks of `DTW_CHUNK`, aggregated with numpy every `MERGE_EVERY` chunks (memory stays near the
     distinct pairs)."""
-    from fusekit.align.tokens import align_ids_batch
+    from fusekit.align.tokens import DTW_CHUNK, align_ids_batch
 
     parts = [AlignmentCounts.empty(shape, pair)]
     chunk: list[tuple[np.ndarray, np.ndarray]] = []

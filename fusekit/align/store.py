@@ -47,7 +47,7 @@ import numpy as np
 from fusekit.align.recall import perfect_source_topk, recalled, recalled_rows
 from fusekit.align.remap import remap_spans
 from fusekit.align.report import TIMINGS, SourceStats, build_report, print_report, split_timings
-from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
+from fusekit.align.tokens import DTW_CHUNK, TokenTable, align_ids_batch, align_topk
 from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transferer
 from fusekit.align.vocab_cache import VocabMap, default_cache_dir, exact_map, vocab_map
 from fusekit.store.aligned_store import (
@@ -79,7 +79,6 @@ from fusekit.store.types import AlignedWindow, Candidate, Window
 if TYPE_CHECKING:  # pragma: no cover
     from fusekit.vocab.info import VocabInfo
 
-DTW_CHUNK = 256  # windows per align_ids_batch call: enough to keep every thread busy, bounded memory
 
 StoreRef = Any  # a folder (str / Path) or an object with the ExtractStore interface
 

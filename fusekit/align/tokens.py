@@ -9,6 +9,8 @@ import numpy as np
 
 from fusekit import _core
 
+DTW_CHUNK = 256  # sequence pairs per align_ids_batch call: enough to keep every thread busy, bounded memory
+
 TokenTable = _core.TokenTable
 
 
