@@ -35,7 +35,8 @@ from _common import print_table  # noqa: E402
 from fusekit import zoo  # noqa: E402
 from fusekit.corpus import Record  # noqa: E402
 from fusekit.extract import run as extract_run  # noqa: E402
-from fusekit.extract.model import forward_topk, load_net  # noqa: E402
+from fusekit.extract.model import forward_topk  # noqa: E402
+from fusekit.models.device import load_net  # noqa: E402
 from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, encode_shard, shard_codec  # noqa: E402
 from fusekit.store.shards import parquet_bytes  # noqa: E402
 from fusekit.store.types import Window  # noqa: E402
@@ -123,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         model, label, texts = model_and_texts(args.quick, tmp)
-        from fusekit.model_io import load_tokenizer
+        from fusekit.models.load import load_tokenizer
 
         t0 = time.perf_counter()
         net = load_net(model, "float32", torch.device(args.device), False)

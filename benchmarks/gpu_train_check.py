@@ -39,7 +39,7 @@ def build_models(work: Path, texts: list[str], dry: bool) -> tuple[Path, str, st
     """(target folder, source model ref, description)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     gguf = None if dry else zoo.smollm2_gguf()
     if gguf is not None:
@@ -69,7 +69,7 @@ def build_models(work: Path, texts: list[str], dry: bool) -> tuple[Path, str, st
 
 def plain_forward_tokens_per_s(model_dir: Path, texts: list[str], length: int, batch: int, device) -> float:
     """A bare bf16 forward (`model(input_ids).logits`) over the corpus cut into full rows of `length`."""
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.bfloat16).to(device).eval()

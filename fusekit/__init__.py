@@ -4,8 +4,7 @@ Pipeline: extract → align → fuse + train → (FuseChat) merge. The alignment
 light core install; the stages that need torch/transformers import them only when called.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from fusekit._version import __version__
 from fusekit.align import (
     AlignedTopk,
     Scheme,
@@ -49,11 +48,6 @@ def __getattr__(name: str):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fusekit' has no attribute {name!r}")
 
-
-try:
-    __version__ = version("fusekit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+local"
 
 __all__ = [
     *_LAZY,

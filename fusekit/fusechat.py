@@ -26,27 +26,19 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fusekit.recipe import (
-    JobSpec,
-    ModelSpec,
-    Recipe,
-    RecipeError,
-    TrainOptions,
-    TrainVariant,
-    _Strict,
-    read_config,
-)
+from fusekit.recipe import JobSpec, Recipe, TrainOptions, TrainVariant
+from fusekit.specs import ModelSpec, RecipeError, Strict, read_config
 
 MergeMethod = Literal["varm", "sce", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"]
 
 
-class PairOptions(_Strict):
+class PairOptions(Strict):
     fusion: Literal["min_ce", "avg_ce"] = "min_ce"
     granularity: Literal["window", "token"] = "window"
     lam: float = Field(0.9, ge=0.0, le=1.0)
 
 
-class MergeOptions(_Strict):
+class MergeOptions(Strict):
     method: MergeMethod = "varm"
     weights: list[float] | None = None
     density: float | None = Field(None, gt=0, le=1)

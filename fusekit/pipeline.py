@@ -64,7 +64,7 @@ def extract_all(recipe: Recipe, layout: Layout, progress: bool = True) -> None:
     data, field = recipe.corpus.data, recipe.corpus.field
     if opts.prepare:
         from fusekit.prepare import prepare_corpus
-        from fusekit.model_io import load_tokenizer
+        from fusekit.models.load import load_tokenizer
 
         if not layout.prepared.is_file():
             _stage("prepare · pieces every model sees whole")
@@ -151,7 +151,7 @@ def evaluate_all(recipe: Recipe, models: dict[str, str], progress: bool = True) 
     import torch
 
     from fusekit.eval.perplexity import evaluate_loaded
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     _stage("evaluate")
     device = torch.device(recipe.extract.device or ("cuda" if torch.cuda.is_available() else "cpu"))

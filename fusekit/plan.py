@@ -42,7 +42,7 @@ def _count_params(model: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fusekit.extract.model import load_config
+    from fusekit.models.load import load_config
 
     config = load_config(model, False)
     if hasattr(config, "quantization_config"):
@@ -68,8 +68,8 @@ def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_leng
     """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does
     (the corpus, key None, with the end-of-sequence token when extraction appends it)."""
     from fusekit.corpus import tokenize_record, windows_of
-    from fusekit.extract.model import load_config, model_context
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.identity import model_context
+    from fusekit.models.load import load_config, load_tokenizer
 
     tokenizer = load_tokenizer(spec.model)
     context = model_context(load_config(spec.model, False))

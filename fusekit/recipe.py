@@ -6,49 +6,21 @@ and every model must exist where the recipe says, before any stage spends comput
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-_Config = TypeVar("_Config", bound=BaseModel)
+from fusekit.specs import ModelSpec, RecipeError, Strict, format_validation_error, read_config
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run, with a message that says what to fix."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-
-
-class ModelSpec(_Strict):
-    name: str = Field(description="Short name used in tables and folder names.")
-    model: str = Field(description="A local model folder, a .gguf file, or a Hugging Face id.")
-    align_method: Literal["bytespan", "fusellm", "fusechat"] | None = Field(
-        None, description="How this source's distributions reach the target's tokens (default: align.method)."
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[\w.-]+", v):
-            raise ValueError(f"model name {v!r} may only use letters, digits, '_', '-' and '.'")
-        return v
-
-
-class DataSpec(_Strict):
+class DataSpec(Strict):
     name: str
     data: str = Field(description="Text file, folder of text files, JSONL or Parquet.")
     field: str = "text"
 
 
-class ExtractOptions(_Strict):
+class ExtractOptions(Strict):
     top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -60,7 +32,7 @@ class ExtractOptions(_Strict):
     )
 
 
-class AlignOptions(_Strict):
+class AlignOptions(Strict):
     workers: int | None = Field(None, ge=1)
     method: Literal["bytespan", "fusellm", "fusechat"] = Field(
         "bytespan", description="bytespan: chain-rule transfer on byte spans (every position); fusellm: the paper's 1:1 carry; "
@@ -68,14 +40,14 @@ class AlignOptions(_Strict):
     )
 
 
-class TrainVariant(_Strict):
+class TrainVariant(Strict):
     name: str
     fusion: Literal["min_ce", "avg_ce"] = "min_ce"
     granularity: Literal["window", "token"] = "window"
     lam: float = Field(0.9, ge=0.0, le=1.0)
 
 
-class TrainOptions(_Strict):
+class TrainOptions(Strict):
     """A recipe's `train:` block. Options left unset come from `preset` (fusekit.train.config.PRESETS):
     FuseLLM's recipe for recipes, FuseChat's for FuseChat configs."""
 
@@ -121,7 +93,7 @@ class TrainOptions(_Strict):
         return v
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     """What every fusion job names: where it writes, its sources, its data and the shared stage options."""
 
     workdir: str = Field(description="Where every stage writes (resumable: re-running skips what is done).")
@@ -160,7 +132,7 @@ class Recipe(JobSpec):
             local = Path(path_of(spec.model))
             if local.exists():
                 return spec.model_copy(update={"model": str(local)})
-            from fusekit.model_io import model_ref_problem
+            from fusekit.models.load import model_ref_problem
 
             problem = model_ref_problem(spec.model, base)
             if problem is None:
@@ -188,33 +160,12 @@ class Recipe(JobSpec):
         return resolved
 
 
-def read_config(path: str | Path, schema: type[_Config], what: str) -> _Config:
-    """A YAML file validated against `schema`; every problem is reported in one RecipeError."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"no {what} at {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must hold a mapping (workdir, sources, corpus, …)")
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(path, exc)) from None
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read, validate and resolve a recipe file; every problem is reported in one RecipeError."""
     return read_config(path, Recipe, "recipe").resolve(Path(path).parent)
 
 
-def format_validation_error(path: Path, exc: ValidationError) -> str:
-    """Every problem of a config file on its own line, with the key path where it is."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown key (not part of the schema)" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{where}: {msg}")
-    return f"{path} is not valid:\n  " + "\n  ".join(lines)
+__all__ = [
+    "AlignOptions", "DataSpec", "ExtractOptions", "JobSpec", "ModelSpec", "Recipe", "RecipeError", "TrainOptions",
+    "TrainVariant", "format_validation_error", "load_recipe", "read_config",
+]

@@ -116,7 +116,7 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from fusekit.model_io import quiet_transformers
+    from fusekit.models.load import quiet_transformers
 
     with quiet_transformers():
         model.save_pretrained(out)

@@ -66,7 +66,7 @@ def cache_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _load(path: Path, cache_dir: Path):
-    from fusekit.gguf_tokenizer import load_gguf_tokenizer
+    from fusekit.models.gguf_tokenizer import load_gguf_tokenizer
 
     return load_gguf_tokenizer(path, cache_dir=cache_dir)
 
@@ -75,7 +75,7 @@ def real_tokenizer(name: str):
     """The `transformers` fast tokenizer of `name` (one of `NAMES`), loaded once per process.
 
     Returns a `transformers.PreTrainedTokenizerFast` whose ids are the GGUF file's (see
-    `fusekit.gguf_tokenizer`); callers share it, so do not mutate it. Skips the calling test when the
+    `fusekit.models.gguf_tokenizer`); callers share it, so do not mutate it. Skips the calling test when the
     shared folder or the file is absent.
     """
     return _load(gguf_path(name), cache_dir())

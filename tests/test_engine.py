@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fusekit import zoo
-from fusekit.model_io import load_model
+from fusekit.models.load import load_model
 from fusekit.train import checkpoint as ckpt
 from fusekit.train import engine
 from fusekit.train.ddp import Dist

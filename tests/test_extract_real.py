@@ -24,7 +24,7 @@ def test_smollm2_gguf_end_to_end(tmp_path):
     import json
 
     import fusekit
-    from fusekit.extract.model import load_net
+    from fusekit.models.device import load_net
     from fusekit.store.extract_store import ExtractStore, summarize
 
     data = tmp_path / "d.jsonl"

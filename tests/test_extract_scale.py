@@ -11,7 +11,8 @@ import fusekit
 from fusekit import zoo
 from fusekit.cli import app
 from fusekit.extract import ExtractStore
-from fusekit.extract.model import forward_topk, forward_topk_packed, pack_windows, packed_rows, packing_supported
+from fusekit.extract.model import forward_topk, forward_topk_packed
+from fusekit.models.packing import pack_windows, packed_rows, packing_supported
 from fusekit.store.shards import ShardLock
 
 STEP, FINE = 0.125, 1 / 256

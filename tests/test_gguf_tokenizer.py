@@ -71,7 +71,7 @@ def test_matches_llama_cpp_fixture(name, loaded):
 @pytest.mark.parametrize("name", fixture_names())
 def test_ids_follow_the_file(name, loaded):
     """len() is the file's entry count; bos/eos are the file's ids; the largest id is the last entry."""
-    from fusekit.gguf_tokenizer import _read_fields
+    from fusekit.models.gguf_tokenizer import _read_fields
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
     fields = _read_fields(FOLDER / f"ggml-vocab-{name}.gguf", keys)
@@ -84,7 +84,7 @@ def test_ids_follow_the_file(name, loaded):
 
 
 def test_neox_and_mpt_files_hold_one_vocabulary():
-    from fusekit.gguf_tokenizer import _read_fields
+    from fusekit.models.gguf_tokenizer import _read_fields
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     neox = _read_fields(FOLDER / "ggml-vocab-gpt-neox.gguf", keys)
@@ -111,7 +111,7 @@ def test_neox_layout(loaded):
 
 
 def test_cache_is_reused(tok_cache):
-    from fusekit.gguf_tokenizer import file_sha256, load_gguf_tokenizer
+    from fusekit.models.gguf_tokenizer import file_sha256, load_gguf_tokenizer
 
     path = FOLDER / "ggml-vocab-phi-3.gguf"
     load_gguf_tokenizer(path, cache_dir=tok_cache)
@@ -125,7 +125,7 @@ def test_cache_is_reused(tok_cache):
 
 
 def test_bad_path_is_a_clear_error(tmp_path):
-    from fusekit.gguf_tokenizer import load_gguf_tokenizer
+    from fusekit.models.gguf_tokenizer import load_gguf_tokenizer
 
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
         load_gguf_tokenizer(tmp_path / "missing.gguf", cache_dir=tmp_path)
@@ -143,7 +143,7 @@ def test_real_tokenizer_helper(tmp_path, monkeypatch):
 
 def test_both_metadata_readers_agree():
     """The fast metadata reader (transformers') and the fallback (gguf.GGUFReader) read the same fields."""
-    from fusekit.gguf_tokenizer import _read_fields, _read_fields_gguf
+    from fusekit.models.gguf_tokenizer import _read_fields, _read_fields_gguf
 
     path = FOLDER / "ggml-vocab-llama-spm.gguf"
     fast = _read_fields(path)
@@ -155,7 +155,7 @@ def test_file_without_vocabulary_is_a_clear_error(tmp_path):
     """A GGUF file holding only `general.architecture` (written by hand: magic, v3, 0 tensors, 1 key)."""
     import struct
 
-    from fusekit.gguf_tokenizer import GGUFTokenizerError, load_gguf_tokenizer
+    from fusekit.models.gguf_tokenizer import GGUFTokenizerError, load_gguf_tokenizer
 
     key, value = b"general.architecture", b"llama"
     blob = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)

@@ -182,7 +182,7 @@ def test_dpo_loss_and_gradient_match_the_paper_formula_per_example(tiny):
     from separate unpadded forward passes: same loss, same gradient."""
     from fusekit.implicit.dpo import dpo_loss
     from fusekit.implicit.sequences import collate, encode, sequence_logps
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     policy, reference = load_model(tiny["policy"]), load_model(tiny["reference"])
@@ -474,7 +474,7 @@ def test_training_killed_mid_stage_continues_from_its_checkpoint_exactly(tiny, t
     from fusekit.implicit.objectives import SFTObjective
     from fusekit.implicit.sequences import encode
     from fusekit.implicit.tune import fit
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES * 3]
@@ -515,7 +515,7 @@ def test_sft_objective_is_the_token_mean_response_cross_entropy(tiny, tmp_path):
     from fusekit.implicit.objectives import SFTObjective
     from fusekit.implicit.sequences import encode
     from fusekit.implicit.tune import fit
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny["policy"])
     items = [encode(tok, m, c, 256) for m, c, _ in TRIPLES]

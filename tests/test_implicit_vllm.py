@@ -180,7 +180,7 @@ def test_vllm_backend_sends_the_same_prompt_tokens_and_writes_the_same_rows(toke
     from fusekit import zoo
     from fusekit.implicit.config import SampleOptions
     from fusekit.implicit.sample import sample_model
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     model = zoo.build_tiny_model("llama", tokenizers_by_kind["bpe"], tmp_path / "m", hidden=16, layers=1, heads=2, context=64)
     fake = types.ModuleType("vllm")

@@ -10,7 +10,7 @@ import yaml
 
 from fusekit import zoo
 from fusekit.corpus import read_records, tokenize_record
-from fusekit.model_io import load_tokenizer
+from fusekit.models.load import load_tokenizer
 from tiny_models import THREE_FAMILIES, build_models
 
 

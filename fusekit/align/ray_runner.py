@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 from fusekit._ray import connect, get
 from fusekit.align.store import ShardJob, ShardResult, align_shard
+from fusekit.progress import task_progress
 
 
 def _remote_align(job: ShardJob, index: int) -> ShardResult:
@@ -30,9 +31,7 @@ def run_on_ray(address: str, job: ShardJob, shards: Sequence[int], progress: boo
     task = ray.remote(num_cpus=job.workers, max_retries=2)(_remote_align)
     job_ref = ray.put(job)
     pending = {task.remote(job_ref, i): i for i in shards}
-    from fusekit.align.store import _progress
-
-    with _progress(progress) as bar:
+    with task_progress(progress) as bar:
         bar_task = bar.add_task(f"align {len(shards)} shard(s) on Ray", total=len(shards))
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

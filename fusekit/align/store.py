@@ -50,6 +50,7 @@ from fusekit.align.report import TIMINGS, SourceStats, build_report, print_repor
 from fusekit.align.tokens import DTW_CHUNK, TokenTable, align_ids_batch, align_topk
 from fusekit.align.transfer import DEFAULT_METHOD, Method, TextTokens, Transferer
 from fusekit.align.vocab_cache import VocabMap, default_cache_dir, exact_map, vocab_map
+from fusekit.progress import task_progress
 from fusekit.store.aligned_store import (
     FORMAT,
     FORMAT_VERSION,
@@ -544,20 +545,6 @@ def _num_shards(shard: str | None, num_shards: int | None, out: Path, target) ->
     return num_shards, list(range(num_shards))
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def align_store(
     target: StoreRef,
     sources: Sequence[StoreRef] | StoreRef,
@@ -626,7 +613,7 @@ def align_store(
             write_shard(out, count, result)
             results.append(result)
     else:
-        with _progress(progress) as bar:
+        with task_progress(progress) as bar:
             for i in todo:
                 texts = shard_slice(int(settings["n_texts"]), i, count)
                 task = bar.add_task(f"align shard {i}/{count} ({len(texts)} texts)", total=None)

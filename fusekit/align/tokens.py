@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fusekit import _core
+import fusekit._core as _core
 
 DTW_CHUNK = 256  # sequence pairs per align_ids_batch call: enough to keep every thread busy, bounded memory
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fusekit import _core
+import fusekit._core as _core
 from fusekit.align.spans import byte_spans
 from fusekit.vocab.info import VocabInfo, vocab_info
 

@@ -52,7 +52,7 @@ class VocabMap:
 
 def default_cache_dir() -> Path:
     """$FUSEKIT_CACHE/vocab-maps, else $XDG_CACHE_HOME/fusekit/vocab-maps, else ~/.cache/fusekit/vocab-maps."""
-    from fusekit.gguf_tokenizer import cache_root
+    from fusekit.models.gguf_tokenizer import cache_root
 
     return cache_root() / "vocab-maps"
 

@@ -10,7 +10,7 @@ from fusekit.align import align_tokens
 from fusekit.align.transfer import Method
 from fusekit.cli.app import app
 from fusekit.cli.errors import handle_errors
-from fusekit.tokenizer_io import load_tokenizer
+from fusekit.models.tokenizer_file import load_tokenizer
 
 
 @app.command("align-text")

@@ -30,7 +30,7 @@ def eval_command(
     import torch
 
     from fusekit.eval import evaluate_loaded
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_model(model).to(dev).eval()

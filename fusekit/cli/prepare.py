@@ -27,7 +27,7 @@ def prepare_command(
     window boundary inside another model's window). Extract every model from OUT.
     """
     from fusekit.prepare import prepare_corpus
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     stats = prepare_corpus(data, out, [load_tokenizer(m) for m in model], max_length, field)
     typer.echo(f"{out}: {stats.pieces:,} pieces from {stats.texts:,} texts ({stats.cut:,} cut)")

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusekit import zoo
+import fusekit.zoo as zoo
 
 DOMAINS = ("code", "prose", "api")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from fusekit import zoo
+import fusekit.zoo as zoo
 from fusekit.store.types import AlignedWindow
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from fusekit.demo import config as presets
+import fusekit.demo.config as presets
 from fusekit.zoo import smollm2_gguf
 from fusekit.demo.assets import DemoAssets, prepare
 from fusekit.demo.config import DemoConfig

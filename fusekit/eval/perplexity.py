@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fusekit.corpus import CorpusError, Record, read_records, tokenize_record, windows_of
 from fusekit.train.data import IGNORE, Example, collate, pack_rows
-from fusekit.model_io import load_model, load_tokenizer
+from fusekit.models.load import load_model, load_tokenizer
 
 
 def _examples(tokenizer, records, max_length: int) -> tuple[list[Example], int]:

@@ -10,7 +10,7 @@ from fusekit.extract.errors import ExtractError
 from fusekit.extract.run import extract
 from fusekit.store.extract_store import ExtractStore
 from fusekit.store.shards import StoreError
-from fusekit.model_io import ModelLoadError
+from fusekit.models.load import ModelLoadError
 
 make_module_callable(__name__, extract)
 

@@ -37,8 +37,8 @@ class _Worker:
     def __init__(self, job: ExtractJob, threads: int):
         import torch
 
-        from fusekit.extract.model import load_net, resolve_device
-        from fusekit.model_io import load_tokenizer, require_fast_tokenizer
+        from fusekit.models.device import load_net, resolve_device
+        from fusekit.models.load import load_tokenizer, require_fast_tokenizer
 
         torch.set_num_threads(threads)
         self.job = job

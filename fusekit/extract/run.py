@@ -30,23 +30,11 @@ from fusekit.corpus import (
     windows_of,
 )
 from fusekit.extract.errors import ExtractError
-from fusekit.extract.model import (
-    config_identity,
-    forward_topk,
-    forward_topk_packed,
-    load_config,
-    load_net,
-    logit_size,
-    model_context,
-    model_fingerprint,
-    model_name,
-    pack_windows,
-    packing_supported,
-    resolve_device,
-    resolve_dtype,
-    store_vocab,
-    tokenizer_fingerprint,
-)
+from fusekit.extract.model import forward_topk, forward_topk_packed, store_vocab
+from fusekit.models.device import load_net, resolve_device, resolve_dtype
+from fusekit.models.identity import config_identity, logit_size, model_context, model_fingerprint, model_name, tokenizer_fingerprint
+from fusekit.models.load import load_config
+from fusekit.models.packing import pack_windows, packing_supported
 from fusekit.store.extract_store import CODEC, DEFAULT_KNEE, DEFAULT_STEP, FORMAT, FRESH_CODEC, TOKENS_FILE, VOCAB_FILE, encode_shard
 from fusekit.store.shards import (
     MANIFEST,
@@ -211,7 +199,7 @@ def extract(
     GPU of the cluster, else one per CPU), each loading the model once; the files are byte-identical to
     a serial run's. Returns OUT.
     """
-    from fusekit.model_io import load_tokenizer, require_fast_tokenizer
+    from fusekit.models.load import load_tokenizer, require_fast_tokenizer
 
     if top_k < 1:
         raise ExtractError(f"--top-k must be at least 1, got {top_k}")

@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from fusekit.recipe import ModelSpec, RecipeError, _Strict, read_config
+from fusekit.specs import ModelSpec, RecipeError, Strict, read_config
 
 
-class PromptSpec(_Strict):
+class PromptSpec(Strict):
     data: str = Field(description="JSONL: one {'messages': [...], 'reference': ...} record per line.")
 
 
-class SampleOptions(_Strict):
+class SampleOptions(Strict):
     n: int = Field(4, ge=1, description="Responses per prompt and source.")
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.8, ge=0, description="0 = greedy (then n identical answers).")
@@ -45,7 +45,7 @@ class SampleOptions(_Strict):
         return ident if backend == "transformers" else {**ident, "backend": backend}
 
 
-class RewardOptions(_Strict):
+class RewardOptions(Strict):
     function: str | None = Field(None, description="exact_match, numeric, or 'pkg.module:fn' (fn(messages, response, reference) -> float).")
     model: str | None = Field(None, description="A sequence-classification reward model (its own tokenizer and template).")
     batch_size: int = Field(8, ge=1)
@@ -60,11 +60,11 @@ class RewardOptions(_Strict):
         return {"function": self.function, "model": self.model}
 
 
-class BuildOptions(_Strict):
+class BuildOptions(Strict):
     margin: float = Field(0.0, ge=0, description="A pair needs best − worst reward > margin.")
 
 
-class SFTOptions(_Strict):
+class SFTOptions(Strict):
     lr: float = Field(5e-6, gt=0)
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
@@ -89,7 +89,7 @@ class DPOOptions(SFTOptions):
     alpha: float = Field(0.5, ge=0, le=1, description="WRPO: the fusion coefficient's final value (it rises linearly from 0 over the steps).")
 
 
-class ImplicitConfig(_Strict):
+class ImplicitConfig(Strict):
     workdir: str
     target: ModelSpec
     sources: list[ModelSpec] = Field(min_length=1)
@@ -120,7 +120,7 @@ class ImplicitConfig(_Strict):
             local = path_of(value)
             if local.exists():
                 return str(local)
-            from fusekit.model_io import model_ref_problem
+            from fusekit.models.load import model_ref_problem
 
             problem = model_ref_problem(value, base)
             if problem is None:

@@ -123,11 +123,11 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from fusekit.extract.model import resolve_device
-        from fusekit.model_io import _split, load_tokenizer, quiet_transformers
+        from fusekit.models.device import resolve_device
+        from fusekit.models.load import load_tokenizer, quiet_transformers, split_model_ref
 
         self.device = resolve_device(device)
-        where, extra = _split(model)
+        where, extra = split_model_ref(model)
         try:
             with quiet_transformers():
                 self.net = AutoModelForSequenceClassification.from_pretrained(where, dtype=torch.float32, **extra)

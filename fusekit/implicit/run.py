@@ -25,7 +25,7 @@ from fusekit.implicit.prompts import Prompt, has_template, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
 from fusekit.implicit.vllm_backend import resolve_backend
-from fusekit.model_io import load_tokenizer
+from fusekit.models.load import load_tokenizer
 from fusekit.implicit.stage import (
     STAGE_FILE,
     changed_keys,

@@ -58,8 +58,8 @@ class LoadedModel:
 
 def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
     """A causal LM (bf16 on a GPU, fp32 on CPU) in eval mode and its tokenizer, set to pad on the left."""
-    from fusekit.extract.model import load_net, resolve_device, resolve_dtype
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.device import load_net, resolve_device, resolve_dtype
+    from fusekit.models.load import load_tokenizer
 
     dev = resolve_device(device)
     net = load_net(model, resolve_dtype(None, dev), dev, False)

@@ -43,7 +43,7 @@ def _texts() -> list[str]:
 
 def build_task(root: Path, seed: int = 0, good_epochs: float = 15.0) -> dict[str, Path]:
     """Write prompts.jsonl, heldout.jsonl and the three models under ROOT; returns name → path."""
-    from fusekit import zoo
+    import fusekit.zoo as zoo
     from fusekit.implicit.config import SFTOptions
     from fusekit.implicit.prompts import Prompt
     from fusekit.implicit.tune import run_sft

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from fusekit.extract.model import resolve_device
+from fusekit.models.device import resolve_device
 from fusekit.implicit.config import DPOOptions, SFTOptions
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.objectives import PreferenceObjective, SFTObjective
@@ -39,9 +39,9 @@ def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: boo
     """
     import torch
 
-    from fusekit.model_io import load_model
-    from fusekit.train import checkpoint as ckpt
-    from fusekit.train import engine
+    from fusekit.models.load import load_model
+    import fusekit.train.checkpoint as ckpt
+    import fusekit.train.engine as engine
     from fusekit.train.ddp import Dist
 
     found = ckpt.list_checkpoints(out)
@@ -66,7 +66,7 @@ def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: boo
 
 def _save(net, tokenizer, folder: Path) -> Path:
     """Save model + tokenizer to a temporary folder, then rename it to `folder`."""
-    from fusekit.model_io import quiet_transformers
+    from fusekit.models.load import quiet_transformers
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -79,7 +79,7 @@ def _save(net, tokenizer, folder: Path) -> Path:
 
 
 def _load(model: str | Path):
-    from fusekit.model_io import load_model, load_tokenizer
+    from fusekit.models.load import load_model, load_tokenizer
 
     net = load_model(model)
     net.config.use_cache = False
@@ -92,7 +92,7 @@ def run_sft(model: str | Path, prompts: dict[str, Prompt], sft: pl.DataFrame, op
     Returns {"examples", "skipped", "steps", "final_loss", "seconds"}. Raises ImplicitError when no
     example fits max_length.
     """
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     tok = load_tokenizer(model)
     items: list[Encoded] = []
@@ -163,7 +163,7 @@ def run_dpo(sft_model: str | Path, prompts: dict[str, Prompt], pairs: pl.DataFra
     With WRPO the fusion coefficient rises linearly from 0 at the first step to `opts.alpha` at the last.
     Returns {"pairs", "skipped", "steps", "final_loss", "reward_accuracy", "seconds"}.
     """
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     if pairs.height == 0:
         raise ImplicitError("no preference pair to train on (every source scored its samples alike): raise sample.n or lower build.margin")

@@ -144,7 +144,7 @@ def load_vllm(model: str | Path, seed: int) -> VLLMGenerator:
         raise ImplicitError(f"sample.backend vllm: {problem}; {INSTALL_HINT}")
     from vllm import LLM
 
-    from fusekit.model_io import load_tokenizer
+    from fusekit.models.load import load_tokenizer
 
     tok = load_tokenizer(model)
     try:

@@ -33,7 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import polars as pl
 
-from fusekit import _core
+import fusekit._core as _core
 from fusekit.corpus import corpus_fingerprint  # noqa: F401  (re-exported for the align stage)
 from fusekit.store.shards import (
     StoreError,

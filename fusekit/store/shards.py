@@ -177,7 +177,7 @@ def settings_digest(settings: dict) -> str:
 
 
 def _fusekit_version() -> str:
-    from fusekit import __version__
+    from fusekit._version import __version__
 
     return __version__
 

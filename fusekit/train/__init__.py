@@ -9,7 +9,7 @@ from fusekit.train.data import TrainDataError
 from fusekit.train.loop import TrainError, train
 from fusekit.train.linear_loss import linear_fusion_loss
 from fusekit.train.loss import dense_fused_loss, fused_loss
-from fusekit.model_io import ModelLoadError
+from fusekit.models.load import ModelLoadError
 
 make_module_callable(__name__, train)
 

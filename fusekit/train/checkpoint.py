@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fusekit.train.ddp import Dist
-from fusekit.model_io import quiet_transformers
+from fusekit.models.load import quiet_transformers
 from fusekit.train.safe_state import UnsafeStateError, load_state, save_state
 
 DONE_FILE = "fusekit_train.json"

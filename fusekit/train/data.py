@@ -352,7 +352,7 @@ def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> Non
     target = settings.get("target") if isinstance(settings, dict) else None
     if not isinstance(target, dict):
         return
-    from fusekit.extract.model import logit_size, tokenizer_fingerprint
+    from fusekit.models.identity import logit_size, tokenizer_fingerprint
 
     folder = getattr(store, "folder", "the aligned store")
     built_for = target.get("model") or "another model"

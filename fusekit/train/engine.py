@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from fusekit.train import checkpoint as ckpt
+import fusekit.train.checkpoint as ckpt
 from fusekit.train.ddp import Dist, gradient_sync, wrap
 from fusekit.train.progress import TrainProgress
 

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from fusekit.store.types import AlignedWindow
-from fusekit.train import checkpoint as ckpt
-from fusekit.train import engine
+import fusekit.train.checkpoint as ckpt
+import fusekit.train.engine as engine
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
 from fusekit.train.ddp import Dist, init_distributed
 from fusekit.train.head import FusionStep, head_problem
-from fusekit.model_io import load_model, load_tokenizer, quiet_transformers
+from fusekit.models.load import load_model, load_tokenizer, quiet_transformers
 
 
 class TrainError(RuntimeError):

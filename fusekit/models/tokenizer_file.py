@@ -17,7 +17,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     Raises TokenizerNotFound (a FileNotFoundError) naming the path when none can be read there."""
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():
-        from fusekit.gguf_tokenizer import load_gguf_tokenizer
+        from fusekit.models.gguf_tokenizer import load_gguf_tokenizer
 
         return load_gguf_tokenizer(p).backend_tokenizer
     candidate = p / "tokenizer.json" if p.is_dir() else p

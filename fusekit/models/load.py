@@ -95,7 +95,10 @@ def model_ref_problem(model: str | Path, base: Path | None = None) -> str | None
     return None
 
 
-def _split(model: str | Path) -> tuple[str, dict]:
+def split_model_ref(model: str | Path) -> tuple[str, dict]:
+    """(where transformers should look, extra from_pretrained kwargs) for a folder, a .gguf file or a hub id.
+
+    Raises ModelLoadError naming the path when a local reference is not a model."""
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -122,7 +125,7 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     tokenizer_only = _tokenizer_only(model)
     if tokenizer_only is not None:
         return tokenizer_only
-    where, extra = _split(model)
+    where, extra = split_model_ref(model)
     folder = Path(where)
     if not extra and folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelLoadError(
@@ -152,7 +155,7 @@ def _tokenizer_only(model: str | Path):
         return None
     from transformers import PreTrainedTokenizerFast
 
-    from fusekit.tokenizer_io import TokenizerNotFound, load_tokenizer as load_tokenizer_file
+    from fusekit.models.tokenizer_file import TokenizerNotFound, load_tokenizer as load_tokenizer_file
 
     try:  # the one reader of bare tokenizer.json files (align-text uses it too)
         return PreTrainedTokenizerFast(tokenizer_object=load_tokenizer_file(p))
@@ -184,7 +187,7 @@ def load_model(model: str | Path, dtype=None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or torch.float32
-    where, extra = _split(model)
+    where, extra = split_model_ref(model)
     try:
         with quiet_transformers():
             loaded = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
@@ -198,3 +201,16 @@ def load_model(model: str | Path, dtype=None, trust_remote_code: bool = False):
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     plain.load_state_dict(loaded.state_dict())
     return plain
+
+
+def load_config(model: str | Path, trust_remote_code: bool):
+    """The model's transformers config (no weights read); ModelLoadError when it cannot be read."""
+    from transformers import AutoConfig
+
+    where, extra = split_model_ref(model)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
+        raise ModelLoadError(f"cannot read the model config of {model}: {str(exc).splitlines()[0]}") from None
