@@ -71,7 +71,7 @@ def test_matches_llama_cpp_fixture(name, loaded):
 @pytest.mark.parametrize("name", fixture_names())
 def test_ids_follow_the_file(name, loaded):
     """len() is the file's entry count; bos/eos are the file's ids; the largest id is the last entry."""
-    from fusekit.models.gguf_tokenizer import _read_fields
+    from fusekit.models.gguf_fields import read_fields as _read_fields
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
     fields = _read_fields(FOLDER / f"ggml-vocab-{name}.gguf", keys)
@@ -84,7 +84,7 @@ def test_ids_follow_the_file(name, loaded):
 
 
 def test_neox_and_mpt_files_hold_one_vocabulary():
-    from fusekit.models.gguf_tokenizer import _read_fields
+    from fusekit.models.gguf_fields import read_fields as _read_fields
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     neox = _read_fields(FOLDER / "ggml-vocab-gpt-neox.gguf", keys)
@@ -143,7 +143,7 @@ def test_real_tokenizer_helper(tmp_path, monkeypatch):
 
 def test_both_metadata_readers_agree():
     """The fast metadata reader (transformers') and the fallback (gguf.GGUFReader) read the same fields."""
-    from fusekit.models.gguf_tokenizer import _read_fields, _read_fields_gguf
+    from fusekit.models.gguf_fields import read_fields as _read_fields, read_fields_gguf as _read_fields_gguf
 
     path = FOLDER / "ggml-vocab-llama-spm.gguf"
     fast = _read_fields(path)

@@ -20,8 +20,9 @@ import yaml
 
 from fusekit.implicit import vllm_backend
 from fusekit.implicit.errors import ImplicitError
+from fusekit.implicit.generation import Generation
 from fusekit.implicit.prompts import Prompt, render_prompt
-from fusekit.implicit.sample import Generation, RESPONSE_SCHEMA, response_rows
+from fusekit.implicit.sample import RESPONSE_SCHEMA, response_rows
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from fusekit.merge import METHODS, MergeError, TensorInputs, get_method
 from fusekit.merge.dare import drop_and_rescale
-from fusekit.merge.engine import resolve_options
+from fusekit.merge.options import resolve_options
 from fusekit.merge.slerp import slerp
 from fusekit.merge.ties import trim_top_magnitude
 from fusekit.merge.varm import variation_ratios
@@ -268,7 +268,7 @@ def test_defaults_follow_the_papers_and_mergekit():
 
 
 def test_kth_largest_is_exact_even_where_the_sample_misses():
-    from fusekit.merge.ties import kth_largest
+    from fusekit.merge.topk import kth_largest
 
     g = torch.Generator().manual_seed(5)
     n = 1 << 20

@@ -95,7 +95,7 @@ def merge_command(
         _print_methods(console)
         return
     from fusekit.merge import MergeWarning, merge_models
-    from fusekit.merge.engine import resolve_request
+    from fusekit.merge.options import resolve_request
 
     dens = _floats(density, "density")
     request = resolve_request(

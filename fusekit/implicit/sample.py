@@ -19,9 +19,11 @@ import polars as pl
 
 from fusekit.implicit.config import SampleOptions
 from fusekit.implicit.errors import ImplicitError
+from fusekit.implicit.generation import Generation, eos_ids
 from fusekit.implicit.prompts import Prompt, render_prompt
 from fusekit.implicit.sequences import pad_id
 from fusekit.implicit.stage import derive_seed, write_parquet
+from fusekit.implicit.vllm_backend import load_vllm, resolve_backend
 
 RESPONSE_SCHEMA = {
     "prompt_id": pl.String,
@@ -32,13 +34,6 @@ RESPONSE_SCHEMA = {
     "n_tokens": pl.Int32,
     "finish_reason": pl.String,
 }
-
-
-@dataclass
-class Generation:
-    text: str
-    tokens: list[int]
-    finish_reason: str  # "stop": the model ended with EOS; "length": max_new_tokens ran out
 
 
 @dataclass
@@ -70,18 +65,6 @@ def load_generator(model: str | Path, device: str | None = None) -> LoadedModel:
             raise ImplicitError(f"{model}: its tokenizer has neither a pad nor an EOS token; batched generation needs one")
         tok.pad_token = tok.eos_token  # left padding is masked out: any id will do
     return LoadedModel(net, tok, dev)
-
-
-def eos_ids(tok, generation_config) -> set[int]:
-    """Every id that ends an answer: the tokenizer's EOS and the model's generation-config EOS ids
-    (chat models such as Llama-3 end a turn with a token other than the tokenizer's EOS)."""
-    ids: set[int] = set()
-    for value in (tok.eos_token_id, getattr(generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def generate(
@@ -144,8 +127,6 @@ def response_rows(source: str, prompts: Sequence[Prompt], gens: Sequence[Sequenc
 
 def open_generator(model: str | Path, opts: SampleOptions):
     """The generator `opts.backend` names (`auto` resolved): LoadedModel or vllm_backend.VLLMGenerator."""
-    from fusekit.implicit.vllm_backend import load_vllm, resolve_backend
-
     if resolve_backend(opts.backend) == "vllm":
         return load_vllm(model, opts.seed)
     return load_generator(model, opts.device)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from fusekit.implicit.errors import ImplicitError
-from fusekit.implicit.sample import Generation, eos_ids
+from fusekit.implicit.generation import Generation, eos_ids
 from fusekit.implicit.stage import derive_seed
 
 BACKENDS = ("auto", "transformers", "vllm")

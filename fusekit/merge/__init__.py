@@ -5,6 +5,12 @@
 variation ratio merge), sce (FuseChat-2.0), linear, task_arithmetic, ties, dare_ties, dare_linear, della,
 della_linear, breadcrumbs, breadcrumbs_ties, model_stock, slerp, nuslerp — see METHODS for names, pretty
 names and papers.
+
+Where things are: `run.py` drives a merge (check, plan, stream, side files); `options.py` resolves what was
+asked (arguments, config, method defaults, per-tensor settings); `streaming.py` merges and writes one
+tensor at a time; `io.py` reads and writes safetensors folders; `config.py` / `params.py` read mergekit
+configs and resolve their parameters per tensor. Each method is one module (`varm.py`, `ties.py`, …)
+registered in `registry.py`; `sparsify.py` and `topk.py` hold the masks several methods share.
 """
 
 from fusekit._callable import make_module_callable
@@ -22,10 +28,11 @@ from fusekit.merge import (  # noqa: F401  (register methods)
     varm,
 )
 from fusekit.merge.config import MergeConfig, ModelEntry, load_config
-from fusekit.merge.engine import MergeOptions, MergeResult, MergeWarning, merge, merge_models
-from fusekit.merge.errors import MergeError
+from fusekit.merge.errors import MergeError, MergeWarning
+from fusekit.merge.options import MergeOptions
 from fusekit.merge.registry import METHODS, MergeMethod, TensorInputs, get_method, register_method
 from fusekit.merge.report import VarmReport
+from fusekit.merge.run import MergeResult, merge, merge_models
 
 make_module_callable(__name__, merge)
 

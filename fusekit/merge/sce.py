@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fusekit.merge.registry import Merged, TensorInputs, register_method
-from fusekit.merge.ties import top_k_mask
+from fusekit.merge.topk import top_k_mask
 
 WEIGHT_FLOOR = 1e-6
 

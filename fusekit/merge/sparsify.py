@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fusekit.merge.errors import MergeError
-from fusekit.merge.ties import top_k_mask
+from fusekit.merge.topk import top_k_mask
 
 RESCALE_EPS = 1e-7  # mergekit's: below it (either norm), the masked vector is returned unscaled
 

@@ -35,11 +35,12 @@ import hashlib
 import os
 import re
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from fusekit.models.gguf_fields import GGUFTokenizerError, read_fields
 
 # GGUF token types (llama.cpp `llama_token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined,
 # 5 unused, 6 byte.
@@ -48,10 +49,6 @@ _NEOX_ARCHITECTURES = ("mpt", "gptneox")
 _PAD_PLACEHOLDER = re.compile(r"\[PAD(\d+)\]")
 # Bump when the way a tokenizer is built changes, so stale cache entries are not reused.
 _CACHE_FORMAT = "4"
-
-
-class GGUFTokenizerError(ValueError):
-    """A GGUF file whose vocabulary cannot be turned into a fast tokenizer."""
 
 
 def cache_root() -> Path:
@@ -85,7 +82,7 @@ def load_gguf_tokenizer(path: str | Path, cache_dir: str | Path | None = None) -
     cache, so first and later calls give the same object.
 
     Ids are the file's: `len(tokenizer)` equals the number of entries in `tokenizer.ggml.tokens`
-    (`gguf_vocab_size`, the model's embedding rows), padding placeholders included (see module doc).
+    (`gguf_fields.gguf_vocab_size`, the model's embedding rows), padding placeholders included (see module doc).
 
     Supported: whatever transformers' GGUF loader supports (Llama SentencePiece, GPT-2, Llama-3, Qwen2,
     Falcon, StarCoder, DeepSeek, Phi-3, ...) with the fixes the module docstring lists, plus `mpt` and
@@ -100,7 +97,7 @@ def load_gguf_tokenizer(path: str | Path, cache_dir: str | Path | None = None) -
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / f"{file_sha256(p)}-v{_CACHE_FORMAT}"
     if not (entry / "tokenizer.json").is_file():
-        fields = _read_fields(p)
+        fields = read_fields(p)
         if "tokenizer.ggml.tokens" not in fields:
             raise GGUFTokenizerError(f"{p} has no tokenizer.ggml.tokens: it holds no vocabulary")
         tokenizer = _build(p, fields)
@@ -259,14 +256,6 @@ def _remap_ids(node: object, remap: dict[int, int]) -> object:
     return node
 
 
-def gguf_vocab_size(path: str | Path) -> int:
-    """Number of entries in the file's `tokenizer.ggml.tokens` (the model's embedding rows, padding included)."""
-    tokens = _read_fields(Path(path), ("tokenizer.ggml.tokens",)).get("tokenizer.ggml.tokens")
-    if tokens is None:
-        raise GGUFTokenizerError(f"{path} has no tokenizer.ggml.tokens: it holds no vocabulary")
-    return len(tokens)  # type: ignore[arg-type]
-
-
 def _build(path: Path, fields: dict[str, object]) -> PreTrainedTokenizerFast:
     arch = fields.get("general.architecture")
     if arch in _NEOX_ARCHITECTURES:
@@ -303,53 +292,6 @@ def _sentencepiece_dummy_prefix(tokenizer: PreTrainedTokenizerFast) -> None:
         [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")]
     )
     backend.pre_tokenizer = None
-
-
-_STRING_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
-
-
-def _read_fields(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, object]:
-    """GGUF metadata values for `keys`, or all `tokenizer.*` keys and `general.architecture`.
-
-    Strings come decoded, arrays as lists. Uses transformers' metadata reader (under a second for
-    a 152k vocabulary; `gguf.GGUFReader` takes 10-20 s on one busy core), else `gguf.GGUFReader`.
-    """
-    try:
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-    except ImportError:  # an older or newer transformers without it
-        return _read_fields_gguf(path, keys)
-    wanted = _STRING_ARRAYS if keys is None else tuple(k for k in keys if k in _STRING_ARRAYS)
-    try:
-        metadata, _ = read_gguf_metadata(str(path), wanted)
-    except (ValueError, struct.error) as exc:
-        raise GGUFTokenizerError(f"cannot read GGUF metadata from {path}: {exc}") from exc
-    if keys is None:
-        return {k: v for k, v in metadata.items() if k.startswith("tokenizer.") or k == "general.architecture"}
-    return {k: metadata[k] for k in keys if k in metadata}
-
-
-def _read_fields_gguf(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, object]:
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(path))
-    out: dict[str, object] = {}
-    for name, field in reader.fields.items():
-        if keys is not None and name not in keys:
-            continue
-        if keys is None and not (name.startswith("tokenizer.") or name == "general.architecture"):
-            continue
-        if not field.types:
-            continue
-        if field.types[0] == GGUFValueType.ARRAY:
-            if field.types[-1] == GGUFValueType.STRING:
-                out[name] = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-            else:
-                out[name] = [field.parts[i][0].item() for i in field.data]
-        elif field.types[0] == GGUFValueType.STRING:
-            out[name] = bytes(field.parts[field.data[0]]).decode("utf-8")
-        else:
-            out[name] = field.parts[field.data[0]][0].item()
-    return out
 
 
 def _build_neox(path: Path, fields: dict[str, object]) -> PreTrainedTokenizerFast:
