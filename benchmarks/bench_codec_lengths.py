@@ -32,8 +32,9 @@ from bench_extract import kl_topk, model_and_texts  # noqa: E402
 from fusekit.extract.model import forward_topk  # noqa: E402
 from fusekit.models.device import load_net  # noqa: E402
 from fusekit.models.load import load_tokenizer  # noqa: E402
-from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, encode_shard, shard_codec  # noqa: E402
-from fusekit.store.shards import parquet_bytes  # noqa: E402
+from fusekit.store.atomic import parquet_bytes  # noqa: E402
+from fusekit.store.extract_codec import decode_frame, encode_shard  # noqa: E402
+from fusekit.store.extract_format import DEFAULT_KNEE, DEFAULT_STEP, shard_codec  # noqa: E402
 from fusekit.store.types import Window  # noqa: E402
 
 K = 10

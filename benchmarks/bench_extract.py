@@ -34,11 +34,14 @@ from _common import print_table  # noqa: E402
 
 from fusekit import zoo  # noqa: E402
 from fusekit.corpus import Record  # noqa: E402
-from fusekit.extract import run as extract_run  # noqa: E402
+from fusekit.extract.folder import publish_shard  # noqa: E402
 from fusekit.extract.model import forward_topk  # noqa: E402
+from fusekit.extract.shard import compute_shard  # noqa: E402
+from fusekit.extract.shard_log import token_bar  # noqa: E402
 from fusekit.models.device import load_net  # noqa: E402
-from fusekit.store.extract_store import DEFAULT_KNEE, DEFAULT_STEP, decode_frame, encode_shard, shard_codec  # noqa: E402
-from fusekit.store.shards import parquet_bytes  # noqa: E402
+from fusekit.store.atomic import parquet_bytes  # noqa: E402
+from fusekit.store.extract_codec import decode_frame, encode_shard  # noqa: E402
+from fusekit.store.extract_format import DEFAULT_KNEE, DEFAULT_STEP, shard_codec  # noqa: E402
 from fusekit.store.types import Window  # noqa: E402
 
 
@@ -161,9 +164,9 @@ def main() -> None:
             from fusekit.store.shards import open_store
 
             open_store(out, "bench", settings)
-            bar = extract_run._bar(False)
-            done = extract_run.compute_shard(net, tokenizer, records, 0, 1, len(records), settings, "0" * 64, args.batch_size, bar)
-            extract_run.publish_shard(out, done)
+            bar = token_bar(False)
+            done = compute_shard(net, tokenizer, records, 0, 1, len(records), settings, "0" * 64, args.batch_size, bar)
+            publish_shard(out, done)
 
         times = {"bare": [], "extract": []}
         for rep in range(0 if args.no_speed else 2 if args.quick else 3):  # interleaved, best of: the machine is shared

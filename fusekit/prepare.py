@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from fusekit.corpus import CorpusError, CorpusStats, read_records
-from fusekit.store.shards import write_bytes_atomic
+from fusekit.store.atomic import write_bytes_atomic
 
 
 @dataclass

@@ -265,7 +265,7 @@ def test_cli_method_fusechat_end_to_end(tiny_stores, tmp_path):
 
 def test_recipe_and_unknown_method(hand_stores, tmp_path):
     from fusekit.recipe import AlignOptions, ModelSpec
-    from fusekit.store.shards import StoreError
+    from fusekit.store.errors import StoreError
 
     assert AlignOptions(method="fusechat").method == "fusechat"
     assert ModelSpec(name="a", model="m", align_method="fusechat").align_method == "fusechat"

@@ -20,7 +20,8 @@ import fusekit
 from fusekit import zoo
 from fusekit.align.vocab_cache import vocab_map
 from fusekit.store.aligned_store import AlignedStore
-from fusekit.store.shards import StoreError, verify_store
+from fusekit.store.errors import StoreError
+from fusekit.store.shards import verify_store
 from fusekit.store.types import Window
 from align_store_data import MemoryExtractStore, extract_three
 import reference

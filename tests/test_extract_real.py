@@ -25,7 +25,8 @@ def test_smollm2_gguf_end_to_end(tmp_path):
 
     import fusekit
     from fusekit.models.device import load_net
-    from fusekit.store.extract_store import ExtractStore, summarize
+    from fusekit.store.extract_store import ExtractStore
+    from fusekit.store.extract_summary import summarize
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

@@ -13,7 +13,7 @@ from fusekit.cli import app
 from fusekit.extract import ExtractStore
 from fusekit.extract.model import forward_topk, forward_topk_packed
 from fusekit.models.packing import pack_windows, packed_rows, packing_supported
-from fusekit.store.shards import ShardLock
+from fusekit.store.lock import ShardLock
 
 STEP, FINE = 0.125, 1 / 256
 
@@ -132,7 +132,7 @@ def test_a_dead_holders_lock_does_not_block(tmp_path):
     import sys
 
     code = (
-        "import os, sys; from fusekit.store.shards import ShardLock; "
+        "import os, sys; from fusekit.store.lock import ShardLock; "
         f"l = ShardLock({str(tmp_path)!r}, 'part-00000-of-00001.parquet'); assert l.acquire(); os._exit(0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)  # dies holding it: the file stays, the lock goes

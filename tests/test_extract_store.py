@@ -13,15 +13,10 @@ import pytest
 import fusekit
 from fusekit import zoo
 from fusekit.extract import ExtractStore, StoreError
-from fusekit.store.extract_store import (
-    CODEC,
-    DEFAULT_STEP,
-    FRESH_CODEC,
-    decode_frame,
-    encode_shard,
-    shard_codec,
-)
-from fusekit.store.shards import parquet_bytes, read_manifest, record_shard, settings_digest, write_bytes_atomic, write_json_atomic
+from fusekit.store.atomic import parquet_bytes, write_bytes_atomic, write_json_atomic
+from fusekit.store.extract_codec import decode_frame, encode_shard
+from fusekit.store.extract_format import CODEC, DEFAULT_STEP, FRESH_CODEC, shard_codec
+from fusekit.store.shards import read_manifest, record_shard, settings_digest
 from fusekit.store.types import Window
 
 K = 10

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import fusekit
 from fusekit import zoo
 from fusekit.cli import app
-from fusekit.store.shards import StoreError
+from fusekit.store.errors import StoreError
 
 EXTRACT = dict(top_k=4, max_length=32, batch_size=4, progress=False)
 

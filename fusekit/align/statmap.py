@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from fusekit.store.shards import StoreError, settings_digest, shard_slice, write_bytes_atomic
+from fusekit.store.atomic import write_bytes_atomic
+from fusekit.store.errors import StoreError
+from fusekit.store.shards import settings_digest, shard_slice
 
 if TYPE_CHECKING:  # pragma: no cover
     from fusekit.align.tokens import TokenTable

@@ -60,9 +60,9 @@ from fusekit.store.aligned_store import (
     shard_metadata,
     windows_frame,
 )
+from fusekit.store.atomic import clean_temporaries, write_bytes_atomic, write_json_atomic
+from fusekit.store.errors import StoreError
 from fusekit.store.shards import (
-    StoreError,
-    clean_temporaries,
     complete_shards,
     open_store,
     parse_shard,
@@ -72,8 +72,6 @@ from fusekit.store.shards import (
     shard_filename,
     shard_is_complete,
     shard_slice,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 from fusekit.store.types import AlignedWindow, Candidate, Window
 

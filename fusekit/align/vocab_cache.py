@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from fusekit.align.tokens import VocabMapStats, map_vocab_with_stats
-from fusekit.store.shards import StoreError, write_bytes_atomic
+from fusekit.store.atomic import write_bytes_atomic
+from fusekit.store.errors import StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     from fusekit.vocab.info import VocabInfo

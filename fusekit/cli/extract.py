@@ -39,7 +39,8 @@ def extract_command(
     byte for byte. `fusekit inspect OUT` summarises and verifies the store.
     """
     from fusekit.extract import extract
-    from fusekit.store.extract_store import ExtractStore, summarize
+    from fusekit.store.extract_store import ExtractStore
+    from fusekit.store.extract_summary import summarize
 
     extract(
         model, data, out, top_k=top_k, max_length=max_length, batch_size=batch_size, shard=shard, num_shards=num_shards,

@@ -48,7 +48,8 @@ def inspect_command(
 
     Exit status: 0 sound and complete; 1 a corrupt, foreign or unreadable file (named); 2 shards still missing.
     """
-    from fusekit.store.extract_store import CE_BIN, FORMAT, summarize
+    from fusekit.store.extract_format import CE_BIN, FORMAT
+    from fusekit.store.extract_summary import summarize
     from fusekit.store.shards import complete_shards, read_manifest, verify_store
 
     manifest = read_manifest(folder)

@@ -9,7 +9,7 @@ from fusekit.corpus import CorpusError, corpus_fingerprint
 from fusekit.extract.errors import ExtractError
 from fusekit.extract.run import extract
 from fusekit.store.extract_store import ExtractStore
-from fusekit.store.shards import StoreError
+from fusekit.store.errors import StoreError
 from fusekit.models.load import ModelLoadError
 
 make_module_callable(__name__, extract)

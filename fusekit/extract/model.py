@@ -9,7 +9,7 @@ import numpy as np
 
 from fusekit.extract.errors import ExtractError
 from fusekit.models.packing import model_logits, packed_rows
-from fusekit.store.extract_store import pad_token
+from fusekit.store.extract_format import pad_token
 
 _LOGIT_CHUNK = 1 << 24  # floats of fp32 logits handled at once (64 MB), whatever the vocabulary
 

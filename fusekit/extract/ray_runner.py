@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from fusekit._ray import connect, get
-from fusekit.extract.run import ShardOutput
+from fusekit.extract.errors import ExtractError
+from fusekit.extract.shard import ShardOutput, compute_shard
+from fusekit.extract.shard_log import token_bar
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,9 @@ class _Worker:
         self.net = load_net(job.model, job.dtype, resolve_device(job.device), job.trust_remote_code)
 
     def shard(self, index: int, records: list) -> ShardOutput:
-        from fusekit.extract.run import _bar, compute_shard
-
         j = self.job
         return compute_shard(
-            self.net, self.tokenizer, records, index, j.num_shards, j.n_texts, j.settings, j.digest, j.batch_size, _bar(False), j.pack
+            self.net, self.tokenizer, records, index, j.num_shards, j.n_texts, j.settings, j.digest, j.batch_size, token_bar(False), j.pack
         )
 
 
@@ -64,8 +64,6 @@ def run_on_ray(address: str, job: ExtractJob, shards: Iterable[tuple[int, list]]
     if workers is None:
         workers = gpus if use_gpu else max(1, int(resources.get("CPU", 1)))
     if workers < 1:
-        from fusekit.extract.errors import ExtractError
-
         raise ExtractError(f"--ray-workers must be at least 1, got {workers}")
     options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
     device = job.device if not use_gpu or job.device else "cuda"

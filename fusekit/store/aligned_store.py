@@ -31,9 +31,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import polars as pl
 
+from fusekit.store.atomic import PARQUET_OPTIONS
+from fusekit.store.errors import StoreError
 from fusekit.store.shards import (
-    _PARQUET_OPTIONS,
-    StoreError,
     complete_shards,
     edited_manifest_error,
     foreign_sidecars,
@@ -98,7 +98,7 @@ def windows_frame(windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Se
 def encode_shard(df: pl.DataFrame, rows_per_group: int, metadata: dict[str, str]) -> bytes:
     """The shard's Parquet bytes; the same frame always gives the same bytes (fixed options)."""
     buf = io.BytesIO()
-    options = dict(_PARQUET_OPTIONS, row_group_size=rows_per_group)
+    options = dict(PARQUET_OPTIONS, row_group_size=rows_per_group)
     df.write_parquet(buf, metadata=dict(sorted(metadata.items())), **options)
     return buf.getvalue()
 

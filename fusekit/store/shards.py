@@ -6,36 +6,28 @@ A store is a folder:
     DIR/part-00000-of-00004.parquet      one shard: a deterministic slice of the work
     DIR/part-00000-of-00004.parquet.json its sidecar: rows, tokens, sha256, … (written after the shard)
 
-A shard is complete when its Parquet file and its sidecar both exist and the file's sha256 equals the
-sidecar's. Each shard is written under a temporary name, fsynced and renamed, then its sidecar is
-written the same way, so a job killed at any moment leaves either a complete shard or nothing under
-the final names. Sidecars (rather than one manifest that every job rewrites) let N independent jobs on
-a shared filesystem fill one store without racing.
-"""
+This module owns the names (which texts shard I of N holds, what its file is called), the manifest,
+the sidecars and the resume rule: a shard is complete when its Parquet file and its sidecar both exist
+and the file's sha256 equals the sidecar's. Each shard is written under a temporary name, fsynced and
+renamed, then its sidecar is written the same way (`atomic.py`), so a job killed at any moment leaves
+either a complete shard or nothing under the final names. Sidecars (rather than one manifest that
+every job rewrites) let N independent jobs on a shared filesystem fill one store without racing;
+`lock.py` keeps two of them from computing the same shard."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any
 
-import polars as pl
+from fusekit.store.atomic import TMP_MARK, write_json_atomic
+from fusekit.store.errors import StoreError
 
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
-_TMP_MARK = ".tmp-"
 MAX_SHARDS = 99_999  # shard names carry 5 digits
 _MISSING_SHOWN = 10  # missing shards named one by one; the rest are counted in one line
-# Parquet bytes must not depend on the machine: fixed compression, level and row-group size.
-_PARQUET_OPTIONS: dict[str, Any] = dict(compression="zstd", compression_level=9, statistics=False, row_group_size=4096)
-
-
-class StoreError(Exception):
-    """A store that cannot be used as asked: mismatched settings, a corrupt or foreign shard, a full disk."""
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -75,90 +67,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-
-
-def _write_error(path: Path, exc: OSError) -> StoreError:
-    return StoreError(f"cannot write {path}: {exc.strerror or exc} (nothing was left under that name; free space or fix permissions and re-run)")
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """fsync the finished temporary file and rename it onto its final name."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_bytes_atomic(data: bytes, path: str | Path) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        _publish(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    write_bytes_atomic((json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"), path)
-
-
-def parquet_bytes(df: pl.DataFrame, metadata: dict[str, str] | None = None) -> bytes:
-    """`df` as Parquet bytes with the store's fixed options: the same frame always gives the same bytes."""
-    buf = io.BytesIO()
-    df.write_parquet(buf, metadata=dict(sorted((metadata or {}).items())) or None, **_PARQUET_OPTIONS)
-    return buf.getvalue()
-
-
-def write_parquet_atomic(df: pl.DataFrame, path: str | Path, metadata: dict[str, str] | None = None) -> str:
-    """Write `df` to `path` through a temporary file in the same folder; return the file's sha256.
-
-    The same frame and metadata always give the same bytes. The file is serialised in memory and
-    written with plain file I/O, so a full disk is an OSError (→ StoreError naming the path), not a
-    Polars error, and nothing is left under the final name.
-    """
-    data = parquet_bytes(df, metadata)
-    write_bytes_atomic(data, path)
-    return hashlib.sha256(data).hexdigest()
-
-
-def clean_temporaries(folder: str | Path) -> None:
-    """Remove temporary files a killed job of *this* machine left (other live jobs' names carry their pid)."""
-    for p in Path(folder).glob(f".*{_TMP_MARK}*"):
-        pid = p.name.rsplit(_TMP_MARK, 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers from an earlier attempt in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shard_count(folder: str | Path, settings: dict) -> int:
@@ -317,7 +225,7 @@ def verify_store(folder: str | Path) -> list[str]:
     known = {MANIFEST, *(manifest.get("extra_files") or [])}
     for path in sorted(folder.iterdir()):
         name = path.name
-        if name in known or _TMP_MARK in name:
+        if name in known or TMP_MARK in name:
             continue  # temporaries belong to a running or killed job; the resume rule ignores them
         if name.endswith(".parquet.json"):
             if not (folder / name[: -len(".json")]).is_file():
@@ -347,68 +255,3 @@ def verify_store(folder: str | Path) -> list[str]:
         if len(missing) > _MISSING_SHOWN:
             problems.append(f"{len(missing) - _MISSING_SHOWN:,} more: missing shards (not written yet: re-run to finish the store)")
     return problems
-
-
-class ShardLock:
-    """An exclusive, non-blocking lock on one shard of a store, so concurrent runs into one folder do not
-    both compute it. `acquire()` → True when this process now owns the shard, False when another holds it.
-
-    The lock is `flock` on a hidden file next to the shard (`.NAME.tmp-lock`, skipped by `verify_store`
-    and by the folder checks); the kernel drops it when its holder dies, even by kill -9, so a dead
-    run never blocks a re-run. On release the file is removed; an acquirer that locked a file which was
-    removed meanwhile (its inode no longer at the path) retries on the new one.
-    """
-
-    def __init__(self, folder: str | Path, filename: str):
-        self.path = Path(folder) / f".{filename}{_TMP_MARK}lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise _write_error(self.path, exc) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            except OSError:  # a filesystem without flock: no protection, but no failure either
-                self._fd = fd
-                return True
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self._fd = fd
-                return True
-            os.close(fd)  # the holder released and removed it between our open and flock: try again
-
-    def holder(self) -> str:
-        """The pid written by the process holding the lock ('?' when unknown)."""
-        try:
-            return self.path.read_text().strip() or "?"
-        except OSError:
-            return "?"
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> "ShardLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
