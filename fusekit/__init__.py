@@ -25,13 +25,13 @@ from fusekit.align import (
 # Stages that need torch/transformers/polars load on first use, so `import fusekit` stays light.
 _LAZY = {
     "extract": "fusekit.extract",
-    "align_store": "fusekit.align.store",
+    "align_store": "fusekit.align.stage",
     "train": "fusekit.train",
     "evaluate": "fusekit.eval",
     "merge": "fusekit.merge",
     "run_recipe": "fusekit.pipeline",
     "plan_recipe": "fusekit.plan",
-    "transfer": "fusekit.align.transfer",
+    "transfer": "fusekit.align.text_transfer",
     "implicit_fusion": "fusekit.implicit",
 }
 

@@ -91,7 +91,7 @@ def extract_all(recipe: Recipe, layout: Layout, progress: bool = True) -> None:
 
 def align_to(recipe: Recipe, layout: Layout, sources: list[str], out: Path, progress: bool = True) -> dict:
     """Align the named sources' stores onto the target's; returns the alignment report."""
-    from fusekit.align.store import align_store
+    from fusekit.align.stage import align_store
 
     _stage(f"align · {' + '.join(sources)} → {recipe.target.name}")
     specs = {s.name: s for s in recipe.sources}

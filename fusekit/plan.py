@@ -90,7 +90,7 @@ def _write_sample(records, path: Path) -> None:
 
 def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -> dict:
     """Token counts, bytes on disk per stage and compute per stage for RECIPE, without running it."""
-    from fusekit.align.store import align_store
+    from fusekit.align.stage import align_store
     from fusekit.corpus import read_records
     from fusekit.extract import extract
 

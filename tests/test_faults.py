@@ -30,7 +30,7 @@ def world(tokenizers_by_kind, corpus_texts, tmp_path_factory):
     big = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], root / "models" / "big", hidden=32, context=64, pad_vocab_to=900)
     e_gpt2 = fusekit.extract(gpt2, corpus, root / "e-gpt2", num_shards=2, **EXTRACT)
     e_llama = fusekit.extract(llama, corpus, root / "e-llama", num_shards=2, **EXTRACT)
-    from fusekit.align.store import align_store
+    from fusekit.align.stage import align_store
 
     align_store(e_gpt2, [e_llama], root / "aligned", progress=False)
     return dict(root=root, corpus=corpus, gpt2=gpt2, llama=llama, big=big, e_gpt2=e_gpt2, e_llama=e_llama, aligned=root / "aligned")

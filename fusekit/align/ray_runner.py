@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Iterator, Sequence
 
 from fusekit._ray import connect, get
-from fusekit.align.store import ShardJob, ShardResult, align_shard
+from fusekit.align.shard import ShardJob, ShardResult, align_shard
 from fusekit.progress import task_progress
 
 

@@ -1,7 +1,8 @@
 """Alignment quality per source: what `fusekit align` writes to report.json and prints as a table.
 
-Counts come from the shards' sidecars (deterministic, summed over every complete shard, whichever job
-wrote it); speeds come from this run only.
+Counts (`candidates.SourceStats`, added up while the candidates are made) come from the shards'
+sidecars (deterministic, summed over every complete shard, whichever job wrote it); speeds come from
+this run only.
 
 * carried: share of predicted target positions (all but each window's last) that took the source's
   top-k through a 1:1 alignment; fallback = the rest (one-hot on the next target token).
@@ -16,34 +17,13 @@ wrote it); speeds come from this run only.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from fusekit.align.candidates import SourceStats
+
 if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.align.store import ShardResult
+    from fusekit.align.shard import ShardResult
     from fusekit.align.vocab_cache import VocabMap
-
-
-@dataclass
-class SourceStats:
-    """Counts for one source over some target windows (sums, so shards add up)."""
-
-    windows: int = 0
-    positions: int = 0  # predicted target positions
-    carried: int = 0  # of which carried 1:1
-    empty_windows: int = 0  # target windows whose span held no source token
-    topk_mass: float = 0.0  # Σ over carried positions of the source's top-k probability mass
-    kept_mass: float = 0.0  # Σ over carried positions of the mass on exactly-mapped ids (fusellm method)
-    recalled: int = 0  # predicted positions a perfect source would pass on (≥ ½ on the true next token)
-    bad_mass: float = 0.0  # Σ probability on byte-fallback twins, special (not EOS) and empty target ids: must be 0
-
-    def as_json(self) -> dict:
-        return asdict(self)
-
-    def add(self, other: dict) -> None:
-        for key, value in other.items():
-            if hasattr(self, key):
-                setattr(self, key, getattr(self, key) + value)
 
 
 def _share(num: float, den: float) -> float | None:

@@ -25,19 +25,18 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from fusekit.align.inputs import ExtractedText, info_of
+from fusekit.align.tokens import DTW_CHUNK, TokenTable, VocabMapStats, align_ids_batch
+from fusekit.align.transfer import Method, Transferer, encode_offsets
+from fusekit.align.vocab_cache import VocabMap, exact_map, pair_digest
 from fusekit.store.atomic import write_bytes_atomic
 from fusekit.store.errors import StoreError
 from fusekit.store.shards import settings_digest, shard_slice
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.align.tokens import TokenTable
-    from fusekit.align.transfer import Transferer
-    from fusekit.align.vocab_cache import VocabMap
-    from fusekit.vocab.info import VocabInfo
+from fusekit.vocab.info import EMPTY, SPECIAL, VocabInfo, map_specials_by_role, vocab_info
 
 COUNTS_FORMAT = 1
 MERGE_EVERY = 32  # chunks of counts summed at once
@@ -133,14 +132,6 @@ def _check_range(s: np.ndarray, t: np.ndarray, shape: tuple[int, int]) -> None:
         raise ValueError(f"token ids outside the vocabularies {shape[0]} × {shape[1]}")
 
 
-def pair_digest(source: "VocabInfo", target: "VocabInfo") -> str:
-    """Digest of both normalised vocabularies and their kinds: what counts may be applied to."""
-    from fusekit.align.vocab_cache import vocab_digest
-
-    spec = vocab_digest(source.strings) + vocab_digest(target.strings) + json.dumps([source.as_json(), target.as_json()])
-    return hashlib.sha256(spec.encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- counting
 
 
@@ -160,8 +151,8 @@ def co_start_pairs(path: np.ndarray, src_ids: np.ndarray, tgt_ids: np.ndarray) -
 
 
 def count_alignments(
-    src_table: "TokenTable",
-    tgt_table: "TokenTable",
+    src_table: TokenTable,
+    tgt_table: TokenTable,
     pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     shape: tuple[int, int],
     pair: str = "",
@@ -170,8 +161,6 @@ def count_alignments(
     """Counts over many (source ids, target ids) tokenisations of the same texts: DTW on `threads` cores
     in chunks of `DTW_CHUNK`, aggregated with numpy every `MERGE_EVERY` chunks (memory stays near the
     distinct pairs)."""
-    from fusekit.align.tokens import DTW_CHUNK, align_ids_batch
-
     parts = [AlignmentCounts.empty(shape, pair)]
     chunk: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -197,10 +186,6 @@ def count_alignments(
 def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: Any, threads: int | None = None) -> AlignmentCounts:
     """Counts over `texts` for two tokenizers (the text-level API): each whole text tokenised by both
     (no special tokens) and aligned by DTW. Pass the result to `fusekit.transfer(…, counts=…)`."""
-    from fusekit.align.tokens import TokenTable
-    from fusekit.align.transfer import encode_offsets
-    from fusekit.vocab.info import vocab_info
-
     s_info, t_info = vocab_info(source_tokenizer), vocab_info(target_tokenizer)
     items = ((encode_offsets(source_tokenizer, t).ids, encode_offsets(target_tokenizer, t).ids) for t in texts)
     tables = TokenTable(list(s_info.strings)), TokenTable(list(t_info.strings))
@@ -210,14 +195,12 @@ def count_texts(texts: Sequence[str], source_tokenizer: Any, target_tokenizer: A
 def _window_pairs(target, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """(source ids, target ids) per target window, as the `fusellm` store path aligns them: the source
     tokens whose start offset lies in the window's character span. Reads the target's shards in turn."""
-    from fusekit.align.store import _TextTokens
-
     n_shards = int(getattr(target, "num_shards", None) or target.settings.get("num_shards") or 1)
     for shard in range(n_shards):
         texts = shard_slice(int(target.n_texts), shard, n_shards)
         src_texts = dict(source.iter_texts(texts))
         for text_id, windows in target.iter_texts(texts):
-            src = _TextTokens.of(src_texts.get(text_id, []), int(source.k))
+            src = ExtractedText.of(src_texts.get(text_id, []), int(source.k))
             for w in windows:
                 yield src.ids[src.span(int(w.char_start), int(w.char_end))], np.asarray(w.input_ids, np.int64)
 
@@ -226,7 +209,7 @@ def _window_pairs(target, source) -> Iterable[tuple[np.ndarray, np.ndarray]]:
 
 
 def statistical_vocab_map(
-    counts: AlignmentCounts, source: "VocabInfo", target: "VocabInfo", fallback: np.ndarray, exact: np.ndarray | None = None
+    counts: AlignmentCounts, source: VocabInfo, target: VocabInfo, fallback: np.ndarray, exact: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(map int64 [V_s] with −1 = nowhere, seen bool [V_s]: mapped from the counts).
 
@@ -235,9 +218,6 @@ def statistical_vocab_map(
     empty (padded) ids nowhere. `exact` int64 [V_s]: each source id's identical target id or −1
     (`vocab_cache.exact_map`; computed when not given). Raises ValueError on counts of another pair.
     """
-    from fusekit.align.vocab_cache import exact_map
-    from fusekit.vocab.info import EMPTY, SPECIAL, map_specials_by_role
-
     if counts.shape != (len(source), len(target)) or (counts.pair and counts.pair != pair_digest(source, target)):
         raise ValueError(
             f"these alignment counts belong to another tokenizer pair (vocabularies {counts.shape[0]} × {counts.shape[1]}, "
@@ -257,11 +237,9 @@ def statistical_vocab_map(
     return map_specials_by_role(ids, source, target), seen
 
 
-def fusechat_transferer(base: "Transferer", counts: AlignmentCounts) -> "Transferer":
+def fusechat_transferer(base: Transferer, counts: AlignmentCounts) -> Transferer:
     """`base` (a `fusellm` Transferer of the pair: its tables and FuseLLM map as the fallback) carrying
     through the statistical map of `counts`."""
-    from fusekit.align.transfer import Method
-
     ids, _ = statistical_vocab_map(counts, base.source, base.target, base.vocab_map, base.identical)
     return base.with_vocab_map(Method.FUSECHAT, ids)
 
@@ -287,9 +265,6 @@ def corpus_counts(target, source, cache_dir: Path, threads: int | None = None) -
     tokenizers' fingerprints, vocabulary sizes and the corpus (fingerprint, number of texts, both stores'
     extraction settings); a file that does not hold this pair's vocabularies and corpus is rebuilt.
     """
-    from fusekit.align.store import info_of
-    from fusekit.align.tokens import TokenTable
-
     s_info, t_info = info_of(source), info_of(target)
     pair, identity = pair_digest(s_info, t_info), _corpus_identity(target, source)
     path = Path(cache_dir) / f"{counts_cache_key(target, source)}.counts.npz"
@@ -311,14 +286,10 @@ def corpus_counts(target, source, cache_dir: Path, threads: int | None = None) -
     return counts, False
 
 
-def statistical_map(target, source, fallback: "VocabMap", cache_dir: Path, threads: int | None = None) -> "VocabMap":
+def statistical_map(target, source, fallback: VocabMap, cache_dir: Path, threads: int | None = None) -> VocabMap:
     """The `fusechat` `VocabMap` of a source store onto the target store (counts from the cache or counted
     now; `fallback` is the pair's FuseLLM map). Its report entry adds the counts' size and the share of
     the source vocabulary mapped from them."""
-    from fusekit.align.store import info_of
-    from fusekit.align.tokens import VocabMapStats
-    from fusekit.align.vocab_cache import VocabMap, exact_map
-
     counts, _ = corpus_counts(target, source, cache_dir, threads)
     s_info, t_info = info_of(source), info_of(target)
     identical = exact_map(s_info, t_info).ids

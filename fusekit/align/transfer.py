@@ -12,8 +12,9 @@ Three methods, switchable per source (docs/ALIGN.md has the worked example):
 * ``fusechat``: FuseChat's statistical vocabulary map (`statmap.py`: each source token to the target token
   it most often begins together with over the corpus) in place of exact/MinED, then the same 1:1 carry.
 
-`transfer(text, source_tokenizer, target_tokenizer, …)` is the text-level API; `transfer_texts` is the
-batch form that `fusekit align` runs over extraction stores (one code path for both).
+`Transferer` is the engine, prepared once per vocabulary pair: `fusekit align` runs it over extraction
+stores (`bytespan.py`), and the text-level API `transfer(text, source_tokenizer, target_tokenizer, …)`
+(`text_transfer.py`) over one text (one code path for both).
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ import copy
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 import fusekit._core as _core
 from fusekit.align.spans import byte_spans
-from fusekit.vocab.info import VocabInfo, vocab_info
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.align.statmap import AlignmentCounts
+from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
+from fusekit.align.vocab_cache import exact_map, fusellm_vocab_map, pair_digest
+from fusekit.vocab.info import VocabInfo
 
 
 class Method(str, Enum):
@@ -86,6 +86,17 @@ class TextTokens:
     spans: np.ndarray | None = None
 
 
+def encode_offsets(tokenizer: Any, text: str) -> TextTokens:
+    """A tokenizer's ids and character start offsets of `text`, no special tokens added."""
+    if hasattr(tokenizer, "backend_tokenizer"):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = enc["input_ids"], enc["offset_mapping"]
+    else:
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        ids, offs = enc.ids, enc.offsets
+    return TextTokens(np.asarray(ids, np.int64).reshape(-1), np.asarray([s for s, _ in offs], np.int64).reshape(-1))
+
+
 class Transferer:
     """A source→target vocabulary pair, prepared once (Rust tables, vocabulary map) for many texts.
 
@@ -98,8 +109,6 @@ class Transferer:
             self._src = _core.TransferSource(source.bytes, source.eos, source.eot)
             self._tgt = _core.TransferTarget(target.bytes, target.usable.tolist(), target.twin.astype(np.uint8).tolist(), target.eos, target.eot)
         else:
-            from fusekit.align.tokens import TokenTable
-
             if vocab_map is None and self.method is Method.FUSECHAT:
                 raise ValueError("the fusechat method needs its statistical vocabulary map (fusekit.align.statmap): pass vocab_map")
             self.vocab_map = vocab_map if vocab_map is not None else fusellm_vocab_map(source, target, threads)
@@ -115,16 +124,12 @@ class Transferer:
 
     @cached_property
     def pair(self) -> str:
-        """Digest of both vocabularies (`statmap.pair_digest`): which alignment counts belong here."""
-        from fusekit.align.statmap import pair_digest
-
+        """Digest of both vocabularies (`vocab_cache.pair_digest`): which alignment counts belong here."""
         return pair_digest(self.source, self.target)
 
     @cached_property
     def identical(self) -> np.ndarray:
         """int64 [V_s]: each source id's identical (usable) target id, −1 where none."""
-        from fusekit.align.vocab_cache import exact_map
-
         return exact_map(self.source, self.target).ids
 
     def run(self, items: Sequence[tuple], out_k: int) -> list[Transfer]:
@@ -161,8 +166,6 @@ class Transferer:
         return self.spans(text, tokens, self.source.bytes)
 
     def _fusellm(self, src: TextTokens, tgt: TextTokens, topk_ids, topk_logp, out_k: int) -> Transfer:
-        from fusekit.align.tokens import align_ids_batch, align_topk
-
         n = len(tgt.ids)
         if not len(src.ids) or not n:
             ids = np.full((n, out_k), -1, np.int32)
@@ -195,124 +198,3 @@ class Transferer:
         kind = out.carried.astype(np.uint8)  # 1 = KIND_NAMES' "1:1"
         kind[-1:] = KIND_NAMES.index("last")
         return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32), kind)
-
-
-def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None = None) -> np.ndarray:
-    """FuseLLM's vocabulary map (identical string, else MinED), int64 [V_s], −1 = no target (dropped).
-
-    Fixed against the reference: targets that the tokenizer never emits for their text (byte-fallback
-    twins), special and empty ids are never chosen; a source special token maps by role (end of sequence
-    to end of sequence, end of turn to end of turn, each falling back on the other) or not at all; a padded
-    source id maps nowhere.
-    """
-    from fusekit.align.tokens import map_vocab_with_stats
-
-    ids, _ = map_vocab_with_stats(source.strings, target.strings, threads, tgt_usable=target.usable.tolist())
-    ids = np.asarray(ids, dtype=np.int64)
-    from fusekit.vocab.info import map_specials_by_role
-
-    return map_specials_by_role(ids, source, target)
-
-
-# ---------------------------------------------------------------------------------------------- text API
-
-
-def encode_offsets(tokenizer: Any, text: str) -> TextTokens:
-    """A tokenizer's ids and character start offsets of `text`, no special tokens added."""
-    if hasattr(tokenizer, "backend_tokenizer"):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offs = enc["input_ids"], enc["offset_mapping"]
-    else:
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        ids, offs = enc.ids, enc.offsets
-    return TextTokens(np.asarray(ids, np.int64).reshape(-1), np.asarray([s for s, _ in offs], np.int64).reshape(-1))
-
-
-_CACHE: dict[tuple[int, int, Method], tuple[Any, Any, Transferer]] = {}
-
-
-def cached_transferer(source_tokenizer: Any, target_tokenizer: Any, method: Method) -> Transferer:
-    """One `Transferer` per (source, target, method) tokenizer objects in this process: the vocabulary
-    tables (and, for `fusellm`, the MinED map: minutes on 100k+ vocabularies) are built once."""
-    key = (id(source_tokenizer), id(target_tokenizer), method)
-    hit = _CACHE.get(key)
-    if hit is None or hit[0] is not source_tokenizer or hit[1] is not target_tokenizer:
-        if len(_CACHE) >= 16:
-            _CACHE.clear()
-        hit = (source_tokenizer, target_tokenizer, Transferer(vocab_info(source_tokenizer), vocab_info(target_tokenizer), method))
-        _CACHE[key] = hit
-    return hit[2]
-
-
-def transfer(
-    text: str,
-    source_tokenizer: Any,
-    target_tokenizer: Any,
-    src_topk_ids: np.ndarray,
-    src_topk_logp: np.ndarray,
-    method: Method | str | None = None,
-    out_k: int | None = None,
-    counts: "AlignmentCounts | None" = None,
-) -> Transfer:
-    """Move a source's top-k next-token distributions over `text` onto the target's tokens of `text`.
-
-    `src_topk_ids` int [n_s, k], `src_topk_logp` float [n_s, k] (log-probabilities, full softmax): row i
-    predicts source token i+1 of `source_tokenizer(text, add_special_tokens=False)`. Returns a `Transfer`
-    whose row j predicts target token j+1 of the target's tokens of `text`; `out_k` entries per row
-    (default: k). Tokenizers: `tokenizers.Tokenizer` or transformers fast tokenizers. `method`: "bytespan"
-    (default), "fusellm" or "fusechat". `counts` (fusechat only): the pair's alignment counts over a corpus
-    (`fusekit.align.statmap.count_texts`); default: counted over `text` itself. Raises ValueError on arrays
-    that do not match the source's tokens and on counts of another tokenizer pair.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    for name, tok in (("source_tokenizer", source_tokenizer), ("target_tokenizer", target_tokenizer)):
-        if not hasattr(tok, "backend_tokenizer") and not hasattr(tok, "get_vocab_size"):
-            raise TypeError(f"{name} must be a transformers fast tokenizer or a tokenizers.Tokenizer, got {type(tok).__name__}")
-    try:
-        method = Method(method or DEFAULT_METHOD)
-    except ValueError:
-        raise ValueError(f"unknown method {method!r}: choose from {', '.join(m.value for m in Method)}") from None
-    topk_ids, topk_logp = np.asarray(src_topk_ids), np.asarray(src_topk_logp)
-    src = encode_offsets(source_tokenizer, text)
-    tgt = encode_offsets(target_tokenizer, text)
-    if topk_ids.ndim != 2 or topk_ids.shape != topk_logp.shape or topk_ids.shape[0] != len(src.ids):
-        raise ValueError(
-            f"src_topk_ids {topk_ids.shape} and src_topk_logp {topk_logp.shape} must both be [n_s, k] with "
-            f"n_s = {len(src.ids)} source tokens of the text"
-        )
-    if counts is not None and method is not Method.FUSECHAT:
-        raise ValueError(f"counts are for the fusechat method, not {method.value}")
-    if method is Method.FUSECHAT:
-        from fusekit.align.statmap import AlignmentCounts, count_alignments, fusechat_transferer
-
-        base = cached_transferer(source_tokenizer, target_tokenizer, Method.FUSELLM)
-        if counts is None:
-            counts = count_alignments(base.src_table, base.tgt_table, [(src.ids, tgt.ids)], (len(base.source), len(base.target)), base.pair)
-        elif not isinstance(counts, AlignmentCounts):
-            raise TypeError(f"counts must be fusekit.align.statmap.AlignmentCounts, got {type(counts).__name__}")
-        t = fusechat_transferer(base, counts)
-    else:
-        t = cached_transferer(source_tokenizer, target_tokenizer, method)
-    _check_topk(topk_ids, topk_logp, len(t.source))
-    out_k = topk_ids.shape[1] if out_k is None else out_k
-    if not isinstance(out_k, (int, np.integer)) or out_k < 1:
-        raise ValueError(f"out_k must be a positive integer, got {out_k!r}")
-    if not len(tgt.ids):
-        z = np.zeros(0, np.float32)
-        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32), np.zeros(0, np.uint8))
-    return t.run([(text, src, tgt, topk_ids, topk_logp)], int(out_k))[0]
-
-
-def _check_topk(ids: np.ndarray, logp: np.ndarray, vocab_size: int) -> None:
-    """Integer ids in [−1, V) (−1: an empty slot), log-probabilities ≤ 0 (−inf allowed for empty slots)."""
-    if ids.shape[1] < 1:
-        raise ValueError("src_topk_ids must hold at least one entry per row (k ≥ 1)")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"src_topk_ids must be integer token ids, got {ids.dtype}")
-    if not np.issubdtype(logp.dtype, np.floating):
-        raise TypeError(f"src_topk_logp must be float log-probabilities, got {logp.dtype}")
-    if ids.size and (ids.min() < -1 or ids.max() >= vocab_size):
-        raise ValueError(f"src_topk_ids must lie in [-1, {vocab_size}) (the source vocabulary; -1 = empty slot), got {ids.min()}..{ids.max()}")
-    if np.isnan(logp).any() or (logp > 1e-4).any() or np.isposinf(logp).any():
-        raise ValueError("src_topk_logp must be log-probabilities (≤ 0, no NaN or +inf); pass log-softmax values, not probabilities or logits")

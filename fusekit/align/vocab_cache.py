@@ -1,4 +1,4 @@
-"""Source → target vocabulary maps, built once per tokenizer pair and cached on disk.
+"""Source → target vocabulary maps: FuseLLM's rule, built once per tokenizer pair and cached on disk.
 
 MinED over a whole vocabulary is the one expensive step that does not depend on the corpus (seconds in
 the Rust core for 50k × 32k, ~30 CPU-minutes in the reference code), so a map is kept in a cache folder
@@ -15,16 +15,14 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from fusekit.align.tokens import VocabMapStats, map_vocab_with_stats
 from fusekit.store.atomic import write_bytes_atomic
 from fusekit.store.errors import StoreError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fusekit.vocab.info import VocabInfo
+from fusekit.vocab.info import VocabInfo, map_specials_by_role
 
 CACHE_FORMAT = 3  # 2: byte-fallback twins, special and empty ids are never targets (vocab/info.py); 3: end of turn by role
 
@@ -66,6 +64,13 @@ def vocab_digest(vocab: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def pair_digest(source: VocabInfo, target: VocabInfo) -> str:
+    """Digest of both normalised vocabularies and their kinds: what a pair's alignment counts
+    (`statmap.AlignmentCounts`) may be applied to."""
+    spec = vocab_digest(source.strings) + vocab_digest(target.strings) + json.dumps([source.as_json(), target.as_json()])
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
 def cache_key(src_fingerprint: str, tgt_fingerprint: str, src_size: int, tgt_size: int) -> str:
     spec = json.dumps([CACHE_FORMAT, src_fingerprint, tgt_fingerprint, src_size, tgt_size])
     return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:32]
@@ -98,11 +103,9 @@ def _save(path: Path, ids: np.ndarray, stats: VocabMapStats, digest: str) -> Non
         pass  # a read-only cache only costs the rebuild next time
 
 
-def exact_map(src: "VocabInfo", tgt: "VocabInfo") -> VocabMap:
+def exact_map(src: VocabInfo, tgt: VocabInfo) -> VocabMap:
     """Identical-string matches only (−1 elsewhere): the byte-span transfer needs no MinED map, only its
     counts for the report. Twins, special and empty ids are neither matched nor counted."""
-    from fusekit.align.tokens import VocabMapStats
-
     lookup: dict[str, int] = {}
     for i, (text, ok) in enumerate(zip(tgt.strings, tgt.usable.tolist())):
         if ok:
@@ -113,6 +116,18 @@ def exact_map(src: "VocabInfo", tgt: "VocabInfo") -> VocabMap:
     return VocabMap(ids=ids, exact=exact, stats=VocabMapStats(exact=int(exact.sum()), min_ed=n_usable - int(exact.sum())), key="exact")
 
 
+def fusellm_vocab_map(source: VocabInfo, target: VocabInfo, threads: int | None = None) -> np.ndarray:
+    """FuseLLM's vocabulary map (identical string, else MinED), int64 [V_s], −1 = no target (dropped).
+
+    Fixed against the reference: targets that the tokenizer never emits for their text (byte-fallback
+    twins), special and empty ids are never chosen; a source special token maps by role (end of sequence
+    to end of sequence, end of turn to end of turn, each falling back on the other) or not at all; a padded
+    source id maps nowhere.
+    """
+    ids, _ = map_vocab_with_stats(source.strings, target.strings, threads, tgt_usable=target.usable.tolist())
+    return map_specials_by_role(np.asarray(ids, dtype=np.int64), source, target)
+
+
 def vocab_map(
     src_vocab: Sequence[str],
     tgt_vocab: Sequence[str],
@@ -120,8 +135,8 @@ def vocab_map(
     tgt_fingerprint: str,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
-    src_info: "VocabInfo | None" = None,
-    tgt_info: "VocabInfo | None" = None,
+    src_info: VocabInfo | None = None,
+    tgt_info: VocabInfo | None = None,
 ) -> VocabMap:
     """The map of `src_vocab` onto `tgt_vocab` (identical string, else MinED), from the cache when present.
 
@@ -139,8 +154,6 @@ def vocab_map(
     cached = _load(path, digest, len(src_vocab)) if path.is_file() else None
     if cached is None:
         if src_info is not None and tgt_info is not None:
-            from fusekit.align.transfer import fusellm_vocab_map
-
             ids = fusellm_vocab_map(src_info, tgt_info, threads)
             exact = _exact_flags(ids, src_vocab, tgt_vocab) & src_info.usable
             stats = VocabMapStats(exact=int(exact.sum()), min_ed=int(src_info.usable.sum()) - int(exact.sum()))

@@ -38,7 +38,7 @@ def align_command(
     perfect-source recall (the share a source that always knows its next token would pass on), the mass on
     ids the target never emits (must be 0) and the vocabulary's exact matches; OUT/report.json holds the same.
     """
-    from fusekit.align.store import align_store
+    from fusekit.align.stage import align_store
 
     align_store(
         target,

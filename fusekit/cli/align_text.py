@@ -56,7 +56,8 @@ def _show(token: bytes) -> str:
 
 def _transfer_table(text: str, src_tok, tgt_tok, method: Method) -> tuple[Table, str]:
     from fusekit.align.recall import perfect_source_topk, recalled
-    from fusekit.align.transfer import KIND_NAMES, cached_transferer, encode_offsets, transfer
+    from fusekit.align.text_transfer import cached_transferer, transfer
+    from fusekit.align.transfer import KIND_NAMES, encode_offsets
 
     t = cached_transferer(src_tok, tgt_tok, Method.BYTESPAN)  # the token bytes, for any method
     src, tgt = encode_offsets(src_tok, text), encode_offsets(tgt_tok, text)
@@ -84,7 +85,7 @@ def _transfer_table(text: str, src_tok, tgt_tok, method: Method) -> tuple[Table,
 def _path_table(src_tok, tgt_tok, src_ids: list[int], tgt_ids: list[int]) -> tuple[Table, str]:
     import numpy as np
 
-    from fusekit.align.transfer import fusellm_vocab_map
+    from fusekit.align.vocab_cache import fusellm_vocab_map
     from fusekit.vocab.info import vocab_info
 
     s_info, t_info = vocab_info(src_tok), vocab_info(tgt_tok)

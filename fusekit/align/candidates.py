@@ -1,0 +1,68 @@
+"""What every method's candidates share in an aligned window.
+
+Candidate [0] of every target window is the target's own: its top-k renormalised over the kept k (softmax
+of the stored full-softmax log-probs), its per-token CE and the window's mean CE as extracted
+(`target_candidate`). Each source then adds one candidate, made by its method (`carry.py` for `fusellm`
+and `fusechat`, `bytespan.py` for `bytespan`); while making them, each method adds up the same counts per
+source (`SourceStats`, summed over shards into report.json) and checks that no mass lands on target ids
+that must get none (`bad_target_ids`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fusekit.store.types import Candidate, Window
+from fusekit.vocab.info import EMPTY, SPECIAL, VocabInfo
+
+
+def target_candidate(w: Window) -> Candidate:
+    """The target's own candidate: its top-k renormalised over the kept k entries."""
+    ids = np.asarray(w.topk_ids, dtype=np.int32)
+    logp = np.asarray(w.topk_logp, dtype=np.float64)
+    valid = (ids >= 0) & np.isfinite(logp)
+    top = np.max(np.where(valid, logp, -np.inf), axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    p = np.where(valid, np.exp(logp - top), 0.0)
+    total = p.sum(axis=1, keepdims=True)
+    probs = np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32)
+    return Candidate(ids=np.where(valid, ids, -1).astype(np.int32), probs=probs, ce=np.asarray(w.ce, dtype=np.float32).copy(), mean_ce=float(w.mean_ce))
+
+
+@dataclass
+class SourceStats:
+    """Counts for one source over some target windows (sums, so shards add up)."""
+
+    windows: int = 0
+    positions: int = 0  # predicted target positions
+    carried: int = 0  # of which carried 1:1
+    empty_windows: int = 0  # target windows whose span held no source token
+    topk_mass: float = 0.0  # Σ over carried positions of the source's top-k probability mass
+    kept_mass: float = 0.0  # Σ over carried positions of the mass on exactly-mapped ids (fusellm method)
+    recalled: int = 0  # predicted positions a perfect source would pass on (≥ ½ on the true next token)
+    bad_mass: float = 0.0  # Σ probability on byte-fallback twins, special (not EOS) and empty target ids: must be 0
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    def add(self, other: dict) -> None:
+        for key, value in other.items():
+            if hasattr(self, key):
+                setattr(self, key, getattr(self, key) + value)
+
+
+def bad_target_ids(info: VocabInfo) -> np.ndarray:
+    """bool [V_t]: target ids that must get no mass (twins, specials other than the end tokens, empty ids)."""
+    bad = info.twin | (info.kind == SPECIAL) | (info.kind == EMPTY)
+    for end in (info.eos, info.eot):
+        if end is not None:
+            bad[end] = False
+    return bad
+
+
+def mean_or_nan(values: np.ndarray) -> float:
+    """The mean of `values`, NaN when there are none (a window no position of which counts)."""
+    return float(values.mean()) if values.size else math.nan
