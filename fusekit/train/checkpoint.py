@@ -102,7 +102,7 @@ def save_checkpoint(
     root = checkpoints_dir(out)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    sharded = fsdp and d.enabled
+    sharded = fsdp and d.grouped
 
     def prepare() -> None:
         for stale in root.glob(".tmp-step-*"):  # left by a save that was killed

@@ -133,7 +133,7 @@ def run(
     Raises CheckpointError for a checkpoint that cannot be resumed from.
     """
     total_steps = objective.total_steps
-    fsdp = settings.fsdp and d.enabled
+    fsdp = settings.fsdp and d.grouped
     model = wrap(step_module if step_module is not None else net, d, device, fsdp, bf16=settings.bf16)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, settings.warmup_ratio))

@@ -45,6 +45,25 @@ class capture_head_input:
         self._handle.remove()
 
 
+class loss_at_head(capture_head_input):
+    """Within the block, the output layer receives an empty slice of its input, and `loss(hidden, weight,
+    bias)` is computed on the full input, from inside the layer's call.
+
+    Inside the call is where FSDP2 has the layer's weight gathered when the layer is a unit of its own:
+    the fused loss computes the weight's gradient right there (`linear_fusion_loss` needs no weight in
+    backward), so the unit can drop the gathered weight as soon as the layer returns instead of keeping
+    it through the whole backward.
+    """
+
+    def __init__(self, head: nn.Module, loss):
+        super().__init__(head)
+        self.loss = loss
+
+    def _hook(self, module, args):
+        self.seen.append(self.loss(args[0], module.weight, module.bias))
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+
 class FusionStep(nn.Module):
     """`forward(batch tensors, lam)` → (total, clm, fusion) sums; `fused` picks the chunked head.
 
@@ -66,9 +85,13 @@ class FusionStep(nn.Module):
             sums = fused_loss(logits, labels, target_ids, target_probs, lam)
         else:
             head = output_layer(self.lm)
-            with capture_head_input(head) as seen:
+
+            def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+                return linear_fusion_loss(hidden, weight, bias, labels, target_ids, target_probs, lam)
+
+            with loss_at_head(head, loss) as found:
                 self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-            sums = linear_fusion_loss(seen[-1], head.weight, head.bias, labels, target_ids, target_probs, lam)
+            sums = found[-1]
         return sums.total, sums.clm, sums.fusion
 
     def _probe(self, input_ids):

@@ -91,7 +91,7 @@ def train(
 
 
 def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
-    fsdp = cfg.fsdp and d.enabled
+    fsdp = cfg.fsdp and d.grouped
     if cfg.fsdp and not under_torchrun():
         raise TrainConfigError(
             "--fsdp shards the model over the processes torchrun starts: run `torchrun --nproc-per-node N "
@@ -158,7 +158,7 @@ def _build(model_ref: str, start: Path | None, cfg: TrainConfig, dev: torch.devi
     (`meta_init`): rank 0 reads the target or a whole checkpoint and broadcasts it; a sharded checkpoint
     is read by every rank, each its own part. Otherwise every rank loads the whole model.
     """
-    fsdp = cfg.fsdp and d.enabled
+    fsdp = cfg.fsdp and d.grouped
     sharded_start = start is not None and ckpt.is_sharded(start)
 
     def prepare(lm: torch.nn.Module) -> FusionStep:
