@@ -124,7 +124,7 @@ def build_sharded(
     sharded checkpoint, each rank reading its own part); `source` then only gives the config (a folder
     with config.json). With `offload`, the shards live in host memory. Collective: every rank calls it.
     """
-    state = None
+    config = state = None
     if d.is_main:
         if weights is None:
             config, state = load_weights(source)
@@ -132,7 +132,7 @@ def build_sharded(
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(str(source))
-    lm = empty_model(broadcast_config(config if d.is_main else None, d))
+    lm = empty_model(broadcast_config(config, d))
     step = prepare(lm)
     materialize(step, torch.device("cpu") if offload else device, device)
     if weights is not None:

@@ -7,8 +7,8 @@ this rank's slice with its offsets in the file's JSON metadata. No `.metadata` p
 the slices each rank needs from whatever slices were written, so a state saved on W ranks loads on any
 number of ranks, sharded (FSDP2) or whole (one process, DDP).
 
-Memory: the writer builds each file in memory before writing it, so tensors are grouped into files of at
-most `FILE_BYTES` per rank; a save then costs one such group beyond the state itself.
+Memory: the writer builds each file in memory before writing it, so tensors are grouped into files of
+~1/32 of what each rank writes (8–256 MiB per rank); a save then costs a few percent of the state.
 
 Keys: the model under its Hugging Face names (the LM's own, without the training wrapper's prefix and
 without the second name of a tied weight — as `save_pretrained` writes them), the optimizer under
@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-FILE_BYTES = 64 << 20  # per rank and file, while saving
+FILE_SHARE = 32  # a file holds ~1/32 of what a rank writes in one save…
+FILE_BYTES = (8 << 20, 256 << 20)  # …within these bounds (bytes per rank and file)
 EXPORT_SHARD_BYTES = 5 * 10**9  # per file of the exported model (above it: several files and an index)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,9 +38,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()  # a DTensor's numel is its global size
 
 
-def file_index(tensors: dict[str, torch.Tensor], budget: int, world: int = 1) -> dict[str, int]:
+def file_index(tensors: dict[str, torch.Tensor], budget: int | None = None, world: int = 1) -> dict[str, int]:
     """Key → file number (from 1): keys in order, a new file whenever a file's share per rank (its
-    bytes / `world`) would pass `budget`. The same on every rank (global sizes, dict order)."""
+    bytes / `world`) would pass `budget` — by default 1/`FILE_SHARE` of a rank's share of `tensors`,
+    within `FILE_BYTES`, so that writing a file costs a few percent of the state being written. The same
+    on every rank (global sizes, dict order)."""
+    if budget is None:
+        per_rank = sum(_nbytes(t) for t in tensors.values()) / world
+        budget = min(max(per_rank / FILE_SHARE, FILE_BYTES[0]), FILE_BYTES[1])
     index, used, number = {}, 0, 1
     for key, t in tensors.items():
         share = _nbytes(t) / world
@@ -112,7 +118,7 @@ def _one_process_is_intended():
 
 def save_model(folder: Path, step_model: nn.Module, net: nn.Module) -> None:
     tensors = model_tensors(step_model, net)
-    save_tensors(folder, tensors, file_index(tensors, FILE_BYTES, _world()))
+    save_tensors(folder, tensors, file_index(tensors, world=_world()))
 
 
 def load_model(folder: Path, step_model: nn.Module, net: nn.Module) -> None:
@@ -143,7 +149,7 @@ def save_optimizer(folder: Path, step_model: nn.Module, optimizer) -> list[dict]
     """Write this rank's part of the optimizer state under FOLDER; returns the param_groups (plain
     values, the same on every rank) for the caller's JSON. Collective."""
     state, flat = _optimizer_tensors(step_model, optimizer)
-    save_tensors(folder, flat, file_index(flat, FILE_BYTES, _world()))
+    save_tensors(folder, flat, file_index(flat, world=_world()))
     return state["param_groups"]
 
 
@@ -181,7 +187,7 @@ def export_model(out: Path, step_model: nn.Module, net: nn.Module, shard_bytes: 
         for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
             stale.unlink(missing_ok=True)
     _barrier()
-    save_tensors(staging, tensors, file_index(tensors, FILE_BYTES, world))
+    save_tensors(staging, tensors, file_index(tensors, world=world))
     outputs = file_index(tensors, shard_bytes or EXPORT_SHARD_BYTES)
     consolidate_safetensors_files_on_every_rank(str(staging), str(out), outputs)  # ends with a barrier
     count = max(outputs.values())
