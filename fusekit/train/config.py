@@ -80,10 +80,14 @@ class TrainConfig(BaseModel):
     )
     log_every: int = Field(1, ge=1)
     fsdp: bool = Field(False, description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP.")
+    loader_workers: int | None = Field(
+        None, ge=0, description="Processes per rank that decode and fuse the aligned store ahead of training; "
+        "None: up to 4 by the cores per rank, 0 on a store of a few row groups; 0: in the trainer's reading thread.",
+    )
 
     # Options that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
-        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head"}
+        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head", "loader_workers"}
     )
 
     def lam_at(self, step: int, total_steps: int) -> float:

@@ -68,7 +68,7 @@ class capture_head_input:
 
 
 class FusionStep(nn.Module):
-    """`forward(batch tensors, lam)` → (total, clm, fusion) sums; `fused` picks the chunked head.
+    """`forward(batch tensors, lam, attention_mask)` → (total, clm, fusion) sums; `fused` picks the chunked head.
 
     The LM is this module's only child (`.lm`), so wrapping FusionStep in DDP/FSDP wraps the LM and the
     loss's use of the output weight happens inside the wrapped forward.
@@ -79,14 +79,16 @@ class FusionStep(nn.Module):
         self.lm = lm
         self.fused = fused
 
-    def forward(self, input_ids, position_ids, labels, target_ids, target_probs, lam: float):
+    def forward(self, input_ids, position_ids, labels, target_ids, target_probs, lam: float, attention_mask=None):
+        # attention_mask: unpacked, right-padded rows (models that cannot pack); None for packed rows.
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         if not self.fused:
-            logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+            logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
             sums = fused_loss(logits, labels, target_ids, target_probs, lam)
         else:
             head = output_layer(self.lm)
             with capture_head_input(head) as seen:
-                self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
             sums = linear_fusion_loss(seen[-1], head.weight, head.bias, labels, target_ids, target_probs, lam)
         return sums.total, sums.clm, sums.fusion
 

@@ -19,10 +19,12 @@ from fusekit.store.types import AlignedWindow
 import fusekit.train.checkpoint as ckpt
 import fusekit.train.engine as engine
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
-from fusekit.train.data import DataPlan, check_target, open_source
+from fusekit.train.data import DataPlan, check_target, default_workers, open_source
 from fusekit.train.ddp import Dist, init_distributed
 from fusekit.train.head import FusionStep, head_problem
+from fusekit.models.identity import logit_size
 from fusekit.models.load import load_model, load_tokenizer, quiet_transformers
+from fusekit.models.packing import packing_supported
 
 
 class TrainError(RuntimeError):
@@ -97,8 +99,10 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     net = load_model(start_ckpt or model_ref)
     tokenizer = _maybe_tokenizer(model_ref)
     net.config.use_cache = False
+    net.to(dev).train()
+    source = open_source(aligned)
     plan = DataPlan(
-        open_source(aligned),
+        source,
         max_length=cfg.max_length,
         piece_length=min(cfg.max_length, _context_length(net.config) or cfg.max_length),
         batch_size=cfg.batch_size,
@@ -113,9 +117,10 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         with_target=cfg.uses_target,
         temperature=cfg.teacher_temperature,
         require_loss_mask=cfg.loss_on == "assistant",
+        pack=_packing(net, d),
+        workers=cfg.loader_workers if cfg.loader_workers is not None else default_workers(source),
     )
     check_target(plan.source, tokenizer, net.config, model_ref)
-    net.to(dev).train()
     settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
@@ -132,6 +137,8 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
                    start=start_ckpt, progress=progress, export=export)
     except ckpt.CheckpointError as exc:
         raise TrainError(str(exc)) from None
+    finally:
+        plan.close()
     return out
 
 
@@ -152,7 +159,7 @@ class FusionObjective:
         return batch.label_tokens
 
     def tokens(self, batch) -> int:
-        return batch.tokens
+        return batch.tokens  # the windows' tokens: padding is not counted
 
     def forward(self, model, batch, step: int, dev: torch.device):
         total, clm, fusion = model(
@@ -162,6 +169,7 @@ class FusionObjective:
             None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
             None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
             self.cfg.lam_at(step, self.total_steps),
+            None if batch.attention_mask is None else torch.as_tensor(batch.attention_mask, device=dev),
         )
         return total, torch.stack([total.detach(), clm, fusion])
 
@@ -173,6 +181,23 @@ class FusionObjective:
             "fusion": fusion / max(units, 1.0) if self.cfg.uses_target else None,
             "lam": self.cfg.lam_at(step, self.total_steps),
         }
+
+
+def _packing(net, d: Dist) -> bool:
+    """Whether windows may share a row: the model keeps attention inside each packed window (the check
+    extraction makes, in eval mode so that dropout does not blur it); warns when it falls back."""
+    was_training = net.training
+    net.eval()
+    try:
+        ok = packing_supported(net, logit_size(net.config))
+    finally:
+        net.train(was_training)
+    if not ok and d.is_main:
+        warnings.warn(
+            f"{type(net).__name__} does not keep attention inside packed windows: training on one window per row, "
+            "right-padded with an attention mask (more padding, same loss)", stacklevel=2,
+        )
+    return ok
 
 
 def _fused_head(net, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
