@@ -1,4 +1,5 @@
-"""One training forward: the causal LM plus the loss, as one module that DDP and FSDP can wrap.
+"""One training forward: the causal LM plus the loss (or the sequence log-probs), as one module that DDP
+and FSDP can wrap: `FusionStep` for fusion training, `LogpStep` for SFT and DPO/WRPO.
 
 With the fused head, the LM runs with its output layer fed an empty slice (a forward pre-hook keeps the
 hidden states it would have read), and `linear_fusion_loss` applies the output layer chunk by chunk:
@@ -13,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusekit.train.linear_loss import linear_fusion_loss
-from fusekit.train.loss import fused_loss
+from fusekit.train.linear_loss import linear_fusion_loss, linear_token_logps
+from fusekit.train.loss import IGNORE, fused_loss
 
 
 def output_layer(lm: nn.Module) -> nn.Linear | None:
@@ -92,3 +93,31 @@ class FusionStep(nn.Module):
             sums = linear_fusion_loss(seen[-1], head.weight, head.bias, labels, target_ids, target_probs, lam)
         return sums.total, sums.clm, sums.fusion
 
+
+
+class LogpStep(nn.Module):
+    """`forward(input_ids, attention_mask, labels)` → each sequence's log-prob of its labelled tokens,
+    float32 [B] (log π(y | x) of SFT and DPO/WRPO); `fused` picks the chunked head.
+
+    input_ids, attention_mask, labels: [B, L], right-padded; labels hold the token at each position
+    where it is scored (a response token) and IGNORE elsewhere — unshifted: position t's logits score
+    token t+1. The fused head computes log p from the hidden states chunk by chunk
+    (`linear_token_logps`, never [B, L, V]); the logits path is `log_softmax(logits)` at the labels.
+    """
+
+    def __init__(self, lm: nn.Module, fused: bool):
+        super().__init__()
+        self.lm = lm
+        self.fused = fused
+
+    def forward(self, input_ids, attention_mask, labels):
+        target = labels[:, 1:]
+        mask = target != IGNORE
+        if not self.fused:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return (logp * mask).sum(-1)
+        head = output_layer(self.lm)
+        with capture_head_input(head) as seen:
+            self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return linear_token_logps(seen[-1][:, :-1], head.weight, head.bias, target).sum(-1)
