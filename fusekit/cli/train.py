@@ -63,6 +63,9 @@ def train_command(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute each transformer block's activations in backward: far less memory, ~1/3 more compute, same numbers.",
     ),
+    loader_workers: Optional[int] = typer.Option(
+        None, help="Processes per rank that decode and fuse the aligned store ahead (default: by the cores per rank; 0 = none)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -80,7 +83,7 @@ def train_command(
         loss_on=loss_on, fused_head=fused_head, fusion=fusion, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
-        fsdp=fsdp, fsdp_offload=fsdp_offload, gradient_checkpointing=gradient_checkpointing,
+        fsdp=fsdp, fsdp_offload=fsdp_offload, gradient_checkpointing=gradient_checkpointing, loader_workers=loader_workers,
     )
     result = train(model, aligned, out, config=config, resume=resume, progress=progress, device=device, **options)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -18,11 +18,11 @@ import torch
 from fusekit.store.types import AlignedWindow
 import fusekit.train.checkpoint as ckpt
 import fusekit.train.engine as engine
-import fusekit.train.sharded_state as sharded_state
-from fusekit.models.load import load_config, load_model, load_tokenizer, quiet_transformers
+from fusekit.models.load import load_config, load_model, load_tokenizer
 from fusekit.train.activation_checkpointing import enable_activation_checkpointing
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
-from fusekit.train.data import DataPlan, check_target, open_source
+from fusekit.train.export import write_hf_model
+from fusekit.train.data import DataPlan, check_target, default_workers, open_source
 from fusekit.train.ddp import Dist, init_distributed, shard, under_torchrun
 from fusekit.train.head import FusionStep
 from fusekit.train.meta_init import build_sharded
@@ -111,8 +111,13 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     global_batch = d.world_size * cfg.batch_size * cfg.grad_accum
     if start_ckpt is not None:
         _check_resumable(start_ckpt, model_ref, identity, global_batch, cfg, d)
+    source = open_source(aligned)
+    check_target(source, tokenizer, config, model_ref)
+    _seed_everything(cfg.seed)
+    net, step_module = _build(model_ref, start_ckpt, cfg, dev, d, use_bf16)
+    step_module.fused = _fused_head(step_module, cfg, dev, d)
     plan = DataPlan(
-        open_source(aligned),
+        source,
         max_length=cfg.max_length,
         piece_length=min(cfg.max_length, _context_length(config) or cfg.max_length),
         batch_size=cfg.batch_size,
@@ -127,11 +132,9 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         with_target=cfg.uses_target,
         temperature=cfg.teacher_temperature,
         require_loss_mask=cfg.loss_on == "assistant",
+        pack=_packing(step_module, d),
+        workers=cfg.loader_workers if cfg.loader_workers is not None else default_workers(source),
     )
-    check_target(plan.source, tokenizer, config, model_ref)
-    _seed_everything(cfg.seed)
-    net, step_module = _build(model_ref, start_ckpt, cfg, dev, d, use_bf16)
-    step_module.fused = _fused_head(step_module, cfg, dev, d)
     settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
@@ -148,6 +151,8 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
                    start=start_ckpt, progress=progress, export=export)
     except ckpt.CheckpointError as exc:
         raise TrainError(str(exc)) from None
+    finally:
+        plan.close()
     return out
 
 
@@ -253,7 +258,7 @@ class FusionObjective:
         return batch.label_tokens
 
     def tokens(self, batch) -> int:
-        return batch.tokens
+        return batch.tokens  # the windows' tokens: padding is not counted
 
     def forward(self, model, batch, step: int, dev: torch.device):
         total, clm, fusion = model(
@@ -263,6 +268,7 @@ class FusionObjective:
             None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
             None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
             self.cfg.lam_at(step, self.total_steps),
+            None if batch.attention_mask is None else torch.as_tensor(batch.attention_mask, device=dev),
         )
         return total, torch.stack([total.detach(), clm, fusion])
 
@@ -274,6 +280,18 @@ class FusionObjective:
             "fusion": fusion / max(units, 1.0) if self.cfg.uses_target else None,
             "lam": self.cfg.lam_at(step, self.total_steps),
         }
+
+
+def _packing(step_module: FusionStep, d: Dist) -> bool:
+    """Whether windows may share a row: the model keeps attention inside each packed window (the check
+    extraction makes); warns when it falls back. Collective under FSDP2 (the probe runs the sharded model)."""
+    ok = step_module.packing_supported()
+    if not ok and d.is_main:
+        warnings.warn(
+            f"{type(step_module.lm).__name__} does not keep attention inside packed windows: training on one window per row, "
+            "right-padded with an attention mask (more padding, same loss)", stacklevel=2,
+        )
+    return ok
 
 
 def _fused_head(step_module: FusionStep, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
@@ -301,23 +319,10 @@ def _maybe_tokenizer(model_ref: str):
 
 def _export(out: Path, net, step_module, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist,
             model_ref: str, sharded: bool) -> None:
-    """The trained model as a Hugging Face folder in OUT (safetensors, several files + index above
-    `EXPORT_SHARD_BYTES`), its tokenizer and `fusekit_train.json`. Under FSDP2 every rank writes its shards
-    and the ranks assemble the files (`sharded_state.export_model`): no rank holds the whole model."""
-    if sharded:
-        sharded_state.export_model(out, step_module, net)
+    """The trained model as a Hugging Face folder in OUT (`export.write_hf_model`: no rank holds the whole
+    model under FSDP2), its tokenizer and `fusekit_train.json`."""
+    write_hf_model(out, net, step_module, tokenizer, sharded, d)
     if d.is_main:
-        with quiet_transformers():
-            if sharded:
-                net.config.architectures = [type(net).__name__]
-                net.config.dtype = next(net.parameters()).dtype
-                net.config.save_pretrained(out)
-                if getattr(net, "generation_config", None) is not None:
-                    net.generation_config.save_pretrained(out)
-            else:
-                net.save_pretrained(out, safe_serialization=True, max_shard_size=sharded_state.EXPORT_SHARD_BYTES)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
         ckpt.write_done(
             out,
             {
