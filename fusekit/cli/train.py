@@ -53,6 +53,10 @@ def train_command(
     max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps; the schedule spans them."),
     stop_after: Optional[int] = typer.Option(None, help="Checkpoint and stop after N steps of this invocation (for time-limited jobs)."),
     fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP2 (per transformer block) instead of DDP."),
+    report_to: Optional[str] = typer.Option(
+        None, "--report-to", help="Also log every step's metrics and the config to tensorboard, wandb and/or mlflow "
+        "(comma-separated; default none; pip install 'fusekit[track]'). W&B runs offline and MLflow writes OUT/mlruns unless configured."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -63,13 +67,14 @@ def train_command(
     At the end it prints tokens/s and peak memory.
     """
     from fusekit.train import train
+    from fusekit.train.tracking import parse_report_to
 
     options = dict(
         preset=preset, lam_schedule=lam_schedule, lam_end=lam_end, teacher_temperature=teacher_temperature,
         loss_on=loss_on, fused_head=fused_head, fusion=fusion, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
-        fsdp=fsdp,
+        fsdp=fsdp, report_to=parse_report_to(report_to) if report_to is not None else None,
     )
     result = train(model, aligned, out, config=config, resume=resume, progress=progress, device=device, **options)
     if int(os.environ.get("RANK", "0")) == 0:

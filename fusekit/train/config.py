@@ -80,10 +80,13 @@ class TrainConfig(BaseModel):
     )
     log_every: int = Field(1, ge=1)
     fsdp: bool = Field(False, description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Also log every step's metrics and the config to these trackers (rank 0; tracking.py)."
+    )
 
     # Options that may differ between an interrupted run and its resumption.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
-        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head"}
+        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head", "report_to"}
     )
 
     def lam_at(self, step: int, total_steps: int) -> float:

@@ -18,6 +18,8 @@ import torch
 from fusekit.store.types import AlignedWindow
 import fusekit.train.checkpoint as ckpt
 import fusekit.train.engine as engine
+import fusekit.train.model_card as model_card
+import fusekit.train.tracking as tracking
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.data import DataPlan, check_target, open_source
 from fusekit.train.ddp import Dist, init_distributed
@@ -90,6 +92,7 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     start_ckpt = _check_out(out, cfg, resume)
     if ckpt.read_done(out) is not None:
         return out  # finished earlier with the same options
+    tracking.require(cfg.report_to)  # a missing tracking library fails now, not after loading the model
     dev = d.device(device)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")
     _seed_everything(cfg.seed)
@@ -119,13 +122,15 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
-        stop_after=cfg.stop_after, log_every=cfg.log_every,
+        stop_after=cfg.stop_after, log_every=cfg.log_every, report_to=tuple(cfg.report_to),
         meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref},
     )
     step_module = FusionStep(net, _fused_head(net, cfg, dev, d))
 
     def export(state: dict | None, last: dict) -> None:
         _export(out, net, state, tokenizer, cfg, plan, last, d, model_ref)
+        if d.is_main:
+            model_card.write_fusion_card(out, model_ref, aligned, cfg, plan.total_steps, last, d.world_size)
 
     try:
         engine.run(net, FusionObjective(plan, cfg), out, settings, d, dev, step_module=step_module,
