@@ -8,7 +8,7 @@
     sample:  {n: 4, max_new_tokens: 256, temperature: 0.8, top_p: 0.95, seed: 0, batch_size: 8, backend: auto}
     reward:  {function: numeric}       # exact_match | numeric | "pkg.module:fn"; or {model: PATH}
     build:   {margin: 0.0}
-    sft:     {lr: 5e-6, epochs: 1}
+    sft:     {lr: 5e-6, epochs: 1}            # report_to: [tensorboard, wandb, mlflow] (optional)
     dpo:     {beta: 0.1, lr: 5e-7, epochs: 1}
 """
 
@@ -74,10 +74,13 @@ class SFTOptions(Strict):
     clip: float = Field(1.0, ge=0)
     seed: int = 0
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps: a killed run continues from the last one.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Log every step to these trackers (pip install 'fusekit[track]'); `--report-to` sets both stages."
+    )
 
     def identity(self) -> dict[str, Any]:
-        """The options the trained model depends on (how often it is checkpointed is not one)."""
-        return self.model_dump(exclude={"save_every"})
+        """The options the trained model depends on (how often it is checkpointed or where it is tracked are not)."""
+        return self.model_dump(exclude={"save_every", "report_to"})
 
 
 class DPOOptions(SFTOptions):

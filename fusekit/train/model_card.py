@@ -187,11 +187,11 @@ def write_stage_card(folder: str | Path, base_model: str, stage: str, sources: S
     }
     about = (
         f"`{base_model}` after the {stage.upper()} stage of implicit fusion (FuseChat-3.0) by fusekit: every source "
-        "answered every prompt, a reward scored the answers, and the target was fine-tuned on the best answers (SFT), "
-        "then on best-vs-worst pairs of one source (DPO/WRPO, the SFT model as reference)."
+        "answered every prompt, a reward scored the answers, and the target was fine-tuned on the best answers (SFT)"
+        + ("." if stage == "sft" else f", then on best-vs-worst pairs of one source ({stage.upper()}, the SFT model as reference).")
     )
     return write_card(
-        folder, metadata, f"{folder.parent.name}/{folder.name}",
+        folder, metadata, f"{Path(base_model).name} + {stage if stage == 'sft' else 'sft + ' + stage}",
         {
             "about": about,
             "sources": "## Sources\n\n" + "\n".join(f"- `{s}`" for s in sources),
