@@ -196,15 +196,42 @@ def evaluate_all(recipe: Recipe, models: dict[str, str], progress: bool = True, 
             )
             found.ce.append({"model": name, "dataset": ds.name, **result})
         if options is not None:
-            if progress:
-                console.print(f"lm-eval · {name} · {', '.join(resolved.names)}", highlight=False)
-            results = evaluate_tasks(net, tokenizer, options, resolved)
             path = layout.task_results(name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(results_json(results) + "\n")
+            identity = _task_identity(model, options, resolved)
+            stamp = path.with_suffix(".identity.json")
+            if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
+                results = json.loads(path.read_text())  # evaluated before: same weights, tasks and options
+            else:
+                if progress:
+                    console.print(f"lm-eval · {name} · {', '.join(resolved.names)}", highlight=False)
+                results = evaluate_tasks(net, tokenizer, options, resolved)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(results_json(results) + "\n")
+                stamp.write_text(json.dumps(identity, indent=2) + "\n")
             found.tasks.extend(task_rows(name, results))
         del net
     return found
+
+
+def _task_identity(model: str, options, resolved) -> dict:
+    """What a model's lm-eval results depend on: its weight files (name, size, mtime), the task options,
+    and the bytes of every local task file (YAML and data) — so a re-run reuses them, and only them."""
+    import hashlib
+
+    ref = Path(model)
+    weights = sorted(ref.glob("*.safetensors")) + sorted(ref.glob("*.bin")) if ref.is_dir() else [ref] if ref.is_file() else []
+    digest = hashlib.sha256()
+    for folder in options.include_path:
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file() and f.suffix in (".yaml", ".yml", ".json", ".jsonl"):
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {
+        "model": str(model),
+        "weights": [[w.name, w.stat().st_size, w.stat().st_mtime_ns] for w in weights],
+        "options": options.identity(),
+        "tasks": resolved.names,
+        "task_files_sha256": digest.hexdigest(),
+    }
 
 
 def eval_table(rows: list[dict]):
