@@ -115,8 +115,11 @@ def test_model_card_names_what_the_run_used(run):
     assert f"{first:.4g} → {last:.4g}" in body
 
 
-def test_a_tracker_failing_mid_run_costs_one_warning(tokenizers_by_kind, tmp_path, capfd):
+def test_a_tracker_failing_mid_run_costs_one_warning(tokenizers_by_kind, tmp_path, capfd, monkeypatch):
     """MLflow's store vanishes after step 2: the run finishes, TensorBoard and metrics.jsonl hold every step."""
+    from fusekit.train.tracking import MlflowBackend
+
+    monkeypatch.setattr(MlflowBackend, "FLUSH_STEPS", 1)  # send every step at once (it batches by default)
     tok = tokenizers_by_kind["bpe"]
     model = zoo.build_tiny_model("llama", tok, tmp_path / "m", hidden=32, layers=1)
     out = tmp_path / "run"

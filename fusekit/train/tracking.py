@@ -107,8 +107,12 @@ class TensorBoardBackend:
             self.writer.add_text("config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, step, new_style=True, double_precision=True)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard.summary import scalar
+
+        # One event per step holding every scalar (add_scalar writes one event per scalar).
+        parts = [v for key, value in values.items() for v in scalar(key, value, new_style=True, double_precision=True).value]
+        self.writer.file_writer.add_summary(Summary(value=parts), step)
 
     def close(self) -> None:
         self.writer.close()
@@ -157,9 +161,13 @@ class WandbBackend:
 
 
 class MlflowBackend:
-    """MlflowClient: params at the start, log_batch per step; a local file store by default."""
+    """MlflowClient: params at the start, then metrics in log_batch calls of up to `FLUSH_STEPS` steps or
+    `FLUSH_SECONDS` of steps (a file store writes one file per metric per call: batching amortises it);
+    the rest at close."""
 
     name = "mlflow"
+    FLUSH_STEPS = 50
+    FLUSH_SECONDS = 5.0
 
     def __init__(self, out: Path, config: dict, start_step: int, state: dict):
         uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -185,14 +193,25 @@ class MlflowBackend:
             self.client.update_run(self.run_id, status="RUNNING")
         state.update(run_id=self.run_id, tracking_uri=uri)
         self.where = uri
+        self.pending: list = []
+        self.steps, self.flushed = 0, time.monotonic()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.pending += [Metric(k, v, now, step) for k, v in values.items()]
+        self.steps += 1
+        if self.steps >= self.FLUSH_STEPS or time.monotonic() - self.flushed >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending, self.steps, self.flushed = self.pending, [], 0, time.monotonic()
+        for i in range(0, len(pending), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=pending[i : i + 1000])
 
     def close(self) -> None:
+        self.flush()
         self.client.set_terminated(self.run_id)
 
 
@@ -244,7 +263,10 @@ class Tracker:
             try:
                 backend.close()
             except Exception as exc:
-                _warn(f"{backend.name} tracking failed to close ({type(exc).__name__}: {exc})")
+                _warn(
+                    f"{backend.name} tracking failed while finishing ({type(exc).__name__}: {exc}); "
+                    "the run goes on (metrics.jsonl has every step)"
+                )
         self.backends = []
 
     def __enter__(self) -> "Tracker":
