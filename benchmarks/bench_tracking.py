@@ -100,6 +100,8 @@ def main() -> None:
         )
         return out, cpu_seconds() - before
 
+    for name, report_to in configs.items():  # warm-up: first-use imports (torch paths, each library) are not the steps' cost
+        train(name, report_to, 2, "warm-up")
     for r in range(args.repeat):
         for name, report_to in configs.items():  # interleaved, so load on the machine hits every config alike
             out, long_cpu = train(name, report_to, args.steps, f"{r}")
