@@ -68,6 +68,25 @@ def step_seconds(out: Path) -> float:
     return tokens / run["tokens_per_s"] / run["steps"]
 
 
+def backend_costs(folder: Path, steps: int = 300) -> list[list]:
+    """CPU per logged step of each back-end alone (this process and W&B's service), a demo metrics line
+    logged `steps` times, start-up excluded and closing included: the work tracking adds to a step."""
+    from fusekit.train.tracking import MlflowBackend, TensorBoardBackend, WandbBackend
+
+    line = {"loss": 6.1, "clm": 6.2, "fusion": 5.9, "lam": 0.9, "lr": 1e-3, "grad_norm": 0.8, "tokens": 2048,
+            "tokens_per_s": 9000.0, "elapsed_s": 12.0, "peak_memory_mib": 900.0}
+    rows = []
+    for cls in (TensorBoardBackend, MlflowBackend, WandbBackend):
+        backend = cls(folder / cls.name, {"bench": True}, 0, {})
+        backend.log(0, line)
+        before = cpu_seconds()
+        for step in range(1, steps + 1):
+            backend.log(step, line)
+        backend.close()
+        rows.append([cls.name, (cpu_seconds() - before) / steps * 1e3])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=Path("fusekit-demo"), help="A demo output folder (made with --quick if missing).")
@@ -77,7 +96,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--each", action="store_true", help="Also time each back-end alone.")
     parser.add_argument("--out", type=Path, default=Path("bench-tracking"))
+    parser.add_argument("--backends-only", action="store_true", help="Only the per-back-end CPU per step (no training).")
     args = parser.parse_args()
+
+    costs = backend_costs(args.out / "backends")
+    costs.append(["all three", sum(c[1] for c in costs)])
+    print_table("CPU per logged step, each back-end alone (this process + W&B's service)", ["back-end", "CPU ms / step"], costs)
+    if args.backends_only:
+        return
 
     import fusekit
 
@@ -116,6 +142,7 @@ def main() -> None:
         ["report_to", "wall ms / step", "wall ratio", "CPU ms / step", "CPU ratio"], rows,
     )
     print(f"all three / none: wall {min(times['all three']) / wall0:.4f}, CPU {min(cpu['all three']) / cpu0:.4f} (goal ≤ 1.02)")
+    print(f"back-ends' own CPU / untracked step CPU: {costs[-1][1] / (cpu0 * 1e3):.4f} ({costs[-1][1]:.2f} ms of {cpu0 * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":
