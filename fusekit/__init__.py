@@ -1,8 +1,12 @@
 """fusekit: knowledge fusion of large language models (FuseLLM, FuseChat).
 
-Pipeline: extract → align → fuse + train → (FuseChat) merge. The alignment API is importable with the
-light core install; the stages that need torch/transformers import them only when called.
+Pipeline: extract → align → fuse + train → (FuseChat) merge. Each stage is a plain function,
+`fusekit.run_extract / run_align / run_train / run_eval / run_merge / run_implicit / run_recipe /
+run_fusechat / run_plan / run_demo`, returning a `StageResult` (fusekit/api.py). The token-alignment
+API below is importable with the light core install; the stages import torch/transformers when called.
 """
+
+from typing import TYPE_CHECKING
 
 from fusekit._version import __version__
 from fusekit.align import (
@@ -22,34 +26,72 @@ from fusekit.align import (
     token_scheme,
 )
 
-# Stages that need torch/transformers/polars load on first use, so `import fusekit` stays light.
+# The public API (fusekit/api.py) loads on first use, so `import fusekit` stays light (no torch, polars).
+_API = (
+    "StageResult",
+    "run_align",
+    "run_demo",
+    "run_eval",
+    "run_extract",
+    "run_fusechat",
+    "run_implicit",
+    "run_merge",
+    "run_plan",
+    "run_recipe",
+    "run_train",
+)
 _LAZY = {
-    "extract": "fusekit.extract",
-    "align_store": "fusekit.align.stage",
-    "train": "fusekit.train",
-    "evaluate": "fusekit.eval",
-    "merge": "fusekit.merge",
-    "run_recipe": "fusekit.pipeline",
-    "plan_recipe": "fusekit.plan",
     "transfer": "fusekit.align.text_transfer",
-    "implicit_fusion": "fusekit.implicit",
+    "plan_recipe": "fusekit.plan",
 }
+# The previous release's spellings: (module, function, what to use now). `fusekit.extract`, `fusekit.train`
+# and `fusekit.merge` are the packages, callable for this release with a warning (fusekit/_callable.py).
+_DEPRECATED = {
+    "align_store": ("fusekit.align.stage", "align_store", "fusekit.run_align (returns a StageResult)"),
+    "evaluate": ("fusekit.eval.perplexity", "evaluate", "fusekit.run_eval (returns a StageResult)"),
+    "implicit_fusion": ("fusekit.implicit.run", "implicit_fusion", "fusekit.run_implicit (returns a StageResult)"),
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names
+    from fusekit.align.text_transfer import transfer
+    from fusekit.api import (
+        StageResult,
+        run_align,
+        run_demo,
+        run_eval,
+        run_extract,
+        run_fusechat,
+        run_implicit,
+        run_merge,
+        run_plan,
+        run_recipe,
+        run_train,
+    )
+    from fusekit.plan import plan_recipe
 
 
 def __getattr__(name: str):
     import importlib
     import importlib.util
 
+    if name in _API:
+        return getattr(importlib.import_module("fusekit.api"), name)
     module = _LAZY.get(name)
     if module is not None:
         return getattr(importlib.import_module(module), name)
-    # Subpackages (`fusekit.zoo`, `fusekit.store`, …) load on first attribute access too.
+    if name in _DEPRECATED:
+        from fusekit._callable import deprecated
+
+        module, attr, new = _DEPRECATED[name]
+        return deprecated(f"fusekit.{name}", new, getattr(importlib.import_module(module), attr))
+    # Subpackages (`fusekit.extract`, `fusekit.zoo`, `fusekit.store`, …) load on first attribute access too.
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'fusekit' has no attribute {name!r}")
 
 
 __all__ = [
+    *_API,
     *_LAZY,
     "AlignedTopk",
     "Scheme",

@@ -9,6 +9,9 @@ are kept per tokenizer pair in this process, so repeated calls do not rebuild th
 
 from __future__ import annotations
 
+import os
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +38,8 @@ def cached_transferer(source_tokenizer: Any, target_tokenizer: Any, method: Meth
 
 def transfer(
     text: str,
-    source_tokenizer: Any,
-    target_tokenizer: Any,
+    source_tokenizer: Any | str | Path,
+    target_tokenizer: Any | str | Path,
     src_topk_ids: np.ndarray,
     src_topk_logp: np.ndarray,
     method: Method | str | None = None,
@@ -48,13 +51,15 @@ def transfer(
     `src_topk_ids` int [n_s, k], `src_topk_logp` float [n_s, k] (log-probabilities, full softmax): row i
     predicts source token i+1 of `source_tokenizer(text, add_special_tokens=False)`. Returns a `Transfer`
     whose row j predicts target token j+1 of the target's tokens of `text`; `out_k` entries per row
-    (default: k). Tokenizers: `tokenizers.Tokenizer` or transformers fast tokenizers. `method`: "bytespan"
+    (default: k). Tokenizers: `tokenizers.Tokenizer`, transformers fast tokenizers, or a path (a model
+folder, a tokenizer.json, a .gguf file, a hub id) loaded with `fusekit.models.load.load_tokenizer`. `method`: "bytespan"
     (default), "fusellm" or "fusechat". `counts` (fusechat only): the pair's alignment counts over a corpus
     (`fusekit.align.statmap.count_texts`); default: counted over `text` itself. Raises ValueError on arrays
     that do not match the source's tokens and on counts of another tokenizer pair.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    source_tokenizer, target_tokenizer = _loaded(source_tokenizer), _loaded(target_tokenizer)
     for name, tok in (("source_tokenizer", source_tokenizer), ("target_tokenizer", target_tokenizer)):
         if not hasattr(tok, "backend_tokenizer") and not hasattr(tok, "get_vocab_size"):
             raise TypeError(f"{name} must be a transformers fast tokenizer or a tokenizers.Tokenizer, got {type(tok).__name__}")
@@ -103,3 +108,18 @@ def _check_topk(ids: np.ndarray, logp: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"src_topk_ids must lie in [-1, {vocab_size}) (the source vocabulary; -1 = empty slot), got {ids.min()}..{ids.max()}")
     if np.isnan(logp).any() or (logp > 1e-4).any() or np.isposinf(logp).any():
         raise ValueError("src_topk_logp must be log-probabilities (≤ 0, no NaN or +inf); pass log-softmax values, not probabilities or logits")
+
+
+def _loaded(tokenizer: Any) -> Any:
+    """A tokenizer given by path, loaded (ModelLoadError names it when it cannot be); objects as they are."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return _load_tokenizer(os.fspath(tokenizer))
+    return tokenizer
+
+
+@lru_cache(maxsize=8)
+def _load_tokenizer(ref: str) -> Any:
+    # Kept per path, so repeated calls by path reuse one object and hence one cached Transferer.
+    from fusekit.models.load import load_tokenizer
+
+    return load_tokenizer(ref)

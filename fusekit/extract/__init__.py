@@ -12,6 +12,6 @@ from fusekit.store.extract_store import ExtractStore
 from fusekit.store.errors import StoreError
 from fusekit.models.load import ModelLoadError
 
-make_module_callable(__name__, extract)
+make_module_callable(__name__, extract, "fusekit.run_extract (returns a StageResult)")
 
 __all__ = ["CorpusError", "ExtractError", "ExtractStore", "ModelLoadError", "StoreError", "corpus_fingerprint", "extract"]

@@ -39,6 +39,6 @@ def _train(*args, **kwargs):
 
 
 _train.__doc__ = "Train MODEL on λ·CLM + (1−λ)·fusion over an aligned store; see `fusekit.train.loop.train`."
-make_module_callable(__name__, _train)
+make_module_callable(__name__, _train, "fusekit.run_train (returns a StageResult)")
 
 __all__ = sorted(_EXPORTS)
