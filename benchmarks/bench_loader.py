@@ -37,7 +37,10 @@ from _common import print_table  # noqa: E402
 
 from fusekit.store.aligned_store import WINDOW_COLUMNS, AlignedStore, candidate_columns, write_windows  # noqa: E402
 from fusekit.store.types import AlignedWindow, Candidate  # noqa: E402
-from fusekit.train.data import DataPlan, collate, open_source, window_example  # noqa: E402
+from fusekit.train.data import DataPlan  # noqa: E402
+from fusekit.train.examples import window_example  # noqa: E402
+from fusekit.train.rows import collate  # noqa: E402
+from fusekit.train.source import open_source  # noqa: E402
 
 WINDOW, K, SOURCES, VOCAB = 2048, 10, 3, 32_000
 GOALS = {"throughput": 0.5, "startup_ratio": 1.5, "startup_slack_s": 5.0}
@@ -155,7 +158,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 built = build(folder, n, shards, seed)
                 print(f"wrote {folder.name}: {n:,} windows, {built:,} target tokens, {shards} shards in {time.perf_counter() - t0:.1f} s")
-        from fusekit.train.data import default_workers
+        from fusekit.train.source import default_workers
 
         workers = args.workers if args.workers is not None else default_workers(open_source(big))
         size = sum(p.stat().st_size for p in big.glob("part-*.parquet"))

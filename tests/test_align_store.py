@@ -387,7 +387,7 @@ def test_cli_refuses_other_corpus_in_one_line(extracted, tmp_path):
 
 
 def test_trainer_reads_the_store_and_trains(extracted, tmp_path):
-    from fusekit.train.data import open_source
+    from fusekit.train.source import open_source
 
     source = open_source(extracted["aligned"])
     assert source.random_access

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from fusekit.store.types import AlignedWindow
-from fusekit.train.data import IGNORE, DataPlan, TrainDataError, WindowSource, open_source, pack_rows, window_example
+from fusekit.train.data import DataPlan
+from fusekit.train.examples import IGNORE, TrainDataError, window_example
+from fusekit.train.rows import pack_rows
+from fusekit.train.source import WindowSource, open_source
 from fusion_data import random_window
 
 

@@ -12,7 +12,7 @@ import torch
 import fusekit
 from fusekit import zoo
 from fusekit.train import TrainConfigError, TrainDataError, TrainError, build_config
-from fusekit.train.data import with_temperature
+from fusekit.train.examples import with_temperature
 from fusion_data import random_window
 
 

@@ -12,7 +12,10 @@ import torch
 import fusekit.store.aligned_store as aligned_store
 from fusekit.store.aligned_store import AlignedStore, write_windows
 from fusekit.store.errors import StoreError
-from fusekit.train.data import IGNORE, DataPlan, collate, open_source, window_example
+from fusekit.train.data import DataPlan
+from fusekit.train.examples import IGNORE, window_example
+from fusekit.train.rows import collate
+from fusekit.train.source import open_source
 from fusion_data import random_window
 
 GROUP = 6  # windows per row group: small, so that a few dozen windows make many groups

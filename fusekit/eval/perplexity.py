@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fusekit.corpus import CorpusError, Record, read_records, tokenize_record, windows_of
-from fusekit.train.data import IGNORE, Example, collate, pack_rows
+from fusekit.train.examples import IGNORE, Example
+from fusekit.train.rows import collate, pack_rows
 from fusekit.models.load import load_model, load_tokenizer
 
 

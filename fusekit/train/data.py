@@ -1,11 +1,6 @@
 """From aligned windows to micro-batches: which windows go in which row, and each micro-batch's arrays.
 
-Rows. With packing, windows are packed next-fit into rows of `max_length` tokens: a window that does not
-fit in what is left of a row starts a new row, and a window longer than a row is cut into row-sized
-pieces. Each piece restarts its position ids at 0, which transformers reads as a packed sequence
-boundary, so attention stays inside each window as it did during extraction. Packing is for models
-that pass `fusekit.models.packing.packing_supported` (the check extraction uses); for any other model
-(`pack=False`) each row holds one window (or piece), right-padded, with an attention mask.
+Rows: `rows.py` (next-fit packing, or one window per padded row; `collate`).
 
 Order. Each epoch reads the windows in `shuffle.buffered_order`: row groups of the store permuted, then
 windows permuted inside buffers of `buffer_groups` groups (windows held in memory: one permutation).
@@ -24,169 +19,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fusekit.store.types import AlignedWindow
-from fusekit.train.examples import (  # noqa: F401  (re-exported: the trainer's data API lives here)
-    IGNORE,
-    Example,
-    ExampleSpec,
-    TrainDataError,
-    position_mask,
-    window_example,
-    with_temperature,
-)
-from fusekit.train.feed import ExampleFeed, cores_per_rank, store_windows
+from fusekit.train.examples import IGNORE, ExampleSpec, TrainDataError
+from fusekit.train.feed import ExampleFeed
+from fusekit.train.rows import Batch, collate, pack_rows, single_rows
 from fusekit.train.shuffle import BUFFER_GROUPS, buffered_order
-
-
-@dataclass
-class Batch:
-    input_ids: np.ndarray  # int64 [B, L]
-    position_ids: np.ndarray  # int64 [B, L]
-    labels: np.ndarray  # int64 [B, L]
-    target_ids: np.ndarray | None  # int32 [B, L, m]
-    target_probs: np.ndarray | None  # float32 [B, L, m]
-    attention_mask: np.ndarray | None = None  # int64 [B, L], 1 = a window's token (unpacked rows); None when packed
-    real_tokens: int | None = None  # tokens of windows, padding excluded (None: every position)
-
-    @property
-    def label_tokens(self) -> int:
-        return int((self.labels != IGNORE).sum())
-
-    @property
-    def tokens(self) -> int:
-        """Tokens of the windows in the batch — the padding that fills rows out is not counted."""
-        return int(self.input_ids.size) if self.real_tokens is None else self.real_tokens
-
-
-# ---------------------------------------------------------------------------------------------- sources
-
-
-class WindowSource:
-    """Windows by index. Random access (`get`) for lists and stores that offer it; otherwise a
-    forward-only reader that restarts when asked for an earlier index. A store that reads whole row
-    groups (`group_bounds`, `read_group`: the aligned store) is read a row group at a time."""
-
-    def __init__(self, windows: Sequence[AlignedWindow] | None = None, store=None):
-        self._windows = windows
-        self._store = store
-        self._iter: Iterator[AlignedWindow] | None = None
-        self._cursor = -1
-        self._current: AlignedWindow | None = None
-        self._lengths: np.ndarray | None = None
-
-    @property
-    def random_access(self) -> bool:
-        if self._windows is not None:
-            return True
-        return hasattr(self._store, "__getitem__") and hasattr(self._store, "__len__")
-
-    @property
-    def folder(self) -> Path | None:
-        """The store folder that worker processes can open (None: windows in memory, or another store)."""
-        return getattr(self._store, "folder", None) if self.groups() is not None else None
-
-    def groups(self) -> np.ndarray | None:
-        """Row groups as window ranges (`AlignedStore.group_bounds`); None when windows are read one by one."""
-        if self._windows is None and callable(getattr(self._store, "group_bounds", None)) and callable(getattr(self._store, "read_group", None)):
-            return np.asarray(self._store.group_bounds(), dtype=np.int64)
-        return None
-
-    def lengths(self) -> np.ndarray:
-        if self._lengths is None:
-            if self._windows is not None:
-                self._lengths = np.array([len(w.input_ids) for w in self._windows], dtype=np.int64)
-            elif callable(getattr(self._store, "window_lengths", None)):
-                self._lengths = np.asarray(self._store.window_lengths(), dtype=np.int64)
-            else:
-                self._lengths = np.array([len(w.input_ids) for w in self._store.iter_windows()], dtype=np.int64)
-        return self._lengths
-
-    def get(self, index: int) -> AlignedWindow:
-        if self._windows is not None:
-            return self._windows[index]
-        if self.random_access:
-            return self._store[index]
-        if self._iter is None or index < self._cursor:
-            self._iter, self._cursor, self._current = iter(self._store.iter_windows()), -1, None
-        while self._cursor < index:
-            self._current = next(self._iter)
-            self._cursor += 1
-        return self._current
-
-    def read(self, start: int, stop: int, wanted: Sequence[int], candidates: bool = True) -> list[AlignedWindow]:
-        """Windows `wanted` of the group [start, stop): one row-group read, or one `get` each."""
-        if self.groups() is not None:
-            return store_windows(self._store, start, stop, wanted, candidates)
-        return [self.get(int(w)) for w in wanted]
-
-
-def default_workers(source: WindowSource) -> int:
-    """Loader processes per rank when the user sets none: 0 for windows in memory or a store of fewer
-    than two buffers of row groups (a process start costs more than it saves), else one per spare core
-    of this rank's share of the machine (torchrun's LOCAL_WORLD_SIZE ranks per node), 1 to 4."""
-    bounds = source.groups()
-    if bounds is None or len(bounds) - 1 < 2 * BUFFER_GROUPS:
-        return 0
-    return max(1, min(4, cores_per_rank() - 1))
-
-
-def open_source(aligned: str | Path | Iterable[AlignedWindow]) -> WindowSource:
-    """An aligned store folder, an object with `iter_windows()`, or any iterable of AlignedWindows."""
-    if isinstance(aligned, (str, Path)):
-        path = Path(aligned)
-        if not path.exists():
-            raise TrainDataError(f"no aligned store at {path}: run `fusekit align` first, or check the path")
-        from fusekit.store.aligned_store import AlignedStore
-
-        return WindowSource(store=AlignedStore(path))
-    if hasattr(aligned, "iter_windows"):
-        return WindowSource(store=aligned)
-    windows = list(aligned)
-    bad = next((w for w in windows if not isinstance(w, AlignedWindow)), None)
-    if bad is not None:
-        raise TrainDataError(f"expected AlignedWindow objects, got {type(bad).__name__}")
-    return WindowSource(windows=windows)
-
-
-# ---------------------------------------------------------------------------------------------- packing
-
-
-def pack_rows(
-    lengths: Sequence[int], max_length: int, piece_length: int | None = None
-) -> list[list[tuple[int, int, int]]]:
-    """Next-fit packing: rows of (item, start, end) segments, each row ≤ max_length tokens.
-
-    Items longer than `piece_length` (default: max_length; the model's context when that is shorter)
-    are cut into pieces of that length first.
-    """
-    piece = min(piece_length or max_length, max_length)
-    rows: list[list[tuple[int, int, int]]] = []
-    row: list[tuple[int, int, int]] = []
-    used = 0
-    for item, n in enumerate(lengths):
-        n = int(n)
-        for start in range(0, n, piece):
-            end = min(n, start + piece)
-            if used + end - start > max_length and row:
-                rows.append(row)
-                row, used = [], 0
-            row.append((item, start, end))
-            used += end - start
-    if row:
-        rows.append(row)
-    return rows
-
-
-def single_rows(lengths: Sequence[int], max_length: int, piece_length: int | None = None) -> list[list[tuple[int, int, int]]]:
-    """No packing: one (item, start, end) piece per row, items cut as `pack_rows` cuts them."""
-    piece = min(piece_length or max_length, max_length)
-    return [[(item, start, min(int(n), start + piece))] for item, n in enumerate(lengths) for start in range(0, int(n), piece)]
+from fusekit.train.source import WindowSource
 
 
 class DataPlan:
@@ -392,69 +232,3 @@ class _RankStream:
                         start, stop = plan.group_range(key[1])
                         self.feed.request(key, start, stop, self._uses_in(epoch)[key[1]])
             self.scan += plan.world_size
-
-
-def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool, packed: bool = True) -> Batch:
-    """Rows of (example, start, end) segments → padded arrays; padding is its own segment, unlabelled.
-
-    `packed=False` adds the attention mask of unpacked rows (1 on each row's window, 0 on padding).
-    """
-    width = max(sum(e - s for _, s, e in row) for row in rows)
-    m = max((ex.target_ids.shape[1] for row in rows for ex, _, _ in row), default=1) if with_target else 0
-    b = len(rows)
-    input_ids = np.zeros((b, width), dtype=np.int64)
-    position_ids = np.zeros((b, width), dtype=np.int64)
-    labels = np.full((b, width), IGNORE, dtype=np.int64)
-    t_ids = np.full((b, width, max(m, 1)), -1, dtype=np.int32) if with_target else None
-    t_p = np.zeros((b, width, max(m, 1)), dtype=np.float32) if with_target else None
-    mask = None if packed else np.zeros((b, width), dtype=np.int64)
-    real = 0
-    for r, row in enumerate(rows):
-        at = 0
-        for ex, s, e in row:
-            n = e - s
-            input_ids[r, at : at + n] = ex.input_ids[s:e]
-            position_ids[r, at : at + n] = np.arange(n)
-            labels[r, at : at + n] = ex.labels[s:e]
-            if with_target:
-                k = ex.target_ids.shape[1]
-                t_ids[r, at : at + n, :k] = ex.target_ids[s:e]
-                t_p[r, at : at + n, :k] = ex.target_probs[s:e]
-            at += n
-        if mask is not None:
-            mask[r, :at] = 1
-        position_ids[r, at:] = np.arange(width - at)
-        real += at
-    return Batch(input_ids, position_ids, labels, t_ids, t_p, mask, real_tokens=real)
-
-
-def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> None:
-    """Refuse an aligned store built for another target model, before any training step.
-
-    The aligned manifest records the target's tokenizer fingerprint and vocabulary size
-    (`settings.target`); `config` is the model's (its logits count) and `tokenizer` the model's own
-    (None for a weights-only folder: then only the vocabulary size is compared). Windows given in
-    memory carry no manifest and are not checked. Raises TrainDataError naming both.
-    """
-    store = getattr(source, "_store", None)
-    settings = getattr(store, "settings", None)
-    target = settings.get("target") if isinstance(settings, dict) else None
-    if not isinstance(target, dict):
-        return
-    from fusekit.models.identity import logit_size, tokenizer_fingerprint
-
-    folder = getattr(store, "folder", "the aligned store")
-    built_for = target.get("model") or "another model"
-    size, want = logit_size(config), target.get("vocab_size")
-    if want is not None and int(want) != size:
-        raise TrainDataError(
-            f"{folder} was aligned for {built_for} (vocabulary of {want} tokens), but {model_ref} predicts {size}: "
-            "train the model whose extraction store was the --target of `fusekit align`, or align again for this one"
-        )
-    want_fp = target.get("tokenizer_fingerprint")
-    if tokenizer is not None and want_fp and getattr(tokenizer, "backend_tokenizer", None) is not None:
-        if tokenizer_fingerprint(tokenizer) != want_fp:
-            raise TrainDataError(
-                f"{folder} was aligned for {built_for}, whose tokenizer differs from {model_ref}'s (same vocabulary size, "
-                "other tokens): train the model whose extraction store was the --target of `fusekit align`, or align again for this one"
-            )

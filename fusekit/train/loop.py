@@ -24,7 +24,8 @@ import fusekit.train.model_card as model_card
 import fusekit.train.tracking as tracking
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.export import write_hf_model
-from fusekit.train.data import DataPlan, check_target, default_workers, open_source
+from fusekit.train.data import DataPlan
+from fusekit.train.source import check_target, default_workers, open_source
 from fusekit.train.ddp import Dist, init_distributed, shard, under_torchrun
 from fusekit.train.head import FusionStep
 from fusekit.train.meta_init import build_sharded
