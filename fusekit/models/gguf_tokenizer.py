@@ -8,7 +8,7 @@ gguf_file=name)`, see https://huggingface.co/docs/transformers/gguf). It refuses
 byte-level pre-tokeniser without a prefix space, byte-level decoder, `<|endoftext|>` as bos/eos/unk).
 
 Fixes to what transformers builds, each checked by llama.cpp's `.inp`/`.out` fixtures (whose ids come
-from the models' own Hugging Face tokenizers), see `tests/test_gguf_tokenizer.py`:
+from the models' own Hugging Face tokenizers), see `tests/models/test_gguf_tokenizer.py`:
 - SentencePiece (`llama`) vocabularies always get the `▁` dummy prefix (`_sentencepiece_dummy_prefix`).
 - `tokenizer.ggml.pre` values transformers has no split for get their models' pre-tokenisers
   (`falcon`, `starcoder`, `deepseek-llm`: `_PRE_TOKENIZERS`), and Llama-3 its `ignore_merges` BPE.

@@ -2,7 +2,7 @@
 
 mergekit pins nothing fusekit needs, but pulls in datasets/peft/pandas; to run this file without touching
 the main environment: python -m venv --system-site-packages /tmp/mk && /tmp/mk/bin/pip install mergekit &&
-/tmp/mk/bin/python -m pytest tests/test_merge_mergekit.py. DARE's and DELLA's random masks cannot match
+/tmp/mk/bin/python -m pytest tests/merge/test_merge_mergekit.py. DARE's and DELLA's random masks cannot match
 mergekit's (different generators): they are compared at density 1, and by the rule both apply whatever the
 mask — with one model and `rescale`, each tensor's task vector keeps its L1 norm (times the weight).
 The second half runs the same YAML (gradients, filters, slices, every method) through both tools.

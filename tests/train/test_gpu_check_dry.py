@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_train_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_train_check.py"
 
 
 @pytest.mark.slow
