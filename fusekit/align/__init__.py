@@ -14,7 +14,7 @@ The modules, lowest first (each imports only modules above it in this list):
 * `candidates` the target's own candidate and what every method's candidates share; `carry` the 1:1
   carry (`fusellm`, `fusechat`); `bytespan` the byte-span transfer of whole texts.
 * `shard` one shard aligned and encoded; `report` report.json; `ray_runner` shards as Ray tasks.
-* `stage` `fusekit.align_store`: the stage over stores.
+* `stage` `align_store` (`fusekit.run_align`): the stage over stores.
 """
 
 from fusekit.vocab.normalize import Scheme, normalize_token, normalize_tokens, normalize_vocab, token_scheme

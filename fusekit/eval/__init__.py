@@ -1,4 +1,4 @@
-"""Evaluation: mean cross-entropy and perplexity per dataset (`fusekit eval`, `fusekit.evaluate`)."""
+"""Evaluation: mean cross-entropy and perplexity per dataset (`fusekit eval`, `fusekit.run_eval`)."""
 
 from fusekit.corpus import CorpusError
 from fusekit.eval.perplexity import evaluate, evaluate_loaded

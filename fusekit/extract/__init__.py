@@ -1,6 +1,6 @@
 """Stage 1: run a model over a corpus and store its top-k next-token distributions (FUSION-METHOD.md §1).
 
-`fusekit.extract(model, data, out, top_k=10, …)` writes a sharded, resumable store that
+`fusekit.run_extract(model, data, out, top_k=10, …)` (or `fusekit.extract.extract`, which returns OUT) writes a sharded, resumable store that
 `fusekit.store.extract_store.ExtractStore` reads back; `fusekit inspect DIR` summarises and verifies it.
 """
 

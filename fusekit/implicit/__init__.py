@@ -1,7 +1,7 @@
 """Implicit model fusion (FuseChat-3.0, arXiv 2503.04222): sample every source, score the responses,
 SFT the target on the best ones, then DPO on best-vs-worst pairs from the same source (or WRPO).
 
-`fusekit.implicit_fusion("config.yaml")` or `fusekit implicit config.yaml`; see docs/IMPLICIT.md.
+`fusekit.run_implicit("config.yaml")` or `fusekit implicit config.yaml`; see docs/IMPLICIT.md.
 """
 
 from fusekit.implicit.build import build_sets, build_wrpo

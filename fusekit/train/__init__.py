@@ -1,6 +1,6 @@
 """Stage 4: train the target on λ·CLM + (1−λ)·fusion loss (FUSION-METHOD.md §5).
 
-`fusekit.train(model, aligned, out, lam=0.9, fusion="min_ce", …)`; see `TrainConfig` for every option.
+`fusekit.run_train(model, aligned, out, lam=0.9, fusion="min_ce", …)` (or `fusekit.train.train`); see `TrainConfig` for every option.
 
 The names below load on first use: the data loader's worker processes import `fusekit.train.feed`
 (numpy, polars, the fusion rules) without paying for torch and transformers.
