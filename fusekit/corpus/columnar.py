@@ -15,7 +15,8 @@ from fusekit.corpus.parts import Part
 from fusekit.corpus.records import CorpusError, CorpusStats, Record
 from fusekit.corpus.sources import Source
 
-BATCH_ROWS = 1024
+BATCH_ROWS = 1024  # rows per record batch at most
+BATCH_BYTES = 4 * 2**20  # and about this much text: long texts come in smaller batches
 _READ_BUFFER = 1 << 20  # bytes read at a time from a Parquet column chunk
 
 
@@ -80,6 +81,13 @@ def check_columns(source: Source, field: str) -> None:
             raise CorpusError(f"{path}: column {field!r} holds {dtype}, not text")
 
 
+def _batch_rows(group, column: int) -> int:
+    """Rows per batch: BATCH_ROWS, fewer where the row group's texts are long (about BATCH_BYTES a batch)."""
+    size = group.column(column).total_uncompressed_size if column >= 0 else 0
+    per_row = size / max(group.num_rows, 1)
+    return max(1, min(BATCH_ROWS, int(BATCH_BYTES / per_row) if per_row else BATCH_ROWS))
+
+
 def _values(batch, field: str) -> list:
     return batch.column(batch.schema.get_field_index(field)).to_pylist()
 
@@ -102,7 +110,8 @@ def stream_parquet(source: Source, field: str, stats: CorpusStats, start: Part) 
         for g in range(first_group, pf.metadata.num_row_groups):
             part = Part(fi, g, 1)
             try:
-                batches = pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=[field], use_threads=False)
+                rows = _batch_rows(pf.metadata.row_group(g), pf.schema_arrow.get_field_index(field))
+                batches = pf.iter_batches(batch_size=rows, row_groups=[g], columns=[field], use_threads=False)
                 for batch in batches:
                     values = _values(batch, field)
                     for _, record in _records(values, row, path, stats):
