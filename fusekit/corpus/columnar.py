@@ -81,7 +81,7 @@ def check_columns(source: Source, field: str) -> None:
             raise CorpusError(f"{path}: column {field!r} holds {dtype}, not text")
 
 
-def _batch_rows(group, column: int) -> int:
+def batch_rows(group, column: int) -> int:
     """Rows per batch: BATCH_ROWS, fewer where the row group's texts are long (about BATCH_BYTES a batch)."""
     size = group.column(column).total_uncompressed_size if column >= 0 else 0
     per_row = size / max(group.num_rows, 1)
@@ -110,7 +110,7 @@ def stream_parquet(source: Source, field: str, stats: CorpusStats, start: Part) 
         for g in range(first_group, pf.metadata.num_row_groups):
             part = Part(fi, g, 1)
             try:
-                rows = _batch_rows(pf.metadata.row_group(g), pf.schema_arrow.get_field_index(field))
+                rows = batch_rows(pf.metadata.row_group(g), pf.schema_arrow.get_field_index(field))
                 batches = pf.iter_batches(batch_size=rows, row_groups=[g], columns=[field], use_threads=False)
                 for batch in batches:
                     values = _values(batch, field)
