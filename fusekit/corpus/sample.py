@@ -137,15 +137,18 @@ def _draw_columnar(source: Source, field: str, n: int, rng, per_cluster: int, fi
     if total <= 0:
         return []
     k = max(1, math.ceil(n / per_cluster))
-    chosen = rng.choice(len(units), size=k, p=sizes / total)
+    chosen, times = np.unique(rng.choice(len(units), size=k, p=sizes / total), return_counts=True)
     out: list[Draw] = []
-    for c, unit in enumerate(sorted(chosen)):
+    cluster = first_cluster
+    for unit, repeat in zip(chosen, times):
         fi, g, size = units[unit]
-        picked, unit_bytes = _reservoir(source, fi, g, field, per_cluster, rng)
-        for row, text, length in picked:
+        # A unit drawn r times is r clusters of per_cluster draws each, read in one pass.
+        picked, unit_bytes = _reservoir(source, fi, g, field, per_cluster * int(repeat), rng)
+        for i, (row, text, length) in enumerate(picked):
             weight = (total / size) * (unit_bytes / length) if length else 0.0
             record = [Record(text=text)] if isinstance(text, str) and text.strip() else []
-            out.append(Draw(record, weight, first_cluster + c, (fi, g, row)))
+            out.append(Draw(record, weight, cluster + i // per_cluster, (fi, g, row)))
+        cluster += int(repeat)
     return out
 
 
