@@ -9,7 +9,7 @@ import os
 import pytest
 
 import corpus_files as cf
-from fusekit.corpus import CorpusError, CorpusStats, corpus_fingerprint, open_source, read_range, read_records, scan
+from fusekit.corpus import CorpusError, RangeReader, corpus_fingerprint, open_source, read_range, read_records, scan
 from fusekit.store.shards import shard_slice
 
 # Computed by the whole-file reader fusekit had before it streamed (fusekit/corpus.py at 0118768) on the
@@ -55,6 +55,11 @@ def corpora(tmp_path_factory):
     }
 
 
+def _bounds(n_texts: int, i: int, n: int) -> tuple[int, int]:
+    r = shard_slice(n_texts, i, n)
+    return r.start, r.stop
+
+
 def _as_read(records) -> list:
     return [r.text if r.text is not None else ("M", json.dumps(r.messages)) for r in records]
 
@@ -96,6 +101,9 @@ def test_shard_reads_cover_the_corpus_exactly_once(corpora, name, monkeypatch):
         pieces = [_as_read(read_range(source, "text", index, r.start, r.stop)) for r in (shard_slice(index.n_texts, i, n) for i in range(n))]
         assert [len(p) for p in pieces] == [len(shard_slice(index.n_texts, i, n)) for i in range(n)]
         assert [t for p in pieces for t in p] == every
+        # One reader for consecutive shards (as an extraction job reads them) continues its stream.
+        reader = RangeReader(source, "text", index)
+        assert [t for i in range(n) for t in _as_read(reader.read(*_bounds(index.n_texts, i, n)))] == every
 
 
 def test_a_shard_reads_only_its_own_files(tmp_path):

@@ -5,13 +5,13 @@ dataset's cache) or a `datasets` folder (`save_to_disk`), streamed in batches.
 Chat records become the model's chat template; only assistant tokens are scored (FuseChat).
 """
 
-from fusekit.corpus.reader import CorpusIndex, open_source, read_range, read_records, scan
+from fusekit.corpus.reader import CorpusIndex, RangeReader, open_source, read_range, read_records, scan
 from fusekit.corpus.records import CorpusError, CorpusStats, Record, corpus_fingerprint, record_key
 from fusekit.corpus.sources import TEXT_SUFFIXES, Source, resolve_source
 from fusekit.corpus.tokenize import TokenizedText, tokenize_record, tokenize_with_offsets, windows_of
 
 __all__ = [
-    "TEXT_SUFFIXES", "CorpusError", "CorpusIndex", "CorpusStats", "Record", "Source", "TokenizedText", "corpus_fingerprint",
+    "TEXT_SUFFIXES", "CorpusError", "CorpusIndex", "RangeReader", "CorpusStats", "Record", "Source", "TokenizedText", "corpus_fingerprint",
     "open_source", "read_range", "read_records", "record_key", "resolve_source", "scan", "tokenize_record",
     "tokenize_with_offsets", "windows_of",
 ]

@@ -108,14 +108,32 @@ def scan(source: Source, field: str) -> CorpusIndex:
     return index
 
 
+class RangeReader:
+    """Records by text id range, each range read from the part holding its start; a range that starts
+    where the last one stopped (or later in the same part) continues the open stream instead."""
+
+    def __init__(self, source: Source, field: str, index: CorpusIndex):
+        self.source, self.field, self.index = source, field, index
+        self._records: Iterator[Record] | None = None
+        self._pos = 0  # text id of the next record of the open stream
+
+    def read(self, start: int, stop: int) -> Iterator[Record]:
+        """The records with text ids start..stop-1 (fewer if the corpus ends first)."""
+        if start >= stop:
+            return
+        part, first = self.index.start_of(start)
+        if self._records is None or not first <= self._pos <= start:
+            self._records = (r for _, r in stream(self.source, self.field, CorpusStats(), part))
+            self._pos = first
+        for record in self._records:
+            self._pos += 1
+            if self._pos > start:
+                yield record
+            if self._pos >= stop:
+                return
+        self._records = None
+
+
 def read_range(source: Source, field: str, index: CorpusIndex, start: int, stop: int) -> Iterator[Record]:
     """The records with text ids start..stop-1, read from the part holding `start` on (nothing before it)."""
-    if start >= stop:
-        return
-    part, pos = index.start_of(start)
-    for _, record in stream(source, field, CorpusStats(), part):
-        if pos >= start:
-            yield record
-        pos += 1
-        if pos >= stop:
-            return
+    return RangeReader(source, field, index).read(start, stop)

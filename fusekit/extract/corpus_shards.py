@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from fusekit.corpus import CorpusError, CorpusIndex, CorpusStats, Record, Source, open_source, read_range, scan
+from fusekit.corpus import CorpusError, CorpusIndex, CorpusStats, RangeReader, Record, Source, open_source, scan
 from fusekit.store.atomic import write_json_atomic
 from fusekit.store.shards import CORPUS_INDEX as INDEX_FILE
 from fusekit.store.shards import MAX_SHARDS, shard_slice
@@ -80,11 +80,13 @@ def default_num_shards(info: CorpusInfo) -> int:
 
 
 def records_by_shard(info: CorpusInfo, field: str, num_shards: int, wanted: list[int]) -> Iterator[tuple[int, list[Record]]]:
-    """(shard index, its records) for the wanted shards, each read from its own part of the corpus on."""
+    """(shard index, its records) for the wanted shards, each read from its own part of the corpus on
+    (consecutive shards in one stream)."""
     assert info.source is not None and info.index is not None
+    reader = RangeReader(info.source, field, info.index)
     for i in sorted(wanted):
         r = shard_slice(info.n_texts, i, num_shards)
-        records = list(read_range(info.source, field, info.index, r.start, r.stop))
+        records = list(reader.read(r.start, r.stop))
         if len(records) != len(r):
             raise CorpusError(f"{info.source.where} changed while extracting (fewer texts than the first read found); re-run")
         yield i, records
