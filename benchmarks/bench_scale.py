@@ -86,7 +86,7 @@ def job_extract(model: str, data: str, out: str, shards: list[str]) -> None:
 
     torch.set_num_threads(1)
     for shard in shards:
-        fusekit.extract(model, data, out, top_k=10, max_length=CONTEXT, batch_size=16, shard=shard, progress=False)
+        fusekit.extract(model, data, out, top_k=10, max_length=CONTEXT, batch_size=4, shard=shard, progress=False)
     return _job_report({})
 
 

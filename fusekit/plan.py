@@ -5,7 +5,7 @@
   size, as many as it takes to be within 2 % (95 %) (`fusekit.corpus.counts`), so planning takes
   seconds whatever the corpus size. The plan says which (`corpus.estimate`).
 - Bytes on disk per store come from running the real stages on a small sample of the corpus (the
-  `sample_texts` texts spread evenly over it) in a temporary folder: bytes per token of each store, times the exact
+  `sample_texts` texts spread evenly over it) in a temporary folder: bytes per token of each store, times the
   token counts, plus the store's fixed files (manifest, vocabulary).
 - Compute is counted in FLOPs (2·N per token for a forward pass, 6·N for a training step) and turned
   into time with the extraction speed measured on this machine: the sample's run minus a one-text
