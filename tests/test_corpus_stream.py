@@ -106,6 +106,34 @@ def test_shard_reads_cover_the_corpus_exactly_once(corpora, name, monkeypatch):
         assert [t for i in range(n) for t in _as_read(reader.read(*_bounds(index.n_texts, i, n)))] == every
 
 
+def test_a_real_datasets_save_to_disk_folder(tmp_path, monkeypatch):
+    """A folder `datasets` itself wrote (shuffled, so its rows are not in creation order; 3 Arrow files)
+    reads as `load_from_disk` gives it, in parts that shard jobs cover exactly once; its DatasetDict is
+    refused with the splits named. Without `datasets` installed, `test_streamed_records_…[saved dataset]`
+    covers the same layout written by pyarrow."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr("fusekit.corpus.columnar.BATCH_ROWS", 4)
+    texts = cf.texts_of(45)
+    texts[9] = None
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).shuffle(seed=3)
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)
+    expected = [t for t in datasets.load_from_disk(str(tmp_path / "ds"))["text"] if isinstance(t, str) and t.strip()]
+    assert expected != [t for t in texts if isinstance(t, str) and t.strip()]  # shuffled: order comes from the files
+    got = _as_read(read_records(tmp_path / "ds"))
+    assert got == expected
+    source = open_source(tmp_path / "ds")
+    assert source.kind == "arrow" and len(source.files) == 3
+    index = scan(source, "text")
+    assert index.n_texts == len(expected) and len(index.parts) == 3  # a part per record batch: one per file here
+    for n in (2, 5):
+        pieces = [_as_read(read_range(source, "text", index, *_bounds(index.n_texts, i, n))) for i in range(n)]
+        assert [t for p in pieces for t in p] == expected
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CorpusError, match=r"DatasetDict with the splits train, validation: give one split's folder"):
+        list(read_records(tmp_path / "dd"))
+    assert _as_read(read_records(tmp_path / "dd" / "validation")) == expected
+
+
 def test_a_shard_reads_only_its_own_files(tmp_path):
     """After the scan, the first file is destroyed: a shard whose texts are in the last file still reads."""
     texts = cf.texts_of(40)

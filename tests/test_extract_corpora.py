@@ -66,3 +66,17 @@ def test_a_damaged_file_stops_extraction_before_any_shard(setup, tmp_path):
     with pytest.raises(CorpusError, match=r"cannot read .*part-1\.parquet as Parquet"):
         fusekit.extract(model, bad, out, top_k=3, max_length=16, progress=False)
     assert not out.exists() or not list(out.glob("part-*"))
+
+
+def test_shards_beyond_the_count_stop_before_anything_is_written(setup, tmp_path):
+    """--shard I/N with I ≥ N, and N above the folder's 17 texts: refused, and no shard file appears."""
+    from fusekit.extract import ExtractError
+    from fusekit.store import StoreError
+
+    model, folder, _ = setup
+    out = tmp_path / "s"
+    with pytest.raises(StoreError, match=r"--shard 3/3: shards are numbered 0\.\.2"):
+        fusekit.extract(model, folder, out, shard="3/3", top_k=3, max_length=16, progress=False)
+    with pytest.raises(ExtractError, match="18 shards for 17 texts: some shards would be empty; use at most 17"):
+        fusekit.extract(model, folder, out, shard="17/18", top_k=3, max_length=16, progress=False)
+    assert not list(out.glob("part-*"))
