@@ -14,9 +14,10 @@ job's memory over a 1.5 GB Parquet corpus, and `fusekit plan` on that corpus aga
    tokens, 3 sources) on N machines of C cores, from the tokens per CPU second and the 2-worker
    efficiency measured here (extraction with a tiny model is the preprocessing around the forward pass:
    tokenising, top-k, coding, writing; a real model's forward pass comes on top, on GPUs).
-2. Memory: a 1.5 GB Parquet folder (uncompressed, 8 files, 16 MiB row groups; made once in $TMPDIR and
-   reused, deleted unless --keep-corpus) and one shard job of 20,000 over it: its peak RSS, cold (it
-   scans the corpus) and warm (another job of the same store: the saved index, its own row groups only).
+2. Memory: Parquet folders of 15 MB, 150 MB and 1.5 GB (uncompressed, 8 files, 16 MiB row groups; made
+   once in $TMPDIR and reused, deleted unless --keep-corpus) and one shard job of ~4 texts over each: its
+   peak RSS, cold (it scans the corpus) and warm (another job of the same store: the saved index, its own
+   row groups only), and the 1.5 GB corpus's peak over the 15 MB one's (1.0: memory does not grow).
 3. Plan: `fusekit plan` (plan_recipe) on that corpus and on one 100× smaller, wall times and their ratio;
    the token estimate against the exact count (the corpus repeats a base set of texts, so the exact count
    is the base's counts times the repeats).
@@ -257,10 +258,13 @@ def _hours(s: float) -> str:
 
 # ---------------------------------------------------------------- 2. memory, 3. plan
 
-def big_corpus(quick: bool, keep_dir: Path) -> tuple[Path, int, list[str]]:
+def big_corpus(quick: bool, keep_dir: Path, fraction: float = 1.0) -> tuple[Path, int, list[str]]:
+    """The Parquet folder of `fraction` × 1.5 GB (1 MB with --quick), made once in `keep_dir`: 8 uncompressed
+    files, 16 MiB row groups; (its data folder, its number of texts, the base texts it repeats)."""
     texts = base_texts()
-    size = 1e6 if quick else 1.5e9
-    folder = keep_dir / ("fusekit-scale-corpus-quick" if quick else "fusekit-scale-corpus")
+    size = (1e6 if quick else 1.5e9) * fraction
+    suffix = "" if fraction == 1.0 else f"-{fraction:g}"
+    folder = keep_dir / (("fusekit-scale-corpus-quick" if quick else "fusekit-scale-corpus") + suffix)
     done = folder / "DONE"
     if not done.is_file():
         shutil.rmtree(folder, ignore_errors=True)
@@ -272,18 +276,43 @@ def big_corpus(quick: bool, keep_dir: Path) -> tuple[Path, int, list[str]]:
     return folder / "data", rows, texts
 
 
+MEMORY_FRACTIONS = (0.01, 0.1, 1.0)  # corpora of 15 MB, 150 MB and 1.5 GB: one shard job's memory must not follow
+TEXTS_PER_SHARD = 4
+
+
 def memory(root: Path, quick: bool, keep_dir: Path) -> dict:
-    data, rows, _ = big_corpus(quick, keep_dir)
+    """One shard job of ~4 texts over each corpus size, cold (it scans the corpus) and warm (the saved index):
+    peak RSS per size, and the largest corpus's peak over the smallest's (1.0 = memory does not grow)."""
     toks = tokenizers(True)  # the model's size is not what is measured: a tiny trained tokenizer
     model = build_models(root / "mem", {"target": toks["target"]}, True)["target"]
-    num = min(20_000, rows)
-    out = root / "mem-store"
-    results = {"bytes": sum(p.stat().st_size for p in data.iterdir()), "rows": rows, "num_shards": num}
-    for label, shard in (("cold (scans the corpus)", 7), ("warm (saved index)", num - 3)):
-        l0 = load()
-        wall, rep = run_job(["extract", str(model), str(data), str(out), f"{shard}/{num}"])
-        results[label] = {"wall": wall, "peak_mb": rep["peak_mb"], "load": (l0, load())}
+    results = {}
+    for fraction in MEMORY_FRACTIONS:
+        data, rows, _ = big_corpus(quick, keep_dir, fraction)
+        num = max(1, min(rows // TEXTS_PER_SHARD, 99_999))
+        out = root / f"mem-store-{fraction:g}"
+        size = {"bytes": sum(p.stat().st_size for p in data.iterdir()), "rows": rows, "num_shards": num}
+        for label, shard in (("cold", min(7, num - 1)), ("warm", num - 1)):
+            l0 = load()
+            wall, rep = run_job(["extract", str(model), str(data), str(out), f"{shard}/{num}"])
+            size[label] = {"wall": wall, "peak_mb": rep["peak_mb"], "load": (l0, load())}
+        results[fraction] = size
+        shutil.rmtree(out, ignore_errors=True)
     return results
+
+
+def memory_tables(res: dict) -> tuple[list[list], str]:
+    rows = []
+    for fraction, size in res.items():
+        for label in ("cold", "warm"):
+            v = size[label]
+            how = "cold (scans the corpus)" if label == "cold" else "warm (saved index)"
+            rows.append([how, f"{size['bytes'] / 1e9:.3f} GB", f"{size['rows']:,}", f"1/{size['num_shards']:,}", v["wall"], v["peak_mb"],
+                         f"{v['load'][0]:.1f}→{v['load'][1]:.1f}"])
+    small, big = res[min(res)], res[max(res)]
+    ratios = ", ".join(f"{label} {big[label]['peak_mb'] / small[label]['peak_mb']:.3f}×" for label in ("cold", "warm"))
+    title = (f"One extraction shard job (~{TEXTS_PER_SHARD} texts) over Parquet folders {big['bytes'] / small['bytes']:.0f}× apart in size: "
+             f"peak RSS largest / smallest = {ratios}")
+    return rows, title
 
 
 def plan_ratio(root: Path, quick: bool, keep_dir: Path) -> dict:
@@ -361,12 +390,10 @@ def main() -> None:
             print_table("MiniPile (1.8B target tokens, 3 sources) implied", fcols, farm)
             md += [_md("Rehearsal: extract → align", cols, rows), _md("MiniPile (1.8B target tokens, 3 sources), implied", fcols, farm)]
         if "memory" not in skip:
-            res = memory(root, args.quick, keep_dir)
-            rows = [[k, f"{res['bytes'] / 1e9:.2f} GB", f"1/{res['num_shards']:,}", v["wall"], v["peak_mb"], f"{v['load'][0]:.1f}→{v['load'][1]:.1f}"]
-                    for k, v in res.items() if isinstance(v, dict)]
-            cols = ["shard job", "corpus", "shard", "wall s", "peak RSS MiB", "load"]
-            print_table(f"one extraction shard job over a Parquet folder ({res['rows']:,} texts)", cols, rows)
-            md.append(_md("One extraction shard job over a Parquet folder", cols, rows))
+            rows, title = memory_tables(memory(root, args.quick, keep_dir))
+            cols = ["shard job", "corpus", "texts", "shard", "wall s", "peak RSS MiB", "load"]
+            print_table(title, cols, rows)
+            md.append(_md(title, cols, rows))
         if "plan" not in skip:
             res = plan_ratio(root, args.quick, keep_dir)
             exact = res["exact_target_tokens"]
@@ -381,8 +408,8 @@ def main() -> None:
             print_table(f"fusekit plan: full / (1/100) time = {ratio:.2f}× (exact target tokens {exact:,})", cols, rows)
             md.append(_md(f"`fusekit plan`: full / (1/100) wall time = {ratio:.2f}× (exact target tokens {exact:,})", cols, rows))
     if not args.keep_corpus:
-        for name in ("fusekit-scale-corpus-quick", "fusekit-scale-corpus"):
-            shutil.rmtree(keep_dir / name, ignore_errors=True)
+        for folder in keep_dir.glob("fusekit-scale-corpus*"):
+            shutil.rmtree(folder, ignore_errors=True)
     if args.markdown:
         args.markdown.write_text("\n".join(md) + "\n")
 
