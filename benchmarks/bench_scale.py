@@ -12,7 +12,7 @@ job's memory over a 1.5 GB Parquet corpus, and `fusekit plan` on that corpus aga
    --workers W. Per stage and worker count: wall time, CPU seconds, target tokens/s per core (wall) and
    per CPU second, the largest job's peak RSS. Then the wall time this implies for MiniPile (1.8B target
    tokens, 3 sources) on N machines of C cores, from the tokens per CPU second and the 2-worker
-   efficiency measured here (extraction with a tiny model is the preprocessing around the forward pass:
+   efficiency measured here, and at efficiency 1 (for a run whose 2 workers shared their cores) (extraction with a tiny model is the preprocessing around the forward pass:
    tokenising, top-k, coding, writing; a real model's forward pass comes on top, on GPUs).
 2. Memory: Parquet folders of 15 MB, 150 MB and 1.5 GB (uncompressed, 8 files, 16 MiB row groups; made
    once in $TMPDIR and reused, deleted unless --keep-corpus) and one shard job of ~4 texts over each: its
@@ -247,8 +247,8 @@ def rehearsal_tables(res: dict) -> tuple[list[list], list[list]]:
         efficiency = min(1.0, (one["wall"] / two["wall"]) / 2)  # 2 workers vs 1, here
         scale = MINIPILE_TOKENS / res["extract"][1]["tokens"]["target"]  # MiniPile target tokens / ours
         for machines, cores in ((1, 16), (1, 64), (8, 64), (32, 64), (128, 64)):
-            seconds = all_tokens * scale / (per_cpu_s * machines * cores * efficiency)
-            farm.append([stage, machines, cores, f"{efficiency:.2f}", _hours(seconds)])
+            seconds = all_tokens * scale / (per_cpu_s * machines * cores)  # every core as busy as one worker here
+            farm.append([stage, machines, cores, f"{efficiency:.2f}", _hours(seconds / efficiency), _hours(seconds)])
     return rows, farm
 
 
@@ -386,7 +386,7 @@ def main() -> None:
             rows, farm = rehearsal_tables(res)
             cols = ["stage", "workers", "target tokens", "wall s", "CPU s", "tokens/s/core (wall)", "tokens/CPU s", "peak RSS MiB", "load"]
             print_table("rehearsal: extract → align", cols, rows)
-            fcols = ["stage", "machines", "cores each", "2-worker efficiency", "MiniPile wall time"]
+            fcols = ["stage", "machines", "cores each", "2-worker efficiency", "MiniPile wall time", "at efficiency 1"]
             print_table("MiniPile (1.8B target tokens, 3 sources) implied", fcols, farm)
             md += [_md("Rehearsal: extract → align", cols, rows), _md("MiniPile (1.8B target tokens, 3 sources), implied", fcols, farm)]
         if "memory" not in skip:
