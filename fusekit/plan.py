@@ -1,9 +1,11 @@
 """`fusekit plan`: what a recipe will cost before any GPU hour is spent.
 
-- Tokens and windows per model are exact: every model's tokenizer runs over the whole corpus with the
-  same windowing as extraction (tokenisers are fast; models are not loaded for this).
+- Tokens and windows per model: on a small corpus exact (every model's tokenizer over every text, with
+  extraction's windowing); on a larger one estimated from texts drawn over the whole corpus by their
+  size, as many as it takes to be within 2 % (95 %) (`fusekit.corpus.counts`), so planning takes
+  seconds whatever the corpus size. The plan says which (`corpus.estimate`).
 - Bytes on disk per store come from running the real stages on a small sample of the corpus (the
-  `sample_texts` texts spread evenly over it) in a temporary folder: bytes per token of each store, times the exact
+  `sample_texts` texts spread evenly over it) in a temporary folder: bytes per token of each store, times the
   token counts, plus the store's fixed files (manifest, vocabulary).
 - Compute is counted in FLOPs (2·N per token for a forward pass, 6·N for a training step) and turned
   into time with the extraction speed measured on this machine: the sample's run minus a one-text
@@ -64,21 +66,22 @@ class _TokenCounts:
         return {"tokens": sum(self.tokens[i] for i in chosen), "windows": sum(self.windows[i] for i in chosen)}
 
 
-def _token_counts(spec: ModelSpec, record_sets: dict[str | None, list], max_length: int, append_eos: bool = True) -> dict[str | None, _TokenCounts]:
-    """Every record set tokenised with the model's tokenizer (loaded once), windowed as extraction does
-    (the corpus, key None, with the end-of-sequence token when extraction appends it)."""
-    from fusekit.corpus import tokenize_record, windows_of
+def _tokenizer_and_window(spec: ModelSpec, max_length: int):
+    """The model's tokenizer and extraction's window for it (models are not loaded)."""
     from fusekit.models.identity import model_context
     from fusekit.models.load import load_config, load_tokenizer
 
     tokenizer = load_tokenizer(spec.model)
     context = model_context(load_config(spec.model, False))
-    window = min(max_length, context) if context else max_length
-    out = {}
-    for name, records in record_sets.items():
-        ids = [tokenize_record(tokenizer, r, append_eos and name is None)[0] for r in records]
-        out[name] = _TokenCounts([len(x) for x in ids], [len(windows_of(x, window)) for x in ids])
-    return out
+    return tokenizer, (min(max_length, context) if context else max_length)
+
+
+def _token_counts(tokenizer, window: int, records: list, append_eos: bool) -> _TokenCounts:
+    """Every record tokenised, windowed as extraction does (with the end-of-sequence token when it appends it)."""
+    from fusekit.corpus import tokenize_record, windows_of
+
+    ids = [tokenize_record(tokenizer, r, append_eos)[0] for r in records]
+    return _TokenCounts([len(x) for x in ids], [len(windows_of(x, window)) for x in ids])
 
 
 def _write_sample(records, path: Path) -> None:
@@ -88,21 +91,46 @@ def _write_sample(records, path: Path) -> None:
             fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -> dict:
-    """Token counts, bytes on disk per stage and compute per stage for RECIPE, without running it."""
+def _cut(record, chars: int | None):
+    """A plain text cut to its first `chars` characters (chat records, and any text when None, whole)."""
+    from fusekit.corpus import Record
+
+    if chars is None or record.text is None or len(record.text) <= chars:
+        return record
+    return Record(text=record.text[:chars], eos=record.eos)
+
+
+def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False, exact_bytes: int | None = None) -> dict:
+    """Token counts, bytes on disk per stage and compute per stage for RECIPE, without running it.
+
+    `exact_bytes`: a corpus up to this size is tokenised whole (default `fusekit.corpus.counts.EXACT_BYTES`),
+    a larger one is sampled."""
     from fusekit.align.stage import align_store
     from fusekit.corpus import read_records
+    from fusekit.corpus.counts import EXACT_BYTES, count_corpus
     from fusekit.extract import extract
 
-    records = list(read_records(recipe.corpus.data, recipe.corpus.field))
-    eval_records = {ds.name: list(read_records(ds.data, ds.field)) for ds in recipe.eval.data}
-    # Texts spread evenly over the corpus: stores' bytes per token vary with the kind of text.
-    n_sample = min(len(records), max(1, sample_texts))
-    sample_ids = [(i * len(records)) // n_sample for i in range(n_sample)]
-    sample = [records[i] for i in sample_ids]
+    exact_bytes = EXACT_BYTES if exact_bytes is None else exact_bytes
+
     opts = recipe.extract
     models = [recipe.target, *recipe.sources]
-    plan: dict = {"corpus": {"texts": len(records), "sample_texts": len(sample)}, "models": {}}
+    tokenizers = {spec.name: _tokenizer_and_window(spec, opts.max_length) for spec in models}
+    corpus_counts = count_corpus(recipe.corpus.data, recipe.corpus.field, tokenizers, opts.append_eos, exact_bytes=exact_bytes)
+    records = corpus_counts.records
+    eval_records = {ds.name: list(read_records(ds.data, ds.field)) for ds in recipe.eval.data}
+    # Texts spread over the corpus (the draws are): stores' bytes per token vary with the kind of text. A
+    # drawn book is cut to a few windows: bytes per token do not depend on a text's length.
+    n_sample = min(len(records), max(1, sample_texts))
+    cut = 8 * opts.max_length if corpus_counts.method == "sampled" else None
+    sample = [_cut(records[(i * len(records)) // n_sample], cut) for i in range(n_sample)]
+    plan: dict = {
+        "corpus": {
+            "texts": round(corpus_counts.texts), "sample_texts": len(sample),
+            "estimate": {"method": corpus_counts.method, "how": corpus_counts.describe(), "relative_error_95": corpus_counts.error,
+                         "draws": corpus_counts.draws, "clusters": corpus_counts.clusters},
+        },
+        "models": {},
+    }
     counts: dict[str, dict[str | None, _TokenCounts]] = {}
 
     with tempfile.TemporaryDirectory(prefix="fusekit-plan-") as tmp:
@@ -117,11 +145,11 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
         # The first extraction in a process also pays for imports; keep that out of every timing.
         extract(recipe.target.model, small_path, root / "warm-up", **opts_kw)
         for spec in models:
-            # Key None is the corpus, so an eval set may have any name.
-            counts[spec.name] = _token_counts(spec, {None: records, **eval_records}, opts.max_length, opts.append_eos)
-            corpus = counts[spec.name][None]
-            full, part = corpus.total(), corpus.total(sample_ids)
-            one = corpus.tokens[sample_ids[0]]
+            tokenizer, window = tokenizers[spec.name]
+            counts[spec.name] = {name: _token_counts(tokenizer, window, rs, False) for name, rs in eval_records.items()}
+            mini = _token_counts(tokenizer, window, sample, opts.append_eos)
+            full = {"tokens": round(corpus_counts.tokens[spec.name]), "windows": round(corpus_counts.windows[spec.name])}
+            part, one = mini.total(), mini.tokens[0]
             store = root / "extract" / spec.name
             # Two runs, one text and the whole sample: their difference is compute alone, without the
             # model load and warm-up that both pay.
@@ -221,8 +249,14 @@ def plan_table(plan: dict) -> Table:
     (window counts are in the JSON plan)."""
     from rich import box
 
+    corpus = plan["corpus"]
+    how = corpus.get("estimate", {})
+    if how.get("method") == "sampled":
+        texts = f"~{_count(corpus['texts'])} texts, tokens ±{how['relative_error_95']:.1%} from {how['draws']:,} drawn"
+    else:
+        texts = f"{corpus['texts']:,} texts"
     table = Table(
-        title=f"plan · {plan['corpus']['texts']:,} texts (bytes and speed measured on {plan['corpus']['sample_texts']})",
+        title=f"plan · {texts} (bytes and speed measured on {corpus['sample_texts']})",
         title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
     )
     for col in ("stage", "model", "tokens", "params", "disk", "B/tok", "FLOPs", "time"):

@@ -16,7 +16,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def extract_command(
     model: str = typer.Option(..., "--model", "-m", help="Model folder, .gguf file or Hugging Face hub id."),
-    data: Path = typer.Option(..., "--data", "-d", help="Text file (one text per line), folder of text files, JSONL (--field or chat `messages`) or Parquet."),
+    data: Path = typer.Option(..., "--data", "-d", help="Text file (one text per line), folder or glob of text files, JSONL (--field or chat `messages`), Parquet (file, folder or glob) or a `datasets` save_to_disk folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Store folder (created; re-running resumes it)."),
     top_k: int = typer.Option(10, "--top-k", "-k", help="Next-token candidates kept per position."),
     max_length: int = typer.Option(2048, help="Window length in tokens (capped by the model's context)."),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fusekit.corpus import Record
-from fusekit.extract.corpus_shards import default_num_shards, records_by_shard, scan_corpus
+from fusekit.extract.corpus_shards import default_num_shards, records_by_shard, save_index, scan_corpus
 from fusekit.extract.errors import ExtractError
 from fusekit.extract.folder import check_folder, note_complete, open_folder, publish_shard, store_codec, store_num_shards
 from fusekit.extract.model import store_vocab
@@ -88,7 +88,7 @@ def extract(
     if num_shards is not None and not 1 <= num_shards <= MAX_SHARDS:
         raise ExtractError(f"--num-shards must be between 1 and {MAX_SHARDS}")
     out = Path(out)
-    info = scan_corpus(data, field)
+    info = scan_corpus(data, field, out)
     if num_shards is None:
         num_shards = store_num_shards(out) or default_num_shards(info)
     if num_shards > info.n_texts:
@@ -136,6 +136,7 @@ def extract(
 
     open_folder(out, settings, vocab, info, vocab_info(tokenizer, vocab_size).as_json())
     clean_temporaries(out)
+    save_index(out, info, field)
 
     shards = [only] if only is not None else list(range(num_shards))
     pending = [i for i in shards if not shard_is_complete(out, shard_filename(i, num_shards))]
@@ -146,7 +147,7 @@ def extract(
         locks: dict[int, ShardLock] = {}
 
         def claimed() -> Iterator[tuple[int, list[Record]]]:
-            for index, records in records_by_shard(data, field, info.n_texts, num_shards, pending):
+            for index, records in records_by_shard(info, field, num_shards, pending):
                 name = shard_filename(index, num_shards)
                 lock = ShardLock(out, name)
                 if not lock.acquire():
@@ -170,7 +171,7 @@ def extract(
         net = load_net(model, dtype_name, dev, trust_remote_code)
         log = ShardLog(len(pending), enabled=progress)
         with token_bar(progress) as bar:
-            for index, records in records_by_shard(data, field, info.n_texts, num_shards, pending):
+            for index, records in records_by_shard(info, field, num_shards, pending):
                 name = shard_filename(index, num_shards)
                 with ShardLock(out, name) as lock:
                     if not lock.acquire():

@@ -27,6 +27,8 @@ from fusekit.store.atomic import TMP_MARK, write_json_atomic
 from fusekit.store.errors import StoreError
 
 MANIFEST = "manifest.json"
+# A job's saved scan of its corpus (`fusekit.extract.corpus_shards`): a cache, not part of the data.
+CORPUS_INDEX = ".corpus-index.json"
 _SHARD_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.parquet$")
 MAX_SHARDS = 99_999  # shard names carry 5 digits
 _MISSING_SHOWN = 10  # missing shards named one by one; the rest are counted in one line
@@ -227,7 +229,7 @@ def verify_store(folder: str | Path) -> list[str]:
     known = {MANIFEST, *(manifest.get("extra_files") or [])}
     for path in sorted(folder.iterdir()):
         name = path.name
-        if name in known or TMP_MARK in name:
+        if name in known or TMP_MARK in name or name == CORPUS_INDEX:
             continue  # temporaries belong to a running or killed job; the resume rule ignores them
         if name.endswith(".parquet.json"):
             if not (folder / name[: -len(".json")]).is_file():

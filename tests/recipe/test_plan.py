@@ -82,3 +82,36 @@ def test_plan_matches_what_run_writes(tiny_recipe):
     done = CliRunner().invoke(app, ["run", str(tiny_recipe), "--no-progress"], terminal_width=200)
     assert done.exit_code == 0, done.output
     assert "held-out mean CE" in done.output and "minc" in done.output and "target (before)" in done.output
+
+
+@pytest.fixture(scope="module")
+def uneven_corpus(tmp_path_factory, tokenizers_by_kind):
+    """2,000 texts from 3 to 20,000 characters (log-uniform), prose and code, as JSONL and as Parquet."""
+    import numpy as np
+
+    import corpus_files as cf
+
+    big = "\n".join(zoo.stdlib_texts("prose", limit=60) + zoo.stdlib_texts("code", limit=60))
+    rng = np.random.default_rng(1)
+    docs = []
+    for _ in range(2000):
+        n = int(np.exp(rng.uniform(np.log(3), np.log(20_000))))
+        start = int(rng.integers(0, len(big) - n))
+        docs.append(big[start : start + n])
+    root = tmp_path_factory.mktemp("uneven")
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cf.write_parquet(root / "c.parquet", docs, row_group_size=50)
+    tok = tokenizers_by_kind["bpe"]
+    exact = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs if t.strip())  # + EOS per text
+    return root, tok, exact
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.parquet"])
+def test_sampled_token_count_is_within_5_percent_of_the_exact_count(uneven_corpus, name):
+    from fusekit.corpus.counts import count_corpus
+
+    root, tok, exact = uneven_corpus
+    counts = count_corpus(root / name, "text", {"bpe": (tok, 64)}, append_eos=True, exact_bytes=0)
+    assert counts.method == "sampled" and counts.draws < 2000
+    assert abs(counts.tokens["bpe"] - exact) <= 0.05 * exact, (counts.tokens["bpe"], exact)
+    assert counts.error <= 0.02 and "±" in counts.describe()
