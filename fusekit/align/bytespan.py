@@ -4,8 +4,10 @@ whole texts by the chain-rule transfer on exact byte spans (`transfer.Transferer
 Unlike the 1:1 carry (`carry.py`), a text is transferred as a whole, not window by window: the result is
 then cut at the target's window boundaries. Byte spans come from the tokens' own bytes and character
 offsets; where the two models rendered different texts (chat templates), the source's spans are carried
-into the target's text through the bytes both share (`remap.py`). Perfect-source recall is measured on
-the same texts (report.json).
+into the target's text through the bytes both share. Perfect-source recall is measured on the same texts
+(report.json). All of that runs in Rust, in parallel over the texts of a chunk with the GIL released
+(`Transferer.run_texts`, `rust/src/whole_text.rs`; `spans.py` and `remap.py` are the Python references it
+is tested against); only the cutting into windows and the counts stay here.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import numpy as np
 
 from fusekit.align.candidates import SourceStats, bad_target_ids, mean_or_nan
 from fusekit.align.inputs import ExtractedText
-from fusekit.align.recall import perfect_source_topk, recalled
-from fusekit.align.remap import remap_spans
-from fusekit.align.transfer import TextTokens, Transferer
+from fusekit.align.recall import perfect_logp
+from fusekit.align.transfer import TextItem, TextTokens, Transferer
 from fusekit.store.errors import StoreError
 from fusekit.store.types import AlignedWindow, Candidate
 from fusekit.vocab.info import VocabInfo
@@ -48,7 +49,7 @@ def bytespan_candidates(
     the window's mean CE averages it over the rows that carried and whose next token is a loss token.
     Also measures perfect-source recall on the same texts (report.json).
     """
-    items, perfect = [], []
+    items = []
     for t in chunk:
         tt, st = t.target, t.source
         if tt.text is None or st.text is None:
@@ -56,28 +57,22 @@ def bytespan_candidates(
                 "the byte-span transfer needs the texts, and these extraction stores were written without them "
                 "(an older fusekit): re-run `fusekit extract`, or align with --method fusellm"
             )
-        # Byte spans once per text: the real and the perfect-source transfer share them.
-        tgt_tok = TextTokens(tt.ids, tt.offsets, transferer.spans(tt.text, TextTokens(tt.ids, tt.offsets), transferer.target.bytes))
-        src_spans = transferer.source_spans(st.text, TextTokens(st.ids, st.offsets))
-        if st.text != tt.text:  # chat: each model rendered its own template around the same messages
-            src_spans = remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans)
-        src_tok = TextTokens(st.ids, st.offsets, src_spans)
-        items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp, -st.ce))
-        ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
-        perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
+        # Chat: each model rendered its own template around the same messages (source_text differs).
+        items.append(
+            TextItem(tt.text, TextTokens(st.ids, st.offsets), TextTokens(tt.ids, tt.offsets), st.topk_ids, st.topk_logp, -st.ce, st.text, t.text_id)
+        )
     k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1
-    results = transferer.run(items, k)
-    checks = transferer.run(perfect, k)
+    done = transferer.run_texts(items, k, perfect_logp(chunk[0].source.topk_ids.shape[1]) if chunk else (0.0, 0.0))
     bad = bad_target_ids(target_info)
-    for t, res, chk in zip(chunk, results, checks):
+    for t, (res, hits) in zip(chunk, done):
         st = t.source
-        hits = recalled(chk, t.target.ids)
+        res_ce = res.ce  # computed over the whole text, once
         lo = 0
         for w_i, n in enumerate(t.lengths):
             hi = lo + n
             window = out[t.first + w_i]
             ids, probs = res.ids[lo:hi].copy(), res.probs[lo:hi].copy()
-            carried, ce = res.carried[lo:hi].copy(), res.ce[lo:hi].copy()
+            carried, ce = res.carried[lo:hi].copy(), res_ce[lo:hi].copy()
             if n:
                 ids[-1], probs[-1], carried[-1], ce[-1] = -1, 0.0, False, np.nan
             pred = np.ones(max(n - 1, 0), bool)
