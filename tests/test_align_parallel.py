@@ -161,9 +161,9 @@ def test_the_aligned_store_does_not_depend_on_the_number_of_workers(real_pair_st
     assert paper["carried"] > 0 and stat["carried"] > 0
 
 
-def test_rows_do_not_depend_on_where_batches_are_cut(real_pair_stores, tmp_path):
-    """One row group per window (a batch per text) against the store's own row groups: the same rows and
-    the same sidecar counts (report.json sums them in text order)."""
+def test_the_file_does_not_depend_on_where_batches_are_cut(real_pair_stores, tmp_path):
+    """A batch per text against batches of a row group: the same bytes and sidecar counts (report.json
+    sums them in text order); one row group per window holds the same rows."""
     from fusekit.align.shard import ShardJob, align_shard
     from fusekit.align.stage import _source_map
     from fusekit.align.transfer import Method
@@ -171,32 +171,43 @@ def test_rows_do_not_depend_on_where_batches_are_cut(real_pair_stores, tmp_path)
 
     s = real_pair_stores
     target, sources = s["llama-spm"], [s["gpt-2"], s["phi-3"]]
-    fusekit.align_store(target, sources, tmp_path / "a", num_shards=1, workers=2, method=["bytespan", "fusellm"], vocab_map_cache=tmp_path / "c", progress=False)
-    settings = read_manifest(tmp_path / "a")["settings"]
+    kw = dict(num_shards=1, workers=2, method=["bytespan", "fusellm"], vocab_map_cache=tmp_path / "c", progress=False)
+    fusekit.align_store(target, sources, tmp_path / "a", **kw)
+    settings = dict(read_manifest(tmp_path / "a")["settings"], row_group_rows=4)  # several row groups
     vmaps = [_source_map(target, src, Method(m), tmp_path / "c", 2) for src, m in zip(sources, settings["methods"])]
-    whole = align_shard(ShardJob(target, sources, vmaps, settings, 2), 0)
+    job = ShardJob(target, sources, vmaps, settings, 2)
+    whole, texts = align_shard(job, 0), align_shard(job, 0, batch_rows=1)
+    assert texts.data == whole.data and texts.info == whole.info
     small = align_shard(ShardJob(target, sources, vmaps, dict(settings, row_group_rows=1), 2), 0)
     assert pl.read_parquet(io.BytesIO(small.data)).equals(pl.read_parquet(io.BytesIO(whole.data)))
-    assert small.info == whole.info
-    assert whole.data == (tmp_path / "a" / "part-00000-of-00001.parquet").read_bytes()
+    assert small.info == whole.info and whole.info["rows"] > 8
 
 
-def test_streamed_shard_is_the_whole_frame_s_bytes():
+def test_a_streamed_shard_holds_its_rows_and_one_row_group_is_todays_bytes():
     from fusekit.store.aligned_store import encode_shard, stream_shard
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(0, 30, 50)
-    df = pl.DataFrame([
-        pl.Series("text_id", np.arange(50), dtype=pl.Int64),
-        pl.Series("ids", [rng.integers(-1, 9, n).astype(np.int32) for n in lengths], dtype=pl.List(pl.Int32)),
-        pl.Series("p", [rng.random(n).astype(np.float16) for n in lengths], dtype=pl.List(pl.Float16)),
-    ])
+    lengths = rng.integers(0, 40_000, 20)  # several data pages per row group
+
+    def frame(lo: int, hi: int) -> pl.DataFrame:  # built for itself, as the shard's row groups are
+        r = np.random.default_rng(lo)
+        return pl.DataFrame([
+            pl.Series("text_id", np.arange(lo, hi), dtype=pl.Int64),
+            pl.Series("ids", [r.integers(-1, 9, n).astype(np.int32) for n in lengths[lo:hi]], dtype=pl.List(pl.Int32)).cast(pl.List(pl.Int32)),
+        ])
+
     meta = {"b": "2", "a": "1"}
-    for cuts in ([], [50], [1, 2, 3, 20, 50], list(range(1, 51))):
-        buf = io.BytesIO()
-        bounds = [0, *cuts]
-        stream_shard((df.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])), df.schema, buf, 8, meta)
-        assert buf.getvalue() == encode_shard(df if cuts else df.clear(), 8, meta), cuts
+    buf = io.BytesIO()
+    stream_shard(iter([frame(0, 20)]), frame(0, 1).schema, buf, 20, meta)
+    assert buf.getvalue() == encode_shard(frame(0, 20), 20, meta)
+    empty = io.BytesIO()
+    stream_shard(iter([]), frame(0, 1).schema, empty, 8, meta)
+    assert empty.getvalue() == encode_shard(frame(0, 0), 8, meta)
+    groups = io.BytesIO()
+    stream_shard(iter([frame(0, 8), frame(8, 16), frame(16, 20)]), frame(0, 1).schema, groups, 8, meta)
+    assert pl.read_parquet(io.BytesIO(groups.getvalue())).equals(pl.concat([frame(0, 8), frame(8, 16), frame(16, 20)]))
+    with pytest.raises(ValueError, match="one per row group"):
+        stream_shard(iter([frame(0, 5), frame(5, 13)]), frame(0, 1).schema, io.BytesIO(), 8, meta)
 
 
 # ---------------------------------------------------------------------------------------------- counts

@@ -5,11 +5,12 @@ inputs (`ShardJob`), so a resumed, a sharded (`--shard I/N`) or a Ray run writes
 
 A shard is aligned in batches of whole texts holding at least one row group of windows
 (`settings.row_group_rows`): the extraction stores are read text by text as the batches need them, and
-each batch's rows go to the Parquet writer as soon as they are aligned (`aligned_store.stream_shard`),
-so a shard job holds about one row group of windows, whatever the shard's size. Every text is aligned
-on its own, and the counts of the report add up in text order, so the file and its sidecar do not depend
-on where the batches are cut. `align_shard_to` writes a shard's file; `align_shard` returns its bytes
-(a Ray task, whose driver publishes them with `write_shard`).
+the windows go to the Parquet writer a row group at a time as soon as they are aligned
+(`aligned_store.stream_shard`), so a shard job holds about one row group of windows and one batch of
+texts, whatever the shard's size. Every text is aligned on its own, each row group is built from its own
+windows, and the counts of the report add up in text order, so the file and its sidecar do not depend on
+where the batches are cut. `align_shard_to` writes a shard's file; `align_shard` returns its bytes (a
+Ray task, whose driver publishes them with `write_shard`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -27,15 +28,14 @@ import polars as pl
 from fusekit.align.bytespan import WholeText, transfer_whole_texts
 from fusekit.align.candidates import SourceStats, target_candidate
 from fusekit.align.carry import PendingWindow, carry_candidates
-from fusekit.align.inputs import ExtractedText, StoreRef, info_of, open_extract
+from fusekit.align.inputs import ExtractedText, JoinedText, StoreRef, info_of, joined_texts, open_extract
 from fusekit.align.tokens import TokenTable
 from fusekit.align.transfer import Method, Transferer
 from fusekit.align.vocab_cache import VocabMap
 from fusekit.store.aligned_store import shard_metadata, stream_shard, windows_frame
 from fusekit.store.atomic import atomic_file, write_bytes_atomic
-from fusekit.store.errors import StoreError
 from fusekit.store.shards import record_shard, sha256_file, shard_filename, shard_slice
-from fusekit.store.types import AlignedWindow, Window
+from fusekit.store.types import AlignedWindow
 
 
 @dataclass
@@ -58,46 +58,6 @@ class ShardResult:
     seconds: float
     source_seconds: list[float] = field(default_factory=list)
     data: bytes | None = None  # the shard's Parquet file, when it was not written in place
-
-
-# (text id, the target's windows, each source's windows) of one text.
-JoinedText = tuple[int, list[Window], list[list[Window]]]
-
-
-def _texts_in(store, texts: range, role: str) -> Iterator[tuple[int, list[Window]]]:
-    """The store's texts in `texts`, checked to lie in the range and to come in ascending order."""
-    last = -1
-    for text_id, windows in store.iter_texts(texts):
-        text_id = int(text_id)
-        if text_id not in texts:
-            raise StoreError(f"the {role} store returned text {text_id} outside the requested texts {texts.start}..{texts.stop - 1}")
-        if text_id <= last:
-            raise StoreError(f"the {role} store returned text {text_id} after text {last}: texts must come in ascending order")
-        last = text_id
-        yield text_id, list(windows)
-
-
-def joined_texts(target, sources: Sequence, texts: range) -> Iterator[JoinedText]:
-    """Every text of `texts` the target holds, with each source's windows of it ([] where a source has
-    none), reading all stores once, side by side, in text order."""
-    readers = [_texts_in(s, texts, f"source {i + 1}") for i, s in enumerate(sources)]
-    heads = [next(r, None) for r in readers]
-    for text_id, windows in _texts_in(target, texts, "target"):
-        per_source = []
-        for i, reader in enumerate(readers):
-            while heads[i] is not None and heads[i][0] < text_id:
-                heads[i] = next(reader, None)  # a text the target does not hold
-            if heads[i] is not None and heads[i][0] == text_id:
-                per_source.append(heads[i][1])
-                heads[i] = next(reader, None)
-            else:
-                per_source.append([])
-        if windows:
-            yield text_id, windows, per_source
-    for head, reader in zip(heads, readers):  # the rest is still checked, as a whole read would check it
-        if head is not None:
-            for _ in reader:
-                pass
 
 
 def text_batches(texts: Iterator[JoinedText], rows: int) -> Iterator[list[JoinedText]]:
@@ -153,14 +113,25 @@ class _ShardAligner:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
-    def frames(self, texts: range) -> Iterator[pl.DataFrame]:
-        """The shard's rows, a batch of whole texts (at least one row group of windows) at a time."""
+    def frames(self, texts: range, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
+        """The shard's rows, one frame per row group, built from the windows of batches of whole texts
+        holding at least `batch_rows` windows each (default: a row group's)."""
         rows = int(self.job.settings["row_group_rows"])
-        for batch in text_batches(joined_texts(self.target, self.sources, texts), rows):
-            yield self.batch_frame(batch)
+        held: list[AlignedWindow] = []
+        spans: list[tuple[int, int]] = []
+        for batch in text_batches(joined_texts(self.target, self.sources, texts), batch_rows or rows):
+            out, out_spans = self.align_batch(batch)
+            held += out
+            spans += out_spans
+            while len(held) >= rows:
+                yield windows_frame(held[:rows], self.job.settings["ks"], spans[:rows])
+                held, spans = held[rows:], spans[rows:]
+        if held:
+            yield windows_frame(held, self.job.settings["ks"], spans)
 
-    def batch_frame(self, batch: list[JoinedText]) -> pl.DataFrame:
-        """Align the texts of `batch` with every source and return their rows."""
+    def align_batch(self, batch: list[JoinedText]) -> tuple[list[AlignedWindow], list[tuple[int, int]]]:
+        """Align the texts of `batch` with every source: their windows with all candidates, and each
+        window's (char_start, char_end)."""
         sources, methods = self.sources, self.methods
         out: list[AlignedWindow] = []
         spans: list[tuple[int, int]] = []
@@ -201,23 +172,30 @@ class _ShardAligner:
             self.source_seconds[s_i] += time.perf_counter() - t_src
         self.rows += len(out)
         self.tokens += tokens
-        return windows_frame(out, self.job.settings["ks"], spans)
+        return out, spans
 
 
 def align_shard_to(
-    job: ShardJob, index: int, fh: BinaryIO, on_progress: Callable[[int, int], None] | None = None, context: ShardContext | None = None
+    job: ShardJob,
+    index: int,
+    fh: BinaryIO,
+    on_progress: Callable[[int, int], None] | None = None,
+    context: ShardContext | None = None,
+    batch_rows: int | None = None,
 ) -> ShardResult:
     """Align the texts of shard `index` and write its Parquet file into the open file `fh`, row group by
     row group. Returns the sidecar's contents but the file's sha256 (the caller has the file).
 
     `on_progress(done, total)`: (target token, source) pairs aligned so far, of those read so far.
-    `context`: the job's `ShardContext` when several shards share one (prepared here otherwise)."""
+    `context`: the job's `ShardContext` when several shards share one (prepared here otherwise).
+    `batch_rows`: the fewest windows a batch of texts holds (default: a row group's); the file does not
+    depend on it."""
     t0 = time.perf_counter()
     settings = job.settings
     texts = shard_slice(int(settings["n_texts"]), index, int(settings["num_shards"]))
     aligner = _ShardAligner(context or ShardContext(job), on_progress)
     schema = windows_frame([], settings["ks"]).schema
-    stream_shard(aligner.frames(texts), schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
+    stream_shard(aligner.frames(texts, batch_rows), schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
     info = {
         "rows": aligner.rows,
         "tokens": int(aligner.tokens),
@@ -227,11 +205,11 @@ def align_shard_to(
     return ShardResult(index=index, info=info, seconds=time.perf_counter() - t0, source_seconds=aligner.source_seconds)
 
 
-def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], None] | None = None) -> ShardResult:
+def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], None] | None = None, batch_rows: int | None = None) -> ShardResult:
     """`align_shard_to` into a temporary file, returned as bytes in `ShardResult.data` (nothing is written
     where the store is: a Ray task runs this and its driver publishes the bytes with `write_shard`)."""
     with tempfile.TemporaryFile() as fh:
-        result = align_shard_to(job, index, fh, on_progress)
+        result = align_shard_to(job, index, fh, on_progress, batch_rows=batch_rows)
         fh.seek(0)
         result.data = fh.read()
     return result

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from fusekit.align.inputs import ExtractedText, info_of
+from fusekit.align.inputs import ExtractedText, info_of, joined_texts
 from fusekit.align.tokens import DTW_CHUNK, TokenTable, VocabMapStats, align_ids_batch
 from fusekit.align.transfer import Method, Transferer, encode_offsets
 from fusekit.align.vocab_cache import VocabMap, exact_map, pair_digest
@@ -206,9 +206,8 @@ def _window_pairs(target, source, parts: Iterable[range] | None = None) -> Itera
     tokens whose start offset lies in the window's character span. Reads the texts of `parts` (ranges of
     text ids; default: the target's shards, `count_parts`) in turn."""
     for texts in count_parts(target) if parts is None else parts:
-        src_texts = dict(source.iter_texts(texts))
-        for text_id, windows in target.iter_texts(texts):
-            src = ExtractedText.of(src_texts.get(text_id, []), int(source.k))
+        for _, windows, (src_windows,) in joined_texts(target, [source], texts):  # text by text: memory stays small
+            src = ExtractedText.of(src_windows, int(source.k))
             for w in windows:
                 yield src.ids[src.span(int(w.char_start), int(w.char_end))], np.asarray(w.input_ids, np.int64)
 

@@ -109,16 +109,24 @@ def encode_shard(df: pl.DataFrame, rows_per_group: int, metadata: dict[str, str]
 
 
 def stream_shard(frames: Iterable[pl.DataFrame], schema: pl.Schema, fh: BinaryIO, rows_per_group: int, metadata: dict[str, str]) -> None:
-    """Write `frames` (consecutive rows of one shard, in order, each with `schema`) into the open file `fh`
-    as the shard's Parquet file, row group by row group as the frames come: only rows not yet written
-    are held, so memory depends on the row group, not on the shard. The bytes are exactly those of
-    `encode_shard` on the frames concatenated, however they are cut (Polars' streaming sink, which
-    `write_parquet` itself runs). An exception raised while producing the frames propagates as it is.
+    """Write `frames`, one per row group, into the open file `fh` as a shard's Parquet file, each as it
+    comes: memory holds one row group, not the shard. Each frame must hold exactly `rows_per_group` rows
+    (the last may hold fewer; ValueError otherwise) and be built for itself, not sliced from a larger
+    frame: Polars sizes a row group's data pages from the buffers of the frame it cuts the rows from, so
+    the same rows built alone always give the same bytes, whoever produced them. A shard of one row
+    group is byte for byte `encode_shard`'s. An exception raised while producing the frames propagates
+    as it is.
     """
     from polars.io.plugins import register_io_source
 
     def source(with_columns, predicate, n_rows, batch_size) -> Iterator[pl.DataFrame]:  # noqa: ARG001 (nothing is pushed down)
-        yield from frames
+        short = None
+        for frame in frames:
+            if short is not None or frame.height > rows_per_group:
+                raise ValueError(f"stream_shard takes frames of {rows_per_group} rows, one per row group (only the last shorter)")
+            if frame.height < rows_per_group:
+                short = frame.height
+            yield frame
 
     options = dict(PARQUET_OPTIONS, row_group_size=rows_per_group)
     register_io_source(source, schema=schema).sink_parquet(fh, metadata=dict(sorted(metadata.items())), **options)
