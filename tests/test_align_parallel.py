@@ -58,6 +58,9 @@ def test_rust_byte_spans_equal_the_python_reference(name):
         if byte_level and all(info.bytes[i] for i in enc.ids.tolist()):  # independent of both: byte-level pieces spell the text
             assert b"".join(data[s:e] for s, e in want.tolist()) == data
             assert all(data[s:e] == info.bytes[i] for (s, e), i in zip(want.tolist(), enc.ids.tolist()) if info.bytes[i])
+    if name in ("llama-spm", "phi-3"):  # the texts do reach SentencePiece's byte-fallback pieces (<0xF0> …)
+        pieces = tok.convert_ids_to_tokens([i for text in TEXTS for i in encode_offsets(tok, text).ids.tolist()])
+        assert any(p.startswith("<0x") for p in pieces)
     with pytest.raises(ValueError, match="non-decreasing"):
         t.spans("ab", TextTokens(np.array([1, 2]), np.array([1, 0])), info.bytes)
 
@@ -105,6 +108,37 @@ def test_perfect_source_draws_are_numpys(vocab_size, k):
         ids = np.random.default_rng(seed).integers(0, vocab_size, 333)
         want, _ = perfect_source_topk(ids, k, vocab_size, seed=seed)
         np.testing.assert_array_equal(_core.perfect_topk_ids(ids, k, vocab_size, seed), want)
+
+
+def test_a_texts_target_candidates_at_once_are_each_windows_own():
+    """The target's own candidates of a text's windows, computed over the text at once, are each window's
+    top-k renormalised over its kept entries (by hand), with empty slots (-1 ids, -inf log-probs) and a
+    row with none left kept empty, and an empty window in between."""
+    from fusekit.align.candidates import target_candidate, target_candidates
+    from fusekit.store.types import Window
+
+    def window(i, ids, logp):
+        ids, logp = np.array(ids, np.int32).reshape(-1, 2), np.array(logp, np.float32).reshape(-1, 2)
+        n = len(ids)
+        return Window(0, i, 0, 0, np.zeros(n, np.int64), np.zeros(n, np.int64), ids, logp, np.full(n, 0.5, np.float32), 0.5)
+
+    windows = [
+        window(0, [[3, 1], [2, -1]], [[np.log(0.3), np.log(0.1)], [np.log(0.2), 0.0]]),
+        window(1, [], []),
+        window(2, [[5, 4], [-1, 7]], [[-np.inf, np.log(0.6)], [0.0, -np.inf]]),
+    ]
+    want_ids = [[[3, 1], [2, -1]], [], [[-1, 4], [-1, -1]]]
+    want_probs = [[[0.75, 0.25], [1.0, 0.0]], [], [[0.0, 1.0], [0.0, 0.0]]]
+    got = target_candidates(windows)
+    assert len(got) == 3
+    for w, c, ids, probs in zip(windows, got, want_ids, want_probs):
+        assert c.ids.dtype == np.int32 and c.probs.dtype == np.float32 and c.ids.shape == (len(w.input_ids), 2)
+        np.testing.assert_array_equal(c.ids.reshape(-1, 2), np.array(ids, np.int32).reshape(-1, 2))
+        np.testing.assert_allclose(c.probs.reshape(-1, 2), np.array(probs, np.float32).reshape(-1, 2), rtol=1e-6)
+        one = target_candidate(w)  # and exactly what the window alone gives
+        np.testing.assert_array_equal(c.ids, one.ids)
+        np.testing.assert_array_equal(c.probs, one.probs)
+        np.testing.assert_array_equal(c.ce, one.ce)
 
 
 # ---------------------------------------------------------------------------------------------- stores

@@ -25,7 +25,7 @@ from fusekit.store.errors import StoreError
 from fusekit.store.types import AlignedWindow, Candidate
 from fusekit.vocab.info import VocabInfo
 
-TEXT_CHUNK = 64  # texts per transfer_batch call
+TEXT_CHUNK = 64  # texts per Transferer.run_texts call
 
 
 @dataclass
@@ -66,38 +66,40 @@ def bytespan_candidates(
     bad = bad_target_ids(target_info)
     for t, (res, hits) in zip(chunk, done):
         st = t.source
-        res_ce = res.ce  # computed over the whole text, once
+        res_ce = res.ce  # over the whole text, before the windows' last rows are emptied
+        lengths = np.asarray(t.lengths, np.int64)
+        last = (np.cumsum(lengths) - 1)[lengths > 0]
+        # Each window's last row predicts the next window's first token: empty (training never uses it).
+        # The text's arrays are changed in place, and each window's candidate is a view of them.
+        res.ids[last], res.probs[last], res.carried[last], res_ce[last] = -1, 0.0, False, np.nan
         lo = 0
         for w_i, n in enumerate(t.lengths):
-            hi = lo + n
+            hi, m = lo + n, max(n - 1, 0)  # m: the window's predicted positions
             window = out[t.first + w_i]
-            ids, probs = res.ids[lo:hi].copy(), res.probs[lo:hi].copy()
-            carried, ce = res.carried[lo:hi].copy(), res_ce[lo:hi].copy()
-            if n:
-                ids[-1], probs[-1], carried[-1], ce[-1] = -1, 0.0, False, np.nan
-            pred = np.ones(max(n - 1, 0), bool)
+            ids, probs, carried, ce = res.ids[lo:hi], res.probs[lo:hi], res.carried[lo:hi], res_ce[lo:hi]
+            pred = np.ones(m, bool)
             if window.loss_mask is not None and n:
                 pred &= np.asarray(window.loss_mask, bool)[1:]
             # Rows whose true-token probability is unknown (a source window's last row, whose next token the
             # extraction could not score, when the true token is also outside the top-k) have no CE: left in,
             # one NaN would make the whole window's mean unknown and hand the window to the target (MinCE).
-            used = carried[: max(n - 1, 0)] & pred & np.isfinite(ce[: max(n - 1, 0)])
-            mean_ce = mean_or_nan(ce[: max(n - 1, 0)][used].astype(np.float64))
+            used = carried[:m] & pred & np.isfinite(ce[:m])
+            mean_ce = mean_or_nan(ce[:m][used].astype(np.float64))
             window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce))
             stats.windows += 1
-            stats.positions += max(n - 1, 0)
-            counted = carried[: max(n - 1, 0)]
+            stats.positions += m
+            counted = carried[:m]
             stats.carried += int(counted.sum())
-            stats.recalled += int(hits[lo : lo + max(n - 1, 0)].sum())
+            stats.recalled += int(hits[lo : lo + m].sum())
             if not counted.any():
                 stats.empty_windows += 1
-            rows = res.source_row[lo : lo + max(n - 1, 0)][counted]
+            rows = res.source_row[lo : lo + m][counted]
             if rows.size:
                 lp = st.topk_logp[rows].astype(np.float64)
                 present = (st.topk_ids[rows] >= 0) & np.isfinite(lp)
                 stats.topk_mass += float(np.where(present, np.exp(np.where(present, lp, 0.0)), 0.0).sum())
-            live = ids[: max(n - 1, 0)][counted]
-            stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], probs[: max(n - 1, 0)][counted], 0.0).sum())
+            live = ids[:m][counted]
+            stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], probs[:m][counted], 0.0).sum())
             lo = hi
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from fusekit.align.bytespan import WholeText, transfer_whole_texts
-from fusekit.align.candidates import SourceStats, target_candidate
+from fusekit.align.candidates import SourceStats, target_candidates
 from fusekit.align.carry import PendingWindow, carry_candidates
 from fusekit.align.inputs import ExtractedText, JoinedText, StoreRef, info_of, joined_texts, open_extract
 from fusekit.align.tokens import TokenTable
@@ -141,11 +141,11 @@ class _ShardAligner:
         for text_id, windows, src_windows in batch:
             per_source = [ExtractedText.of(sw, int(s.k)) for sw, s in zip(src_windows, sources)]
             first = len(out)
-            for w in windows:
+            for w, own in zip(windows, target_candidates(windows)):
                 slot = len(out)
                 tgt_ids = np.asarray(w.input_ids, dtype=np.int64)
                 mask = None if w.loss_mask is None else np.asarray(w.loss_mask, dtype=bool)
-                out.append(AlignedWindow(text_id=text_id, window=int(w.window), input_ids=tgt_ids, candidates=[target_candidate(w)], loss_mask=mask))
+                out.append(AlignedWindow(text_id=text_id, window=int(w.window), input_ids=tgt_ids, candidates=[own], loss_mask=mask))
                 spans.append((int(w.char_start), int(w.char_end)))
                 for s_i, tt in enumerate(per_source):
                     if methods[s_i] is not Method.BYTESPAN:
