@@ -137,6 +137,7 @@ def train_variant(recipe: Recipe, variant, aligned: Path, out: Path, progress: b
         lam_end=opts.lam_end,
         teacher_temperature=opts.teacher_temperature,
         loss_on=opts.loss_on,
+        gradient_checkpointing=opts.gradient_checkpointing,
         resume=True,
         progress=progress,
     )

@@ -74,6 +74,9 @@ class TrainOptions(Strict):
     lam_end: float | None = Field(None, ge=0, le=1)
     teacher_temperature: float | None = Field(None, gt=0)
     loss_on: Literal["all", "assistant"] | None = None
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute each transformer block's activations in backward (less memory, same numbers)."
+    )
 
     def resolved(self, name: str) -> Any:
         """An option's value: as set here, else the preset's (FuseLLM's when no preset is named)."""

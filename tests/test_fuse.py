@@ -145,3 +145,15 @@ def test_bad_input_is_a_clear_error():
     broken = AlignedWindow(0, 0, np.array([1, 2, 3, 4]), [TARGET])
     with pytest.raises(FusionError, match="do not match 4 positions"):
         fuse_window(broken)
+
+
+def test_a_candidate_taken_whole_keeps_its_slots_and_still_sums_a_repeated_id():
+    # MinCE at window level takes candidate 1 whole: its own slots (an empty one stays empty) …
+    ids = [np.array([[3, 4, 5]]), np.array([[7, -1, 2]])]
+    probs = [np.array([[0.2, 0.3, 0.5]]), np.array([[0.6, 0.0, 0.4]])]
+    fused = merge_weighted(ids, probs, np.array([[0.0, 1.0]]))
+    assert as_dict(fused.ids[0], fused.probs[0]) == pytest.approx({7: 0.6, 2: 0.4})
+    # … and where an id repeats within a position (never in a store: alignment sums collisions), it is summed.
+    fused = merge_weighted([np.array([[7, 7, 2]])], [np.array([[0.3, 0.3, 0.4]])], np.array([[1.0]]))
+    assert as_dict(fused.ids[0], fused.probs[0]) == pytest.approx({7: 0.6, 2: 0.4})
+    assert int((fused.ids[0] == 7).sum()) == 1

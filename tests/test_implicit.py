@@ -546,3 +546,82 @@ def test_generation_stops_at_the_models_own_end_of_turn_ids(tiny):
             assert new[0].tokens == old[0].tokens and new[0].finish_reason == "length"
         else:
             assert new[0].tokens == old[0].tokens[:cut] and new[0].finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------------------------------- the fused step
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # untied output layer; tied to the embeddings
+def test_fused_sequence_logps_equal_the_logits_path_in_value_and_gradient(arch, tiny, tokenizers_by_kind, tmp_path, monkeypatch):
+    """SFT's and DPO's log π(y | x) from the output layer in chunks of 3 positions (never [B, L, V]) vs
+    `sequence_logps` on the model's full logits: the same values, the same gradient of a non-linear
+    (DPO-like) loss and of the SFT sum, on a padded batch with masked prompts."""
+    import fusekit.train.linear_loss as linear_loss
+    from fusekit import zoo
+    from fusekit.implicit.sequences import collate, encode, sequence_logps
+    from fusekit.models.load import load_model, load_tokenizer
+    from fusekit.train.head import LogpStep
+
+    tok = load_tokenizer(tiny["policy"])
+    path = tiny["policy"] if arch == "llama" else zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], tmp_path / "g", hidden=32, context=128)
+    net = load_model(path).eval()
+    monkeypatch.setitem(linear_loss.CHUNK_ELEMENTS, "cpu", 3 * len(tok))
+    batch = collate([encode(tok, m, c, 512) for m, c, _ in TRIPLES] + [encode(tok, m, r, 512) for m, _, r in TRIPLES], tok.pad_token_id)
+    n = len(TRIPLES)
+
+    def loss_and_grads(logps):
+        loss = -torch.nn.functional.logsigmoid(0.3 * (logps[:n] - logps[n:])).sum() - 0.01 * logps.sum()
+        net.zero_grad()
+        loss.backward()
+        return logps.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
+
+    want, want_grads = loss_and_grads(sequence_logps(net, batch))
+    step = LogpStep(net, fused=True)
+    got, got_grads = loss_and_grads(step(batch.input_ids, batch.attention_mask, batch.labels))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+DPO_WORKER = """
+import pickle, sys
+from pathlib import Path
+from fusekit.implicit.config import DPOOptions
+from fusekit.implicit.objectives import PreferenceObjective
+from fusekit.implicit.tune import fit
+with open(sys.argv[1], "rb") as f:
+    model, encoded, refs, pad, world = pickle.load(f)
+out = Path(sys.argv[2])
+opts = DPOOptions(lr=1e-3, epochs=2, batch_size=3, seed=1, save_every=2)
+objective = PreferenceObjective(encoded, refs, pad, objective="dpo", beta=0.3, alpha=0.5, batch_size=3, epochs=2, seed=1, world_size=world)
+fit(model, objective, opts, out, save_to=out / "model")
+"""
+
+
+def test_dpo_on_two_processes_equals_one_process(tiny, tmp_path):
+    """DPO through the fused step under torchrun (DDP, gloo): each rank takes its share of every step's
+    pairs — one rank none at the last step — and the run equals one process on whole steps."""
+    import pickle
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fusekit.implicit.sequences import encode
+    from fusekit.models.load import load_tokenizer
+    from torchrun_helpers import metrics, torchrun
+
+    tok = load_tokenizer(tiny["policy"])
+    encoded = [[encode(tok, m, c, 256) for m, c, _ in TRIPLES + TRIPLES[:1]], [encode(tok, m, r, 256) for m, _, r in TRIPLES + TRIPLES[:1]]]
+    refs = [[-30.0, -21.0, -15.0, -10.0], [-25.0, -20.0, -16.0, -12.0]]
+    torchrun(tmp_path, DPO_WORKER, (tiny["policy"], encoded, refs, tok.pad_token_id, 2), str(tmp_path / "ddp"))
+    (tmp_path / "job1.pkl").write_bytes(pickle.dumps((tiny["policy"], encoded, refs, tok.pad_token_id, 1)))
+    with pytest.MonkeyPatch.context() as mp:  # the same script in this process: one rank
+        mp.setattr(sys, "argv", ["worker", str(tmp_path / "job1.pkl"), str(tmp_path / "one")])
+        exec(DPO_WORKER, {})
+    ddp, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert len(ddp) == len(one) == 4  # 4 pairs, batches of 3: steps of 3 and 1 pairs, two epochs
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+    wa, wb = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors")), load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    for name in wb:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-6, msg=name)

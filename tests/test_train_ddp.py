@@ -1,4 +1,5 @@
-"""DDP on gloo: 2 real processes (torchrun) match 1 process with twice the gradient accumulation."""
+"""DDP on gloo: 2 real processes (torchrun), with activation checkpointing, match 1 process without it and with
+twice the gradient accumulation."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import fusekit
 windows_file, model, out = sys.argv[1:4]
 with open(windows_file, "rb") as f:
     windows = pickle.load(f)
-fusekit.train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token", lr=1e-3,
+fusekit.train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token", lr=1e-3, gradient_checkpointing=True,
               batch_size=1, grad_accum=1, max_length=24, save_every=2, progress=False)
 """
 

@@ -157,6 +157,21 @@ def test_recipe_train_options_resolve_unset_values_from_their_preset():
     assert TrainOptions().resolved("lam_schedule") == "constant"
 
 
+def test_gradient_checkpointing_is_a_recipe_key_and_a_resumable_option():
+    """Off unless asked (presets included); it changes memory, not the run, so a resume may switch it."""
+    from fusekit.recipe import TrainOptions
+
+    def options(train: TrainOptions) -> dict:
+        return {k: v for k, v in train.model_dump().items() if k != "variants"}
+
+    assert build_config(**options(TrainOptions())).gradient_checkpointing is False
+    for preset in ("fusellm", "fusechat"):
+        assert build_config(preset=preset).gradient_checkpointing is False
+    on = build_config(**options(TrainOptions.model_validate({"gradient_checkpointing": True})))
+    assert on.gradient_checkpointing is True and "gradient_checkpointing" not in on.identity()
+    assert build_config(fsdp=True, fsdp_offload=True).identity() == build_config().identity()
+
+
 def test_safe_state_round_trips_plain_values_and_tensors_and_refuses_objects(tmp_path):
     import random
 

@@ -44,17 +44,22 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary and the problems as JSON."),
 ) -> None:
     """Print a store's manifest, shards, size and (extraction stores) compression KL and CE distribution;
-    verify every shard's sha256.
+    verify every shard's sha256 (and stamp the intact ones, so that readers need not hash them again).
 
     Exit status: 0 sound and complete; 1 a corrupt, foreign or unreadable file (named); 2 shards still missing.
     """
     from fusekit.store.extract_format import CE_BIN, FORMAT
     from fusekit.store.extract_summary import summarize
-    from fusekit.store.shards import complete_shards, read_manifest, verify_store
+    from fusekit.store.shards import complete_shards, read_manifest, stamp_shard, verify_store
 
     manifest = read_manifest(folder)
     problems = verify_store(folder)
     sidecars = complete_shards(folder)
+    # Every shard just hashed and found intact is stamped: readers trust it at start-up without hashing.
+    bad = {p.split(":", 1)[0] for p in problems}
+    for name in sidecars:
+        if name not in bad:
+            stamp_shard(folder, name)
     summary = summarize(list(sidecars.values())) if manifest.get("format") == FORMAT else None
     missing_only = bool(problems) and all(": missing shard" in p for p in problems)
     if as_json:

@@ -52,14 +52,28 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (always at the end)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps; the schedule spans them."),
     stop_after: Optional[int] = typer.Option(None, help="Checkpoint and stop after N steps of this invocation (for time-limited jobs)."),
-    fsdp: Optional[bool] = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP2 (per transformer block) instead of DDP."),
+    fsdp: Optional[bool] = typer.Option(
+        None, "--fsdp/--ddp", help="Under torchrun: shard the model with FSDP2 (per transformer block) instead of DDP; "
+        "no rank but rank 0 ever holds the whole model."
+    ),
+    fsdp_offload: Optional[bool] = typer.Option(
+        None, "--fsdp-offload/--no-fsdp-offload", help="With --fsdp: keep shards, gradients and optimizer state in host memory."
+    ),
+    gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute each transformer block's activations in backward: far less memory, ~1/3 more compute, same numbers.",
+    ),
+    loader_workers: Optional[int] = typer.Option(
+        None, help="Processes per rank that decode and fuse the aligned store ahead (default: by the cores per rank; 0 = none)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train MODEL on λ·CLM + (1−λ)·fusion loss over the aligned store; the model ends up in OUT.
 
-    Multi-GPU: torchrun --nproc-per-node N --no-python fusekit train … (DDP; --fsdp to shard with FSDP2).
+    Multi-GPU: torchrun --nproc-per-node N --no-python fusekit train … (DDP; --fsdp to shard with FSDP2,
+    --gradient-checkpointing for long rows or large targets).
     At the end it prints tokens/s and peak memory.
     """
     from fusekit.train import train
@@ -69,7 +83,7 @@ def train_command(
         loss_on=loss_on, fused_head=fused_head, fusion=fusion, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
-        fsdp=fsdp,
+        fsdp=fsdp, fsdp_offload=fsdp_offload, gradient_checkpointing=gradient_checkpointing, loader_workers=loader_workers,
     )
     result = train(model, aligned, out, config=config, resume=resume, progress=progress, device=device, **options)
     if int(os.environ.get("RANK", "0")) == 0:

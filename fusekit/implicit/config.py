@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -74,10 +74,18 @@ class SFTOptions(Strict):
     clip: float = Field(1.0, ge=0)
     seed: int = 0
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps: a killed run continues from the last one.")
+    fused_head: Literal["auto", "on", "off"] = Field(
+        "auto", description="Sequence log-probs from the output layer in chunks (no [B, L, V] logits); auto falls back "
+        "to the logits path for a model whose head is not a plain linear layer, on refuses it.",
+    )
+    fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP2 instead of DDP.")
+
+    # How the steps are computed, not what they compute: a finished stage is not redone when these change.
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"save_every", "fused_head", "fsdp"})
 
     def identity(self) -> dict[str, Any]:
-        """The options the trained model depends on (how often it is checkpointed is not one)."""
-        return self.model_dump(exclude={"save_every"})
+        """The options the trained model depends on (how often it is checkpointed, or on how many devices, is not one)."""
+        return self.model_dump(exclude=set(self.NOT_IDENTITY))
 
 
 class DPOOptions(SFTOptions):

@@ -57,16 +57,66 @@ def _prompts_identity(prompts: list[Prompt]) -> str:
     return fingerprint([[p.id, p.messages, p.reference] for p in prompts])
 
 
+# Under torchrun rank 0 runs the stages; the other ranks wait for its word and join the training ones.
+_STOP, _SFT, _DPO = 0, 1, 2
+
+
+def _tell(d, command: int) -> int:
+    """Rank 0's next command, on every rank (a sum in which only rank 0 counts)."""
+    if not d.enabled:
+        return command
+    return int(d.sum([float(command) if d.is_main else 0.0], d.device(None))[0])
+
+
+def _pairs_file(config: ImplicitConfig) -> Path:
+    root = Path(config.workdir)
+    return root / ("wrpo.parquet" if config.dpo.objective == "wrpo" else "pairs.parquet")
+
+
+def _follow(config: ImplicitConfig, d) -> dict:
+    """A rank other than 0: train when rank 0 trains (SFT, DPO/WRPO), on the files it has just written."""
+    root = Path(config.workdir)
+    while True:
+        command = _tell(d, _STOP)
+        if command == _STOP:
+            return {"eval": [], "score": {"failed": 0}, "sft": {}, "dpo": {}, "seconds": {},
+                    "models": {"sft": str(root / "sft" / "model"), "dpo": str(root / "dpo" / "model")}}
+        by_id = {p.id: p for p in read_prompts(config.prompts.data)}
+        if command == _SFT:
+            run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft", False)
+        elif command == _DPO:
+            run_dpo(root / "sft" / "model", by_id, pl.read_parquet(_pairs_file(config)), config.dpo, root / "dpo", False)
+
+
 def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, config_dir: Path | None = None) -> dict:
     """Run (or resume) every stage of implicit fusion; returns what it wrote to WORKDIR/results.json.
 
     `config` is an ImplicitConfig (paths already absolute) or the path of its YAML file. User reward
     functions are imported from the config file's folder first (`config_dir` for an object).
-    Raises ImplicitError / RecipeError with a one-line reason for bad input.
+    Under `torchrun` rank 0 runs every stage and the other ranks join SFT and DPO/WRPO (DDP, or FSDP2
+    with `fsdp: true`); they return no results. Raises ImplicitError / RecipeError with a one-line
+    reason for bad input.
     """
+    from fusekit.train.ddp import init_distributed
+
     if not isinstance(config, ImplicitConfig):
         config_dir = Path(config).resolve().parent
         config = load_implicit(config)
+    d = init_distributed()
+    if not d.is_main:
+        return _follow(config, d)
+    training: list[bool] = [False]  # set while every rank is inside SFT/DPO (an error there ends them all)
+    try:
+        result = _stages(config, progress, config_dir, d, training)
+    except BaseException:
+        if not training[0]:
+            _tell(d, _STOP)
+        raise
+    _tell(d, _STOP)
+    return result
+
+
+def _stages(config: ImplicitConfig, progress: bool, config_dir: Path | None, d, training: list[bool]) -> dict:
     say = console.rule if progress else (lambda *_a, **_k: None)
 
     def note(message: str) -> None:
@@ -153,7 +203,10 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
     if record is None:
         if not resuming:  # checkpoints of another run
             shutil.rmtree(root / "sft" / "checkpoints", ignore_errors=True)
+        _tell(d, _SFT)
+        training[0] = True
         info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft", progress)
+        training[0] = False
         redo = True
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
@@ -186,7 +239,10 @@ def implicit_fusion(config: ImplicitConfig | str | Path, progress: bool = True, 
         if not resuming:  # another SFT model or other options: stored log-probs and checkpoints are stale
             (root / "dpo" / "reference.parquet").unlink(missing_ok=True)
             shutil.rmtree(root / "dpo" / "checkpoints", ignore_errors=True)
+        _tell(d, _DPO)
+        training[0] = True
         info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo", progress)
+        training[0] = False
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record

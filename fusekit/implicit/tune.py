@@ -6,8 +6,14 @@
 
 The objectives (what a batch is, how its loss is computed) are in `objectives.py`; optimizer, schedule
 (linear warm-up, cosine decay), clipping, checkpoints, metrics.jsonl and the progress bar are
-`fusekit.train.engine.run`. With `save_every`, a stage killed mid-training continues from its last
-checkpoint; without, it starts over (models are written once, when a stage finishes).
+`fusekit.train.engine.run`, with fusion training's step module for sequence log-probs
+(`fusekit.train.head.LogpStep`: the output layer in chunks, never [B, L, V] logits, where the model's
+head allows it). With `save_every`, a stage killed mid-training continues from its last checkpoint;
+without, it starts over (models are written once, when a stage finishes).
+
+Under `torchrun` the stages train on every rank with DDP (FSDP2 with `fsdp: true`), each rank on its
+share of every step's batch, and rank 0 writes the model; the reference log-probs are split over the
+ranks too.
 """
 
 from __future__ import annotations
@@ -25,56 +31,102 @@ from fusekit.implicit.config import DPOOptions, SFTOptions
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.objectives import PreferenceObjective, SFTObjective
 from fusekit.implicit.prompts import Prompt
-from fusekit.implicit.sequences import Encoded, collate, encode, pad_id, sequence_logps
+from fusekit.implicit.sequences import Encoded, collate, encode, pad_id
 from fusekit.implicit.stage import write_parquet
 
 
-def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: bool = False):
+def _distributed():
+    from fusekit.train.ddp import init_distributed
+
+    return init_distributed()
+
+
+def _device(d):
+    return d.device(None) if d.enabled else resolve_device(None)
+
+
+def _step_module(net, opts: SFTOptions, dev, d):
+    """The engine's step module: sequence log-probs through the chunked head where the model allows it."""
+    import warnings
+
+    from fusekit.train.head import LogpStep, head_problem
+
+    problem = None if opts.fused_head == "off" else head_problem(net, dev)
+    if problem is not None and opts.fused_head == "on":
+        raise ImplicitError(f"fused_head on: {type(net).__name__}: {problem}; use fused_head auto or off")
+    if problem is not None and d.is_main:
+        warnings.warn(f"{type(net).__name__}: {problem}: sequence log-probs through full [B, L, V] logits", stacklevel=3)
+    return LogpStep(net, fused=opts.fused_head != "off" and problem is None)
+
+
+def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: bool = False, save_to: Path | None = None, tokenizer=None):
     """Train `model` (a path or hub id) on `objective` with the engine; returns (the trained net, metrics rows).
 
     With `opts.save_every`, a checkpoint (fusekit.train's format: weights, optimizer, schedule, step,
     RNG) is written every that many steps under OUT/checkpoints; a call that finds one continues from
     the latest, exactly. Checkpoints are removed when training ends; the metrics stay in OUT/metrics.jsonl.
-    Raises ImplicitError for a checkpoint that cannot be resumed from.
+    `save_to`: the folder the trained model (and `tokenizer`) is written to, by rank 0, from the full
+    weights (gathered from the shards under FSDP2). Under torchrun the objective must split each step
+    over the ranks (`world_size`). Raises ImplicitError for a checkpoint that cannot be resumed from.
     """
     import torch
 
     from fusekit.models.load import load_model
     import fusekit.train.checkpoint as ckpt
     import fusekit.train.engine as engine
-    from fusekit.train.ddp import Dist
+    from fusekit.train.ddp import shard
 
+    d = _distributed()
     found = ckpt.list_checkpoints(out)
     start = found[-1] if found else None
-    net = load_model(start or model)
+    # A checkpoint written under FSDP2 holds each rank's part of the weights, read after sharding below.
+    sharded_start = start is not None and ckpt.is_sharded(start)
+    net = load_model(model if sharded_start else (start or model))
     net.config.use_cache = False
     torch.manual_seed(opts.seed)
-    dev = resolve_device(None)
+    dev = _device(d)
     net.to(dev).train()
     settings = engine.EngineSettings(
         lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95), warmup_ratio=opts.warmup_ratio, clip=opts.clip,
-        bf16=dev.type == "cuda", save_every=opts.save_every, keep_checkpoints=1, checkpoint_at_end=False,
+        bf16=dev.type == "cuda", fsdp=opts.fsdp, save_every=opts.save_every, keep_checkpoints=1, checkpoint_at_end=False,
     )
+
+    step_module = _step_module(net, opts, dev, d)
+    if sharded_start:
+        if opts.fsdp and d.grouped:
+            step_module = shard(step_module, dev, bf16=settings.bf16)  # the engine keeps a sharded module as it is
+        ckpt.load_model_shards(start, step_module, net)
+
+    def export(_last: dict) -> None:
+        _save(net, step_module, tokenizer, save_to, opts.fsdp and d.grouped, d)
+
     try:
-        engine.run(net, objective, out, settings, Dist(), dev, start=start, progress=progress)
+        engine.run(net, objective, out, settings, d, dev, step_module=step_module, start=start,
+                   progress=progress and d.is_main, export=export if save_to is not None else None)
     except ckpt.CheckpointError as exc:
         raise ImplicitError(f"{exc} (or delete {ckpt.checkpoints_dir(out)})") from None
-    shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
+    if d.is_main:
+        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
+    d.barrier()
     net.eval()
     return net, engine.read_metrics(out)
 
 
-def _save(net, tokenizer, folder: Path) -> Path:
-    """Save model + tokenizer to a temporary folder, then rename it to `folder`."""
-    from fusekit.models.load import quiet_transformers
+def _save(net, step_module, tokenizer, folder: Path, sharded: bool, d) -> Path:
+    """Save model + tokenizer to a temporary folder, then rename it to `folder` (`write_hf_model`: under
+    FSDP2 every rank writes its shards, no rank gathers the model). Collective."""
+    from fusekit.train.export import write_hf_model
 
     tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_transformers():
-        net.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    write_hf_model(tmp, net, step_module, tokenizer, sharded, d)
+    if d.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    d.barrier()
     return folder
 
 
@@ -106,9 +158,8 @@ def run_sft(model: str | Path, prompts: dict[str, Prompt], sft: pl.DataFrame, op
     if not items:
         raise ImplicitError(f"no SFT example fits sft.max_length={opts.max_length}: raise it")
     t0 = time.perf_counter()
-    objective = SFTObjective(items, pad_id(tok), opts.batch_size, opts.epochs, opts.seed)
-    net, log = fit(model, objective, opts, out, progress)
-    _save(net, tok, out / "model")
+    objective = SFTObjective(items, pad_id(tok), opts.batch_size, opts.epochs, opts.seed, world_size=_distributed().world_size)
+    net, log = fit(model, objective, opts, out, progress, save_to=out / "model", tokenizer=tok)
     return {"examples": len(items), "skipped": skipped, "steps": len(log), "final_loss": log[-1]["loss"], "seconds": time.perf_counter() - t0}
 
 
@@ -140,19 +191,27 @@ def reference_logps(model: str | Path, prompts: dict[str, Prompt], pairs: pl.Dat
 
     if path.is_file():
         return pl.read_parquet(path)
+    d = _distributed()
     net, tok = _load(model)
-    dev = resolve_device(None)
+    dev = _device(d)
     net.to(dev).eval()
+    step = _step_module(net, opts, dev, d)
     columns = _columns(opts)
     keep, encoded = _pair_items(tok, prompts, pairs, opts.max_length, columns)
     pad = pad_id(tok)
-    values: dict[str, list[float]] = {f"ref_{c}": [] for c in columns}
+    values: dict[str, list[float]] = {}
     with torch.inference_mode():
         for c, items in zip(columns, encoded):
-            for i in range(0, len(keep), opts.batch_size):
-                values[f"ref_{c}"].extend(sequence_logps(net, collate(items[i : i + opts.batch_size], pad, dev)).tolist())
+            mine = np.zeros(len(keep), dtype=np.float64)  # this rank's batches; the other ranks' stay 0 here
+            for b, i in enumerate(range(0, len(keep), opts.batch_size)):
+                if b % d.world_size == d.rank:
+                    batch = collate(items[i : i + opts.batch_size], pad, dev)
+                    mine[i : i + len(batch.input_ids)] = step(batch.input_ids, batch.attention_mask, batch.labels).double().cpu().numpy()
+            values[f"ref_{c}"] = d.sum(mine.tolist(), dev) if d.enabled else mine.tolist()
     frame = pl.DataFrame({"row": keep, **values}, schema={"row": pl.Int64, **{k: pl.Float64 for k in values}})
-    write_parquet(frame, path)
+    if d.is_main:
+        write_parquet(frame, path)
+    d.barrier()
     return frame
 
 
@@ -179,9 +238,9 @@ def run_dpo(sft_model: str | Path, prompts: dict[str, Prompt], pairs: pl.DataFra
     objective = PreferenceObjective(
         encoded, [ref[f"ref_{c}"].to_numpy() for c in columns], pad_id(tok), objective=opts.objective,
         beta=opts.beta, alpha=opts.alpha, batch_size=opts.batch_size, epochs=opts.epochs, seed=opts.seed,
+        world_size=_distributed().world_size,
     )
-    net, log = fit(sft_model, objective, opts, out, progress)
-    _save(net, tok, out / "model")
+    net, log = fit(sft_model, objective, opts, out, progress, save_to=out / "model", tokenizer=tok)
     last = log[-max(1, len(log) // 4):]
     return {
         "pairs": len(keep), "skipped": pairs.height - len(keep), "steps": len(log), "final_loss": log[-1]["loss"],

@@ -183,24 +183,39 @@ def load_model(model: str | Path, dtype=None, trust_remote_code: bool = False):
     A GGUF-loaded model refuses `save_pretrained`, so its (dequantised) weights are moved into a model
     built from the same config.
     """
+    from transformers import AutoModelForCausalLM
+
+    loaded, gguf = _from_pretrained(model, dtype, trust_remote_code)
+    if not gguf:
+        return loaded
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=loaded.dtype, trust_remote_code=trust_remote_code)
+    plain.load_state_dict(loaded.state_dict())
+    return plain
+
+
+def load_weights(model: str | Path, dtype=None, trust_remote_code: bool = False):
+    """(config, state dict) of the causal LM `load_model` would return — the same tensors — without
+    rebuilding a GGUF-loaded model into a savable one (which would hold the weights twice)."""
+    loaded, _ = _from_pretrained(model, dtype, trust_remote_code)
+    return loaded.config, loaded.state_dict()
+
+
+def _from_pretrained(model: str | Path, dtype, trust_remote_code: bool):
+    """(the model as `from_pretrained` loads it in `dtype`, whether it came from a GGUF file); a GGUF
+    model's config loses its quantization_config, since its weights are dequantised."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = dtype or torch.float32
     where, extra = split_model_ref(model)
     try:
         with quiet_transformers():
-            loaded = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+            loaded = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
         raise ModelLoadError(f"cannot load a model from {model}: {exc}") from None
-    if "gguf_file" not in extra:
-        return loaded
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    plain.load_state_dict(loaded.state_dict())
-    return plain
+    gguf = "gguf_file" in extra
+    if gguf and hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    return loaded, gguf
 
 
 def load_config(model: str | Path, trust_remote_code: bool):

@@ -20,11 +20,18 @@ Candidate 0 is the target itself, then the sources in the order given to `fuseki
 the manifest (`settings.ks`). Row groups hold `settings.row_group_rows` windows, so a random read
 decodes one row group, not the shard: the reader keeps at most one decoded row group (random access)
 or one decoded shard (sequential iteration) in memory. The writer (`stream_shard`) likewise takes the
-rows a row group at a time.
+rows a row group at a time; the trainer reads whole row groups (`group_bounds`, `read_group`) and
+shuffles within a buffer of them (`fusekit.train.shuffle`).
+
+Opening a store does not hash it: each shard's sha256 was checked when it was written (or by
+`fusekit inspect`), and a shard edited since then is newer than its sidecar, which the reader sees from
+file times alone and answers by hashing that shard (`shards.shard_is_stamped`): start-up costs the same
+for a store of any size, and an edited shard is refused, named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -34,16 +41,20 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 import numpy as np
 import polars as pl
 
-from fusekit.store.atomic import PARQUET_OPTIONS
+from fusekit.store.atomic import PARQUET_OPTIONS, write_bytes_atomic
 from fusekit.store.errors import StoreError
 from fusekit.store.shards import (
     complete_shards,
     edited_manifest_error,
     foreign_sidecars,
+    open_store,
     read_manifest,
+    record_shard,
     sha256_file,
     shard_count,
     shard_filename,
+    shard_is_stamped,
+    stamp_shard,
 )
 from fusekit.store.types import AlignedWindow, Candidate
 
@@ -160,8 +171,31 @@ class _Flat:
         return self.values[self.starts[i] : self.starts[i + 1]]
 
 
+WINDOW_COLUMNS = ["text_id", "window", "has_mask", "input_ids", "loss_mask"]
+
+
+def candidate_columns(ks: Sequence[int]) -> list[str]:
+    return [f"c{c}_{part}" for c in range(len(ks)) for part in ("ids", "probs", "ce", "mean_ce")]
+
+
+def _normalised(probs: np.ndarray, k: int) -> np.ndarray:
+    """float16 probabilities [positions · k] → float32 [positions, k], each row renormalised to sum 1
+    (float16 rounding leaves rows a few 1e-4 off 1; fusion expects exact distributions); done once per
+    decoded block, not per window."""
+    p = probs.astype(np.float32).reshape(-1, k)
+    total = p[:, 0].copy()
+    for j in range(1, k):  # k column adds: several times faster than a sum over a short last axis
+        total += p[:, j]
+    total[total == 0] = 1.0  # an empty row stays 0
+    p /= total[:, None]
+    return p
+
+
 class _Decoded:
-    """A decoded block of rows (a row group or a whole shard) as flat numpy arrays."""
+    """A decoded block of rows (a row group or a whole shard) as flat numpy arrays.
+
+    A block read without the candidate columns gives windows without candidates (training on CLM alone).
+    """
 
     def __init__(self, df: pl.DataFrame, ks: Sequence[int]):
         self.ks = list(ks)
@@ -170,10 +204,11 @@ class _Decoded:
         self.has_mask = df["has_mask"].to_numpy()
         self.input_ids = _Flat.of(df["input_ids"])
         self.mask = _Flat.of(df["loss_mask"])
+        with_candidates = bool(self.ks) and "c0_ids" in df.columns
         self.cands = [
-            (_Flat.of(df[f"c{c}_ids"]), _Flat.of(df[f"c{c}_probs"]), _Flat.of(df[f"c{c}_ce"]), df[f"c{c}_mean_ce"].to_numpy())
-            for c in range(len(self.ks))
-        ]
+            (_Flat.of(df[f"c{c}_ids"]), _normalised(_Flat.of(df[f"c{c}_probs"]).values, k), _Flat.of(df[f"c{c}_ce"]), df[f"c{c}_mean_ce"].to_numpy())
+            for c, k in enumerate(self.ks)
+        ] if with_candidates else []
 
     def __len__(self) -> int:
         return len(self.text_id)
@@ -181,16 +216,13 @@ class _Decoded:
     def window_at(self, i: int) -> AlignedWindow:
         ids = self.input_ids.row(i).astype(np.int64)
         n = len(ids)
+        at = int(self.input_ids.starts[i])  # the window's first position; candidates hold n positions each too
         cands = []
         for k, (c_ids, c_probs, c_ce, c_mean) in zip(self.ks, self.cands):
-            probs = c_probs.row(i).astype(np.float32).reshape(n, k)
-            total = probs.sum(axis=1, keepdims=True)
-            # float16 rounding leaves rows a few 1e-4 off 1; fusion expects exact distributions.
-            probs = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
             cands.append(
                 Candidate(
                     ids=c_ids.row(i).reshape(n, k).copy(),
-                    probs=probs,
+                    probs=c_probs[at : at + n].copy(),
                     ce=c_ce.row(i).copy(),
                     mean_ce=float(c_mean[i]),
                 )
@@ -200,9 +232,15 @@ class _Decoded:
 
 
 class AlignedStore:
-    """Read an aligned store folder: `len`, random access `store[i]`, `window_lengths()`, `iter_windows()`."""
+    """Read an aligned store folder: `len`, random access `store[i]`, `window_lengths()`, `iter_windows()`,
+    and whole row groups (`group_bounds()`, `read_group(g)`).
 
-    def __init__(self, folder: str | Path):
+    `check=False` skips the shard check of the module docstring (a worker process whose parent opened
+    the same store a moment ago). Raises StoreError for an incomplete store, an edited manifest, or a
+    shard changed since it was verified (the file named).
+    """
+
+    def __init__(self, folder: str | Path, check: bool = True):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise StoreError(f"no aligned store at {self.folder}: run `fusekit align` first, or check the path")
@@ -230,13 +268,31 @@ class AlignedStore:
                 f"{', …' if len(missing) > 8 else ''}); finish `fusekit align` (re-run it, or run the missing --shard I/N)"
             )
         self._files = [self.folder / name for name in names]
-        self._sha = [done[name].get("sha256") for name in names]
-        self._verified: set[int] = set()
+        if check:
+            for name in names:
+                self._check_shard(name, done[name].get("sha256"))
         self._rows = np.array([int(done[name]["rows"]) for name in names], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._rows)])
         self._cached: tuple[int, int] | None = None
         self._block: _Decoded | None = None
         self._lengths: np.ndarray | None = None
+        self.groups_read = 0  # row groups decoded by `read_group` (the trainer's reads), for the record
+
+    def _check_shard(self, name: str, sha: str | None) -> None:
+        """Hash a shard that changed since it was verified; refuse it, named, when its bytes differ."""
+        if shard_is_stamped(self.folder, name):
+            return
+        path = self.folder / name
+        try:
+            ok = sha256_file(path) == sha
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not ok:
+            raise StoreError(
+                f"{path}: sha256 mismatch (the shard was changed after it was written or verified, or is corrupt; "
+                "delete it and re-run `fusekit align`)"
+            )
+        stamp_shard(self.folder, name)
 
     @property
     def n_candidates(self) -> int:
@@ -251,17 +307,9 @@ class AlignedStore:
         return int(self._starts[-1])
 
     def _shard(self, i: int, **scan) -> pl.DataFrame:
-        """Shard i (or a slice of it: `scan` = offset, length, columns), its sha256 checked on first use;
-        a corrupt or unreadable shard is a StoreError naming the file."""
+        """Shard i (or a slice of it: `scan` = offset, length, columns); an unreadable shard is a
+        StoreError naming the file."""
         path = self._files[i]
-        if i not in self._verified:
-            try:
-                ok = sha256_file(path) == self._sha[i]
-            except OSError as exc:
-                raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
-            if not ok:
-                raise StoreError(f"{path}: sha256 mismatch (the shard is corrupt or was changed; delete it and re-run `fusekit align`)")
-            self._verified.add(i)
         try:
             frame = pl.scan_parquet(path)
             if "columns" in scan:
@@ -278,6 +326,27 @@ class AlignedStore:
             parts = [self._shard(i, columns=["n"])["n"].to_numpy() for i in range(len(self._files))]
             self._lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
         return self._lengths
+
+    def group_bounds(self) -> np.ndarray:
+        """Row groups as store-order window ranges: group g holds windows [b[g], b[g+1]), int64 [groups + 1].
+
+        A group never spans two shards (each shard's last group may be short).
+        """
+        r = self.rows_per_group
+        starts = [self._starts[s] + np.arange(0, int(rows), r) for s, rows in enumerate(self._rows) if rows]
+        return np.concatenate([*starts, [len(self)]]).astype(np.int64)
+
+    def read_group(self, start: int, stop: int, candidates: bool = True) -> _Decoded:
+        """Decode store-order windows [start, stop) — one row group from `group_bounds` — in one read.
+
+        `candidates=False` reads the tokens and loss masks only (CLM training needs no fusion target).
+        """
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        local = start - int(self._starts[shard])
+        columns = WINDOW_COLUMNS + (candidate_columns(self.ks) if candidates else [])
+        df = self._shard(shard, offset=local, length=stop - start, columns=columns)
+        self.groups_read += 1
+        return _Decoded(df, self.ks)
 
     def __getitem__(self, index: int) -> AlignedWindow:
         n = len(self)
@@ -303,3 +372,41 @@ class AlignedStore:
             for i in range(len(block)):
                 yield block.window_at(i)
             del block
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_windows(
+    folder: str | Path,
+    windows: Sequence[AlignedWindow],
+    ks: Sequence[int],
+    num_shards: int = 1,
+    settings: dict | None = None,
+) -> Path:
+    """An aligned store of `windows` (in store order, split into `num_shards` contiguous shards), written
+    in one piece (`windows_frame` → `encode_shard` → atomic file → sidecar; `fusekit align` streams the same
+    layout a row group at a time, `stream_shard`, which is these bytes for shards of one row group).
+
+    For windows that come from elsewhere (tests, benchmarks, a converter); `settings` adds manifest
+    settings (e.g. `target`). Returns the folder.
+    """
+    folder = Path(folder)
+    max_length = max((len(w.input_ids) for w in windows), default=1)
+    full = {
+        "format_version": FORMAT_VERSION,
+        "num_shards": int(num_shards),
+        "row_group_rows": row_group_rows(max_length),
+        "ks": [int(k) for k in ks],
+        **(settings or {}),
+    }
+    full = open_store(folder, FORMAT, full)["settings"]
+    bounds = np.linspace(0, len(windows), int(num_shards) + 1).round().astype(int)
+    for i in range(int(num_shards)):
+        part = list(windows[bounds[i] : bounds[i + 1]])
+        data = encode_shard(windows_frame(part, full["ks"]), int(full["row_group_rows"]), shard_metadata(full))
+        name = shard_filename(i, int(num_shards))
+        write_bytes_atomic(data, folder / name)
+        info = {"rows": len(part), "tokens": int(sum(len(w.input_ids) for w in part)), "sha256": hashlib.sha256(data).hexdigest()}
+        record_shard(folder, name, info)
+    return folder

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 from fusekit.store.atomic import TMP_MARK, write_json_atomic
@@ -255,3 +257,39 @@ def verify_store(folder: str | Path) -> list[str]:
         if len(missing) > _MISSING_SHOWN:
             problems.append(f"{len(missing) - _MISSING_SHOWN:,} more: missing shards (not written yet: re-run to finish the store)")
     return problems
+
+
+# ---------------------------------------------------------------------------------------------- verification stamps
+#
+# Hashing every shard at every start costs minutes on a large store, in every rank. Instead a shard's
+# hash is checked once and the check is remembered in file times: a shard is *stamped* when its
+# modification time is not later than its sidecar's. The writer leaves every shard stamped (the shard
+# is published first, its sidecar — holding the sha256 of the bytes just written — after it); a later
+# edit of the shard makes it newer than its sidecar, so it loses its stamp and is hashed again before
+# use. A successful hash re-stamps the shard by moving the sidecar's time up to the shard's (contents
+# untouched, so stores stay byte-identical); `fusekit inspect` does the same after verifying.
+# Not caught: an edit that also sets the shard's time back, or bits that rot on the disk without
+# any write — `fusekit inspect` hashes every shard for that.
+
+
+def shard_is_stamped(folder: str | Path, filename: str) -> bool:
+    """True when shard `filename` has not been modified since its sidecar was written or re-stamped."""
+    folder = Path(folder)
+    try:
+        return os.stat(folder / filename).st_mtime_ns <= os.stat(folder / f"{filename}.json").st_mtime_ns
+    except OSError:
+        return False
+
+
+def stamp_shard(folder: str | Path, filename: str) -> bool:
+    """Record that shard `filename` was just hashed and found intact (its sidecar's time moves up to the
+    shard's, or to now when later). False when the folder cannot be written (the shard is then hashed
+    again at the next start)."""
+    folder = Path(folder)
+    side = folder / f"{filename}.json"
+    try:
+        when = max(os.stat(folder / filename).st_mtime_ns, time.time_ns())
+        os.utime(side, ns=(when, when))
+    except OSError:
+        return False
+    return True

@@ -1,12 +1,20 @@
-"""Checkpoints: the model as safetensors (`save_pretrained`) plus optimizer, scheduler, step and RNG.
+"""Checkpoints: model, optimizer (sharded, each rank its part), scheduler, step and RNG; never gathered.
 
-Layout: OUT/checkpoints/step-00000042/{config.json, model.safetensors, trainer_state.{json,safetensors},
-rng-rank0.{json,safetensors}, …}. Trainer state and RNG are JSON + safetensors (`safe_state`), never
-pickles: a checkpoint that holds `*.pt` files is refused rather than unpickled. Under FSDP2 the model and
-the optimizer state are gathered to full (unsharded) state dicts, so a checkpoint is the same files
-whatever the world size. A checkpoint is written under a temporary name and renamed when complete, so
-an interrupted save never looks like a checkpoint. The finished model goes to OUT itself, with
-`fusekit_train.json`.
+Layout of OUT/checkpoints/step-00000042/:
+- the model: `model.safetensors` + config.json (`save_pretrained`, written by rank 0) when one process
+  or DDP holds it whole; under FSDP2, `model/` — each rank's shards (`sharded_state`) — + config.json;
+- `optimizer/`: each rank's part of the AdamW moments (`sharded_state`), on every layout;
+- `trainer_state.{json,safetensors}`: scheduler, step, the optimizer's hyper-parameters, the run's
+  options and identity (`safe_state`: JSON + safetensors);
+- `rng-rank{R}.{json,safetensors}` per rank.
+Nothing is a pickle, and a checkpoint that holds `*.pt`/`*.pkl`/`*.bin` files is refused rather than
+unpickled. No rank ever gathers the model or the optimizer state, and either layout resumes on any
+number of ranks, sharded or not (the sharded parts are resliced on load).
+
+A checkpoint is written under `.tmp-step-N` and renamed when every rank's part is on disk, so a kill or
+a full disk during a save leaves the previous checkpoint as the latest one (older ones are deleted only
+after the rename); a write failing on any rank fails the save on every rank. The finished model goes to
+OUT itself, with `fusekit_train.json`.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from fusekit.train.ddp import Dist
+import fusekit.train.sharded_state as sharded_state
 from fusekit.models.load import quiet_transformers
+from fusekit.train.ddp import Dist
 from fusekit.train.safe_state import UnsafeStateError, load_state, save_state
 
 DONE_FILE = "fusekit_train.json"
@@ -60,53 +70,90 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state_dicts(step_model: torch.nn.Module, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
-    """(model weights or None, optimizer state): gathered from every rank's shards under FSDP2
-    (collective: every rank calls it); the model's own state dict is read by `save_pretrained` otherwise."""
-    if not fsdp:
-        return None, optimizer.state_dict() if optimizer is not None else {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(step_model, options=opts)
-    weights = {k.removeprefix("lm."): v for k, v in weights.items()}
-    optim = get_optimizer_state_dict(step_model, optimizer, options=opts) if optimizer is not None else {}
-    return weights, optim
+MODEL_SHARDS = "model"
+OPTIMIZER_SHARDS = "optimizer"
 
 
-def load_optimizer(step_model: torch.nn.Module, optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def is_sharded(ckpt: Path) -> bool:
+    """Whether the checkpoint's model is in per-rank shards (written under FSDP2) rather than whole."""
+    return (ckpt / MODEL_SHARDS).is_dir()
 
-    set_optimizer_state_dict(step_model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+def _together(d: Dist, what: str, write: Callable[[], None], main_only: bool = False) -> None:
+    """Run `write` (on rank 0 alone with `main_only`) and fail on every rank if it failed on any, instead
+    of leaving the others waiting at the next collective for a rank that has left."""
+    error = None
+    if d.is_main or not main_only:
+        try:
+            write()
+        except Exception as exc:  # re-raised below, once every rank knows
+            error = exc
+    failed = d.any_rank(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"another rank could not write {what}; the previous checkpoint is kept")
 
 
 def save_checkpoint(
     out: Path, step: int, net, step_model, optimizer, scheduler, meta: dict, d: Dist, keep: int, fsdp: bool = False
 ) -> Path:
-    """Write OUT/checkpoints/step-N atomically; every rank calls it (each writes its RNG state)."""
+    """Write OUT/checkpoints/step-N atomically; every rank calls it and writes its own part."""
     root = checkpoints_dir(out)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    weights, optim = full_state_dicts(step_model, optimizer, fsdp and d.enabled)
-    if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+    sharded = fsdp and d.grouped
+
+    def prepare() -> None:
+        for stale in root.glob(".tmp-step-*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
+
+    _together(d, tmp.name, prepare, main_only=True)
+    if sharded:
+        sharded_state.save_model(tmp / MODEL_SHARDS, step_model, net)
+    param_groups = sharded_state.save_optimizer(tmp / OPTIMIZER_SHARDS, step_model, optimizer)
+
+    def write_whole() -> None:
         with quiet_transformers():
-            net.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
-        save_state(tmp / STATE_STEM, {"optimizer": optim, "scheduler": scheduler.state_dict(), "step": step, **meta})
-    d.barrier()
-    save_state(tmp / f"rng-rank{d.rank}", rng_state())  # each rank's dropout stream is its own
-    d.barrier()
-    if d.is_main:
+            if sharded:
+                net.config.save_pretrained(tmp)
+            else:
+                net.save_pretrained(tmp, safe_serialization=True)
+        state = {"param_groups": param_groups, "scheduler": scheduler.state_dict(), "step": step,
+                 "world_size": d.world_size, "sharded_model": sharded, **meta}
+        save_state(tmp / STATE_STEM, state)
+
+    _together(d, f"{tmp}/{STATE_FILE}", write_whole, main_only=True)
+    # Each rank's dropout stream is its own.
+    _together(d, "the RNG states", lambda: save_state(tmp / f"rng-rank{d.rank}", rng_state()))
+
+    def commit() -> None:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
+
+    _together(d, final.name, commit, main_only=True)
     return final
+
+
+def load_model_shards(ckpt: Path, step_model, net) -> None:
+    """Load a sharded checkpoint's model part into `net` (inside `step_model`), in place, sharded or not."""
+    sharded_state.load_model(ckpt / MODEL_SHARDS, step_model, net)
+
+
+def load_optimizer(ckpt: Path, step_model, optimizer, state: dict, fsdp: bool) -> None:
+    """Restore the optimizer of checkpoint `ckpt` (trainer state `state`) into `optimizer`, on any number
+    of ranks. Checkpoints of earlier fusekit versions kept the whole optimizer state in `state`."""
+    if "optimizer" not in state:
+        sharded_state.load_optimizer(ckpt / OPTIMIZER_SHARDS, step_model, optimizer, state["param_groups"])
+    elif not fsdp:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(step_model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
 
 
 def _refuse_pickles(ckpt: Path) -> None:

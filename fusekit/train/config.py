@@ -79,11 +79,29 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Checkpoint and stop after this many steps in this invocation (schedule unchanged)."
     )
     log_every: int = Field(1, ge=1)
-    fsdp: bool = Field(False, description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP.")
+    fsdp: bool = Field(
+        False,
+        description="Shard the model with FSDP2 (fully_shard per block) under torchrun instead of DDP; built on the "
+        "meta device, rank 0 reads the weights and broadcasts each rank its shards.",
+    )
+    fsdp_offload: bool = Field(
+        False, description="With fsdp: keep the shards, gradients and optimizer state in host memory (CPUOffloadPolicy)."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Activation checkpointing per transformer block (non-reentrant): each block's activations are "
+        "recomputed in backward; less memory, one more forward per step, the same numbers.",
+    )
+    loader_workers: int | None = Field(
+        None, ge=0, description="Processes per rank that decode and fuse the aligned store ahead of training; "
+        "None: up to 4 by the cores per rank, 0 on a store of a few row groups; 0: in the trainer's reading thread.",
+    )
 
-    # Options that may differ between an interrupted run and its resumption.
+    # Options that may differ between an interrupted run and its resumption: bookkeeping, and how the same
+    # maths is laid out (the number of ranks may change too, with grad_accum keeping the rows of a step).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
-        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head"}
+        {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head", "fsdp", "fsdp_offload",
+         "gradient_checkpointing", "grad_accum", "loader_workers"}
     )
 
     def lam_at(self, step: int, total_steps: int) -> float:

@@ -1,41 +1,47 @@
-"""From aligned windows to packed micro-batches: labels, fused targets, position ids.
+"""From aligned windows to micro-batches: which windows go in which row, and each micro-batch's arrays.
 
-Windows are packed next-fit into rows of `max_length` tokens; a window that does not fit in what is left
-of a row starts a new row, and a window longer than a row is cut into row-sized pieces. Each piece
-restarts its position ids at 0, which transformers reads as a packed sequence boundary: attention stays
-inside each window, as it was during extraction (verified in tests by comparing logits).
+Rows. With packing, windows are packed next-fit into rows of `max_length` tokens: a window that does not
+fit in what is left of a row starts a new row, and a window longer than a row is cut into row-sized
+pieces. Each piece restarts its position ids at 0, which transformers reads as a packed sequence
+boundary, so attention stays inside each window as it did during extraction. Packing is for models
+that pass `fusekit.models.packing.packing_supported` (the check extraction uses); for any other model
+(`pack=False`) each row holds one window (or piece), right-padded, with an attention mask.
 
-Position t of a window predicts token t+1, so the last position has no label. The order of micro-batches
-is a pure function of (window lengths, seed, epoch), which is what makes resume and DDP exact.
+Order. Each epoch reads the windows in `shuffle.buffered_order`: row groups of the store permuted, then
+windows permuted inside buffers of `buffer_groups` groups (windows held in memory: one permutation).
+The micro-batches are a pure function of (window lengths, group sizes, seed, epoch), which is what
+makes resume and DDP exact: optimizer step s, rank r, accumulation slot g reads global micro-batch
+s·G·W + g·W + r, so rank r reads micro-batches r, r + W, r + 2W, … and the ranks' windows are disjoint.
+
+Reading. A rank's micro-batches are read in that order; the row groups they need are requested from an
+`ExampleFeed` ahead of use (decoded and fused in worker processes with `workers` > 0), each group once
+per epoch with only the windows this rank trains on, and every example is dropped once used. Asking
+for another micro-batch than the next one (a resumed run, a test) restarts the reading there: the same
+batches, whatever was read before.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from fusekit.fuse import fuse_window
 from fusekit.store.types import AlignedWindow
-
-IGNORE = -100
-
-
-class TrainDataError(ValueError):
-    """Training data that cannot be used, with what to do about it."""
-
-
-@dataclass
-class Example:
-    """One window's training signal; labels are already shifted (IGNORE where no loss)."""
-
-    input_ids: np.ndarray  # int64 [n]
-    labels: np.ndarray  # int64 [n]
-    target_ids: np.ndarray | None  # int32 [n, m], −1 empty
-    target_probs: np.ndarray | None  # float32 [n, m]
+from fusekit.train.examples import (  # noqa: F401  (re-exported: the trainer's data API lives here)
+    IGNORE,
+    Example,
+    ExampleSpec,
+    TrainDataError,
+    position_mask,
+    window_example,
+    with_temperature,
+)
+from fusekit.train.feed import ExampleFeed, cores_per_rank, store_windows
+from fusekit.train.shuffle import BUFFER_GROUPS, buffered_order
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Batch:
     labels: np.ndarray  # int64 [B, L]
     target_ids: np.ndarray | None  # int32 [B, L, m]
     target_probs: np.ndarray | None  # float32 [B, L, m]
+    attention_mask: np.ndarray | None = None  # int64 [B, L], 1 = a window's token (unpacked rows); None when packed
+    real_tokens: int | None = None  # tokens of windows, padding excluded (None: every position)
 
     @property
     def label_tokens(self) -> int:
@@ -52,79 +60,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.input_ids.size)
-
-
-def position_mask(window: AlignedWindow) -> np.ndarray:
-    """Positions whose prediction is trained on: all but the last, and where loss_mask says so.
-
-    `loss_mask[j]` marks token j as a loss token (chat data: an assistant token); position t predicts
-    token t+1, so it counts when token t+1 does.
-    """
-    n = len(window.input_ids)
-    keep = np.zeros(n, dtype=bool)
-    keep[:-1] = True
-    if window.loss_mask is not None:
-        mask = np.asarray(window.loss_mask, dtype=bool)
-        if mask.shape != (n,):
-            raise TrainDataError(
-                f"window (text {window.text_id}, window {window.window}): loss_mask has shape {mask.shape}, "
-                f"expected ({n},)"
-            )
-        keep[:-1] &= mask[1:]
-    return keep
-
-
-def with_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Teacher temperature on a sparse target: p_T ∝ p^(1/T) over each position's non-zero ids, with the
-    position's mass kept.
-
-    probs float32 [n, m] (0 at empty slots). A target whose probabilities are a softmax over kept top-k
-    logits (FUSION-METHOD.md §1) becomes the softmax of those logits / T — what FuseAI's trainer does
-    with `distill_teacher_temperature`. T = 1 returns `probs` unchanged; T > 1 flattens, T < 1 sharpens.
-    """
-    if temperature == 1.0:
-        return probs
-    p = probs.astype(np.float64)
-    mass = p.sum(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        logp = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)) / temperature, -np.inf)
-    top = logp.max(-1, keepdims=True)
-    top[~np.isfinite(top)] = 0.0
-    w = np.exp(logp - top)
-    total = w.sum(-1, keepdims=True)
-    return np.where(total > 0, w / np.where(total > 0, total, 1.0) * mass, 0.0).astype(np.float32)
-
-
-def window_example(
-    window: AlignedWindow,
-    fusion: str,
-    granularity: str,
-    with_target: bool,
-    temperature: float = 1.0,
-    require_loss_mask: bool = False,
-) -> Example:
-    """One window's labels and (when `with_target`) its fused, temperature-scaled target.
-
-    `require_loss_mask`: the window must say which tokens are trained on (chat data, assistant tokens);
-    raises TrainDataError when it does not.
-    """
-    ids = np.asarray(window.input_ids, dtype=np.int64)
-    if require_loss_mask and window.loss_mask is None:
-        raise TrainDataError(
-            f"window (text {window.text_id}, window {window.window}) has no loss_mask, but the loss is on "
-            "assistant tokens only (preset fusechat / loss_on: assistant): align chat data (messages), "
-            "or train with loss_on: all"
-        )
-    keep = position_mask(window)
-    labels = np.full(len(ids), IGNORE, dtype=np.int64)
-    labels[:-1] = ids[1:]
-    labels[~keep] = IGNORE
-    if not with_target:
-        return Example(ids, labels, None, None)
-    fused = fuse_window(window, fusion, granularity)
-    probs = np.where(keep[:, None], fused.probs, 0.0).astype(np.float32)
-    return Example(ids, labels, fused.ids, with_temperature(probs, temperature))
+        """Tokens of the windows in the batch — the padding that fills rows out is not counted."""
+        return int(self.input_ids.size) if self.real_tokens is None else self.real_tokens
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -132,7 +69,8 @@ def window_example(
 
 class WindowSource:
     """Windows by index. Random access (`get`) for lists and stores that offer it; otherwise a
-    forward-only reader that restarts when asked for an earlier index."""
+    forward-only reader that restarts when asked for an earlier index. A store that reads whole row
+    groups (`group_bounds`, `read_group`: the aligned store) is read a row group at a time."""
 
     def __init__(self, windows: Sequence[AlignedWindow] | None = None, store=None):
         self._windows = windows
@@ -147,6 +85,17 @@ class WindowSource:
         if self._windows is not None:
             return True
         return hasattr(self._store, "__getitem__") and hasattr(self._store, "__len__")
+
+    @property
+    def folder(self) -> Path | None:
+        """The store folder that worker processes can open (None: windows in memory, or another store)."""
+        return getattr(self._store, "folder", None) if self.groups() is not None else None
+
+    def groups(self) -> np.ndarray | None:
+        """Row groups as window ranges (`AlignedStore.group_bounds`); None when windows are read one by one."""
+        if self._windows is None and callable(getattr(self._store, "group_bounds", None)) and callable(getattr(self._store, "read_group", None)):
+            return np.asarray(self._store.group_bounds(), dtype=np.int64)
+        return None
 
     def lengths(self) -> np.ndarray:
         if self._lengths is None:
@@ -169,6 +118,22 @@ class WindowSource:
             self._current = next(self._iter)
             self._cursor += 1
         return self._current
+
+    def read(self, start: int, stop: int, wanted: Sequence[int], candidates: bool = True) -> list[AlignedWindow]:
+        """Windows `wanted` of the group [start, stop): one row-group read, or one `get` each."""
+        if self.groups() is not None:
+            return store_windows(self._store, start, stop, wanted, candidates)
+        return [self.get(int(w)) for w in wanted]
+
+
+def default_workers(source: WindowSource) -> int:
+    """Loader processes per rank when the user sets none: 0 for windows in memory or a store of fewer
+    than two buffers of row groups (a process start costs more than it saves), else one per spare core
+    of this rank's share of the machine (torchrun's LOCAL_WORLD_SIZE ranks per node), 1 to 4."""
+    bounds = source.groups()
+    if bounds is None or len(bounds) - 1 < 2 * BUFFER_GROUPS:
+        return 0
+    return max(1, min(4, cores_per_rank() - 1))
 
 
 def open_source(aligned: str | Path | Iterable[AlignedWindow]) -> WindowSource:
@@ -218,12 +183,21 @@ def pack_rows(
     return rows
 
 
+def single_rows(lengths: Sequence[int], max_length: int, piece_length: int | None = None) -> list[list[tuple[int, int, int]]]:
+    """No packing: one (item, start, end) piece per row, items cut as `pack_rows` cuts them."""
+    piece = min(piece_length or max_length, max_length)
+    return [[(item, start, min(int(n), start + piece))] for item, n in enumerate(lengths) for start in range(0, int(n), piece)]
+
+
 class DataPlan:
-    """Which windows go in which micro-batch, for every step, rank and accumulation slot.
+    """Which windows go in which micro-batch, for every step, rank and accumulation slot; and the
+    micro-batches themselves (`micro_batch`).
 
     Optimizer step s consumes global micro-batches [s·G·W, (s+1)·G·W); rank r takes s·G·W + g·W + r for
     g < G. One process with G·W accumulation slots therefore sees the same micro-batches per step as W
-    processes with G each.
+    processes with G each. `pack=False`: one window per row with an attention mask (models that fail
+    `packing_supported`). `workers`: loader processes that decode and fuse ahead (a store folder only).
+    Call `close()` when done (it stops the workers).
     """
 
     def __init__(
@@ -244,6 +218,9 @@ class DataPlan:
         with_target: bool = True,
         temperature: float = 1.0,
         require_loss_mask: bool = False,
+        pack: bool = True,
+        workers: int = 0,
+        buffer_groups: int = BUFFER_GROUPS,
     ):
         self.source = source
         self.max_length, self.batch_size, self.piece_length = max_length, batch_size, piece_length
@@ -252,15 +229,22 @@ class DataPlan:
         self.shuffle = shuffle and source.random_access
         self.fusion, self.granularity, self.with_target = fusion, granularity, with_target
         self.temperature, self.require_loss_mask = temperature, require_loss_mask
+        self.pack, self.workers, self.buffer_groups = pack, int(workers), int(buffer_groups)
+        self.spec = ExampleSpec(fusion, granularity, with_target, temperature, require_loss_mask)
         lengths = source.lengths()
         if len(lengths) == 0 or int(lengths.sum()) == 0:
             raise TrainDataError("the aligned data holds no windows: nothing to train on")
         self._lengths = lengths
-        self._epoch_rows: tuple[int, list, np.ndarray] | None = None
+        # Decode groups: a store's row groups, else each window alone.
+        self._bounds = source.groups()
+        self._group_of = (
+            np.searchsorted(self._bounds, np.arange(len(lengths)), side="right") - 1 if self._bounds is not None else None
+        )
+        self._epoch_rows: dict[int, tuple[list, np.ndarray]] = {}
+        self._streams: dict[int, _RankStream] = {}
+        self._groups_read = 0
         # Next-fit row counts depend on the order, so each epoch is planned on its own order.
-        self.micro_per_epoch = [
-            math.ceil(len(pack_rows(lengths[self.order(e)], max_length, piece_length)) / batch_size) for e in range(math.ceil(epochs))
-        ]
+        self.micro_per_epoch = [math.ceil(len(self._rows(e)[0]) / batch_size) for e in range(math.ceil(epochs))]
         whole = int(math.floor(epochs))
         tail = math.ceil((epochs - whole) * self.micro_per_epoch[-1]) if epochs > whole else 0
         self.total_micro = max(1, sum(self.micro_per_epoch[:whole]) + tail)
@@ -270,16 +254,20 @@ class DataPlan:
         self.total_steps = min(steps, max_steps) if max_steps else steps
 
     def order(self, epoch: int) -> np.ndarray:
+        """Store-order window indices in the order epoch `epoch` reads them."""
         n = len(self._lengths)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return buffered_order(n, self._bounds, self.seed, epoch, self.buffer_groups)
 
     def _rows(self, epoch: int) -> tuple[list, np.ndarray]:
-        if self._epoch_rows is None or self._epoch_rows[0] != epoch:
+        if epoch not in self._epoch_rows:
             order = self.order(epoch)
-            self._epoch_rows = (epoch, pack_rows(self._lengths[order], self.max_length, self.piece_length), order)
-        return self._epoch_rows[1], self._epoch_rows[2]
+            layout = pack_rows if self.pack else single_rows
+            if len(self._epoch_rows) >= 2:  # the epoch being read and the next (read ahead across the boundary)
+                del self._epoch_rows[min(self._epoch_rows)]
+            self._epoch_rows[epoch] = (layout(self._lengths[order], self.max_length, self.piece_length), order)
+        return self._epoch_rows[epoch]
 
     def micro_indices(self, step: int, rank: int) -> list[int | None]:
         """This rank's global micro-batch indices for `step` (None: no data left, a padding pass)."""
@@ -287,34 +275,130 @@ class DataPlan:
         idx = [base + g * self.world_size + rank for g in range(self.grad_accum)]
         return [i if i < self.total_micro else None for i in idx]
 
-    def micro_batch(self, index: int) -> Batch:
-        epoch = int(np.searchsorted(self._starts, index, side="right")) - 1
+    def epoch_of(self, index: int) -> int:
+        return int(np.searchsorted(self._starts, index, side="right")) - 1
+
+    def segments(self, index: int) -> tuple[int, list[list[tuple[int, int, int]]]]:
+        """(epoch, rows of (store-order window, start, end)) of global micro-batch `index`."""
+        epoch = self.epoch_of(index)
         within = index - int(self._starts[epoch])
         rows, order = self._rows(epoch)
         chosen = rows[within * self.batch_size : (within + 1) * self.batch_size]
-        cache: dict[int, Example] = {}
+        return epoch, [[(int(order[item]), s, e) for item, s, e in row] for row in chosen]
 
-        def example(item: int) -> Example:
-            if item not in cache:
-                window = self.source.get(int(order[item]))
-                cache[item] = window_example(
-                    window, self.fusion, self.granularity, self.with_target, self.temperature, self.require_loss_mask
-                )
-            return cache[item]
+    def group_of(self, window: int) -> int:
+        """The decode group (row group, or the window itself) that holds store-order window `window`."""
+        return int(self._group_of[window]) if self._group_of is not None else int(window)
 
-        segments = [[(example(item), s, e) for item, s, e in row] for row in chosen]
-        return collate(segments, self.with_target)
+    def group_range(self, group: int) -> tuple[int, int]:
+        if self._bounds is None:
+            return group, group + 1
+        return int(self._bounds[group]), int(self._bounds[group + 1])
+
+    def micro_batch(self, index: int) -> Batch:
+        """Global micro-batch `index` (its rank is index mod W); fastest when each rank asks in order."""
+        rank = index % self.world_size
+        if rank not in self._streams:
+            feed = ExampleFeed(
+                lambda start, stop, wanted: self.source.read(start, stop, wanted, self.with_target),
+                self.spec, self.source.folder, self.workers,
+            )
+            self._streams[rank] = _RankStream(self, rank, feed, lookahead=2 * self.buffer_groups if feed.workers else 0)
+        return self._streams[rank].batch(index)
 
     def empty_batch(self) -> Batch:
         """A one-token batch with no labels: lets a rank without data join the gradient all-reduce."""
         z = np.zeros((1, 1), dtype=np.int64)
         t_ids = np.full((1, 1, 1), -1, dtype=np.int32) if self.with_target else None
         t_p = np.zeros((1, 1, 1), dtype=np.float32) if self.with_target else None
-        return Batch(z, z.copy(), np.full((1, 1), IGNORE, dtype=np.int64), t_ids, t_p)
+        mask = None if self.pack else np.ones((1, 1), dtype=np.int64)
+        return Batch(z, z.copy(), np.full((1, 1), IGNORE, dtype=np.int64), t_ids, t_p, mask, real_tokens=0)
+
+    @property
+    def groups_read(self) -> int:
+        """Decode groups (row groups of a store) read so far by this plan's readers, all ranks in this process."""
+        return self._groups_read + sum(stream.feed.jobs_done for stream in self._streams.values())
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (the plan can still be read afterwards, without them)."""
+        self._groups_read = self.groups_read
+        for stream in self._streams.values():
+            stream.feed.close()
+        self._streams.clear()
+
+    def __enter__(self) -> "DataPlan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool) -> Batch:
-    """Rows of (example, start, end) segments → padded arrays; padding is its own segment, unlabelled."""
+class _RankStream:
+    """One rank's micro-batches r, r + W, r + 2W, … in order, with the row groups they need requested
+    from the feed ahead of use (`lookahead` jobs in hand at most; 0: only the micro-batch at hand)."""
+
+    def __init__(self, plan: DataPlan, rank: int, feed: ExampleFeed, lookahead: int):
+        self.plan, self.rank, self.feed, self.lookahead = plan, rank, feed, lookahead
+        self.expected: int | None = None  # the micro-batch that continues the reading
+        self._restart(rank)
+
+    def _restart(self, index: int) -> None:
+        self.feed.reset()
+        self.origin = self.scan = index  # uses are counted from `origin`; groups requested up to `scan`
+        self.requested: set[tuple[int, int]] = set()
+        self._uses: dict[int, dict[int, dict[int, int]]] = {}
+
+    def batch(self, index: int) -> Batch:
+        if index != self.expected:
+            self._restart(index)
+        self._request(index)
+        plan = self.plan
+        epoch, rows = plan.segments(index)
+        segments = [[(self.feed.take((epoch, plan.group_of(w)), w), s, e) for w, s, e in row] for row in rows]
+        self.expected = index + plan.world_size
+        return collate(segments, plan.with_target, packed=plan.pack)
+
+    def _uses_in(self, epoch: int) -> dict[int, dict[int, int]]:
+        """group → window → segments of it in this rank's micro-batches of `epoch` (from `origin` on)."""
+        if epoch not in self._uses:
+            plan, w = self.plan, self.plan.world_size
+            first, last = int(plan._starts[epoch]), min(int(plan._starts[epoch + 1]), plan.total_micro)
+            lo = max(first, self.origin)
+            lo += (self.rank - lo) % w
+            rows, order = plan._rows(epoch)
+            uses: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+            for m in range(lo, last, w):
+                within = m - first
+                for row in rows[within * plan.batch_size : (within + 1) * plan.batch_size]:
+                    for item, _, _ in row:
+                        window = int(order[item])
+                        uses[plan.group_of(window)][window] += 1
+            for old in [e for e in self._uses if e < epoch - 1]:
+                del self._uses[old]
+            self.requested = {key for key in self.requested if key[0] >= epoch - 1}
+            self._uses[epoch] = uses
+        return self._uses[epoch]
+
+    def _request(self, index: int) -> None:
+        """Request every group that micro-batch `index` needs, then further ahead while jobs in hand < lookahead."""
+        plan = self.plan
+        while self.scan < plan.total_micro and (self.scan <= index or self.feed.live() < self.lookahead):
+            epoch, rows = plan.segments(self.scan)
+            for row in rows:
+                for window, _, _ in row:
+                    key = (epoch, plan.group_of(window))
+                    if key not in self.requested:
+                        self.requested.add(key)
+                        start, stop = plan.group_range(key[1])
+                        self.feed.request(key, start, stop, self._uses_in(epoch)[key[1]])
+            self.scan += plan.world_size
+
+
+def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool, packed: bool = True) -> Batch:
+    """Rows of (example, start, end) segments → padded arrays; padding is its own segment, unlabelled.
+
+    `packed=False` adds the attention mask of unpacked rows (1 on each row's window, 0 on padding).
+    """
     width = max(sum(e - s for _, s, e in row) for row in rows)
     m = max((ex.target_ids.shape[1] for row in rows for ex, _, _ in row), default=1) if with_target else 0
     b = len(rows)
@@ -323,6 +407,8 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool) -> Ba
     labels = np.full((b, width), IGNORE, dtype=np.int64)
     t_ids = np.full((b, width, max(m, 1)), -1, dtype=np.int32) if with_target else None
     t_p = np.zeros((b, width, max(m, 1)), dtype=np.float32) if with_target else None
+    mask = None if packed else np.zeros((b, width), dtype=np.int64)
+    real = 0
     for r, row in enumerate(rows):
         at = 0
         for ex, s, e in row:
@@ -335,8 +421,11 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool) -> Ba
                 t_ids[r, at : at + n, :k] = ex.target_ids[s:e]
                 t_p[r, at : at + n, :k] = ex.target_probs[s:e]
             at += n
+        if mask is not None:
+            mask[r, :at] = 1
         position_ids[r, at:] = np.arange(width - at)
-    return Batch(input_ids, position_ids, labels, t_ids, t_p)
+        real += at
+    return Batch(input_ids, position_ids, labels, t_ids, t_p, mask, real_tokens=real)
 
 
 def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> None:

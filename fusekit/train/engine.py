@@ -121,26 +121,26 @@ def run(
     step_module: torch.nn.Module | None = None,
     start: Path | None = None,
     progress: bool = True,
-    export: Callable[[dict | None, dict], None] | None = None,
+    export: Callable[[dict], None] | None = None,
 ) -> EngineResult:
     """Train `net` on `objective` from step 0, or from checkpoint `start` (whose weights `net` already holds).
 
     `net` is the model that is saved (`save_pretrained`); `step_module` (default `net`) is what
     `objective.forward` calls, wrapped here in DDP/FSDP under torchrun. OUT receives metrics.jsonl
     (truncated to the resumed step, so a resumed log equals an uninterrupted one) and checkpoints
-    (OUT/checkpoints/step-N; `checkpoint.py`). When the last step is done, `export(full_state_dict or
-    None, last_metrics)` runs on every rank (the state dict is gathered under FSDP; None means
-    `net`'s own). Raises CheckpointError for a checkpoint that cannot be resumed from.
+    (OUT/checkpoints/step-N; `checkpoint.py`: each rank writes its part, nothing is gathered). When the
+    last step is done, `export(last_metrics)` runs on every rank (it writes `net`, sharded or not).
+    Raises CheckpointError for a checkpoint that cannot be resumed from.
     """
     total_steps = objective.total_steps
-    fsdp = settings.fsdp and d.enabled
-    model = wrap(step_module if step_module is not None else net, d, device, fsdp)
+    fsdp = settings.fsdp and d.grouped
+    model = wrap(step_module if step_module is not None else net, d, device, fsdp, bf16=settings.bf16)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=settings.betas, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, settings.warmup_ratio))
     step = 0
     if start is not None:
         state, rng = ckpt.load_trainer_state(start, d)
-        ckpt.load_optimizer(model, optimizer, state["optimizer"], fsdp)
+        ckpt.load_optimizer(start, model, optimizer, state, fsdp)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         if d.is_main:
@@ -212,8 +212,7 @@ def run(
     last["run"] = _run_figures(device, tokens_here, time.perf_counter() - started, steps_here)
     finished = step == total_steps
     if finished and export is not None:
-        state, _ = ckpt.full_state_dicts(model, None, fsdp)
-        export(state, last)
+        export(last)
     return EngineResult(step, finished, last)
 
 

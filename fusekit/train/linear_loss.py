@@ -141,3 +141,94 @@ def linear_fusion_loss(
     rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
     total, clm, fusion = _LinearFusionCE.apply(h, weight, bias, flat_labels, ids, probs, float(lam), rows)
     return LossSums(total, clm, fusion)
+
+
+class _LinearTokenLogp(torch.autograd.Function):
+    """log p(label) per position from hidden states through the output layer, chunk by chunk.
+
+    Unlike the fusion loss, a sequence log-prob enters a non-linear loss (DPO's log σ), so the gradient
+    per position is only known in backward: forward keeps nothing but the [N] log-probs and the chunk's
+    logsumexp; backward recomputes each chunk's logits (one more [c, V] matmul per chunk, as Cut
+    Cross-Entropy does) and applies  d logp_t / d z = 1[y_t] − softmax(z_t).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows: int):
+        n = hidden.shape[0]
+        valid = labels != IGNORE
+        safe = labels.clamp(min=0)
+        kind = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm_dtype)
+        logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(kind, enabled=False):
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                z = (hidden[lo:hi].to(mm_dtype) @ w.t()).float()
+                if bias is not None:
+                    z += bias.float()
+                lse[lo:hi] = torch.logsumexp(z, dim=-1)
+                logp[lo:hi] = torch.where(valid[lo:hi], z.gather(1, safe[lo:hi, None])[:, 0] - lse[lo:hi], 0.0)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse)
+        ctx.has_bias, ctx.rows, ctx.mm_dtype = bias is not None, rows, mm_dtype
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        mm_dtype, rows, n = ctx.mm_dtype, ctx.rows, hidden.shape[0]
+        valid = labels != IGNORE
+        safe = labels.clamp(min=0)
+        g_out = torch.where(valid, grad_logp.float(), 0.0)
+        w = weight.to(mm_dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        kind = hidden.device.type
+        with torch.autocast(kind, enabled=False):
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                h = hidden[lo:hi].to(mm_dtype)
+                z = (h @ w.t()).float()
+                if ctx.has_bias:
+                    z += bias.float()
+                # dL/dz = g·(1[y] − softmax(z)), written in place of the chunk's logits
+                g = z.sub_(lse[lo:hi, None]).exp_().mul_(-g_out[lo:hi, None])
+                g.scatter_add_(1, safe[lo:hi, None], g_out[lo:hi, None])
+                if need_b:
+                    grad_b += g.sum(0)
+                gm = g.to(mm_dtype)
+                if need_h:
+                    grad_h[lo:hi] = gm @ w
+                if need_w:
+                    grad_w += (gm.t() @ h).float()
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """log p(labels) at every position from the output layer's input, without [N, V] logits.
+
+    hidden [..., H] (bf16 under autocast, or fp32); weight [V, H], bias [V] or None; labels [...] int
+    (the token each position predicts; IGNORE = −100 where none). Returns float32 [...]: log_softmax(
+    hidden @ weight.T + bias) at the label, 0 where IGNORE — the values and gradients of the logits path
+    (to fp32 rounding). Memory: one [c, V] chunk at a time (`chunk_rows`), in forward and in backward.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1).long()
+    rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
+    return _LinearTokenLogp.apply(h, weight, bias, flat, rows).reshape(labels.shape)

@@ -18,11 +18,14 @@ import torch
 from fusekit.store.types import AlignedWindow
 import fusekit.train.checkpoint as ckpt
 import fusekit.train.engine as engine
+from fusekit.models.load import load_config, load_model, load_tokenizer
+from fusekit.train.activation_checkpointing import enable_activation_checkpointing
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
-from fusekit.train.data import DataPlan, check_target, open_source
-from fusekit.train.ddp import Dist, init_distributed
-from fusekit.train.head import FusionStep, head_problem
-from fusekit.models.load import load_model, load_tokenizer, quiet_transformers
+from fusekit.train.export import write_hf_model
+from fusekit.train.data import DataPlan, check_target, default_workers, open_source
+from fusekit.train.ddp import Dist, init_distributed, shard, under_torchrun
+from fusekit.train.head import FusionStep
+from fusekit.train.meta_init import build_sharded
 
 
 class TrainError(RuntimeError):
@@ -56,6 +59,7 @@ def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
         except ckpt.CheckpointError as exc:
             raise TrainError(str(exc)) from None
     if saved is not None:
+        saved = {k: v for k, v in saved.items() if k not in TrainConfig.RESUMABLE_CHANGES}  # an earlier fusekit's
         now = cfg.identity()
         diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
         if diff:
@@ -87,20 +91,35 @@ def train(
 
 
 def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
+    fsdp = cfg.fsdp and d.grouped
+    if cfg.fsdp and not under_torchrun():
+        raise TrainConfigError(
+            "--fsdp shards the model over the processes torchrun starts: run `torchrun --nproc-per-node N "
+            "--no-python fusekit train … --fsdp`, or leave out --fsdp to train in this one process"
+        )
+    if cfg.fsdp_offload and not cfg.fsdp:
+        raise TrainConfigError("--fsdp-offload moves FSDP2's shards to host memory: use it with --fsdp under torchrun")
     start_ckpt = _check_out(out, cfg, resume)
     if ckpt.read_done(out) is not None:
         return out  # finished earlier with the same options
     dev = d.device(device)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")
-    _seed_everything(cfg.seed)
 
-    net = load_model(start_ckpt or model_ref)
     tokenizer = _maybe_tokenizer(model_ref)
-    net.config.use_cache = False
+    config = load_config(model_ref, trust_remote_code=False)
+    identity = _target_identity(model_ref, config, tokenizer)
+    global_batch = d.world_size * cfg.batch_size * cfg.grad_accum
+    if start_ckpt is not None:
+        _check_resumable(start_ckpt, model_ref, identity, global_batch, cfg, d)
+    source = open_source(aligned)
+    check_target(source, tokenizer, config, model_ref)
+    _seed_everything(cfg.seed)
+    net, step_module = _build(model_ref, start_ckpt, cfg, dev, d, use_bf16)
+    step_module.fused = _fused_head(step_module, cfg, dev, d)
     plan = DataPlan(
-        open_source(aligned),
+        source,
         max_length=cfg.max_length,
-        piece_length=min(cfg.max_length, _context_length(net.config) or cfg.max_length),
+        piece_length=min(cfg.max_length, _context_length(config) or cfg.max_length),
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         epochs=cfg.epochs,
@@ -113,26 +132,113 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         with_target=cfg.uses_target,
         temperature=cfg.teacher_temperature,
         require_loss_mask=cfg.loss_on == "assistant",
+        pack=_packing(step_module, d),
+        workers=cfg.loader_workers if cfg.loader_workers is not None else default_workers(source),
     )
-    check_target(plan.source, tokenizer, net.config, model_ref)
-    net.to(dev).train()
     settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
         stop_after=cfg.stop_after, log_every=cfg.log_every,
-        meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref},
+        meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref, "target": identity,
+              "global_batch": global_batch},
     )
-    step_module = FusionStep(net, _fused_head(net, cfg, dev, d))
 
-    def export(state: dict | None, last: dict) -> None:
-        _export(out, net, state, tokenizer, cfg, plan, last, d, model_ref)
+    def export(last: dict) -> None:
+        _export(out, net, step_module, tokenizer, cfg, plan, last, d, model_ref, fsdp)
 
     try:
         engine.run(net, FusionObjective(plan, cfg), out, settings, d, dev, step_module=step_module,
                    start=start_ckpt, progress=progress, export=export)
     except ckpt.CheckpointError as exc:
         raise TrainError(str(exc)) from None
+    finally:
+        plan.close()
     return out
+
+
+def _build(model_ref: str, start: Path | None, cfg: TrainConfig, dev: torch.device, d: Dist, bf16: bool):
+    """(the LM, the FusionStep that trains it) with the weights of `start` (a checkpoint) or of the target.
+
+    Under FSDP2 the model is built on the meta device and sharded before any weight exists
+    (`meta_init`): rank 0 reads the target or a whole checkpoint and broadcasts it; a sharded checkpoint
+    is read by every rank, each its own part. Otherwise every rank loads the whole model.
+    """
+    fsdp = cfg.fsdp and d.grouped
+    sharded_start = start is not None and ckpt.is_sharded(start)
+
+    def prepare(lm: torch.nn.Module) -> FusionStep:
+        lm.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(lm)  # before sharding: FSDP2's hooks stay outside the recompute
+        step = FusionStep(lm, fused=False)
+        return shard(step, dev, bf16=bf16, offload=cfg.fsdp_offload) if fsdp else step
+
+    if fsdp:
+        if sharded_start:
+            net, step = build_sharded(start, d, dev, prepare=prepare, offload=cfg.fsdp_offload,
+                                      weights=lambda lm, step: ckpt.load_model_shards(start, step, lm))
+        else:
+            net, step = build_sharded(start or model_ref, d, dev, prepare=prepare, offload=cfg.fsdp_offload)
+    else:
+        net = load_model(model_ref if start is None or sharded_start else start)
+        step = prepare(net)
+        if sharded_start:
+            ckpt.load_model_shards(start, step, net)
+        net.to(dev)
+    net.train()
+    return net, step
+
+
+def _target_identity(model_ref: str, config, tokenizer) -> dict:
+    """Fingerprints of the target (config + weight files' heads and tails) and of its tokenizer, which a
+    checkpoint records so that resuming with another target is refused before any step."""
+    from fusekit.models.identity import config_identity, model_fingerprint, tokenizer_fingerprint
+
+    fast = tokenizer is not None and getattr(tokenizer, "backend_tokenizer", None) is not None
+    return {
+        "model": model_fingerprint(model_ref, config_identity(config)),
+        "tokenizer": tokenizer_fingerprint(tokenizer) if fast else None,
+    }
+
+
+def _check_resumable(start: Path, model_ref: str, identity: dict, global_batch: int, cfg: TrainConfig, d: Dist) -> None:
+    """Refuse a checkpoint of another target or tokenizer, or one whose steps held another number of rows.
+
+    The number of ranks may change between runs; the rows of a step (ranks × batch size × grad accum) may
+    not, since they define what a step is — so a run of 2 ranks with grad_accum 2 resumes on 4 ranks with
+    grad_accum 1 or on 1 with grad_accum 4.
+    """
+    try:
+        state = ckpt.read_state(start)
+    except ckpt.CheckpointError as exc:
+        raise TrainError(str(exc)) from None
+    saved = state.get("target")
+    if isinstance(saved, dict):
+        trained_from = state.get("model", "another model")
+        if saved.get("model") != identity["model"]:
+            raise TrainError(
+                f"{start} was trained from {trained_from}, and {model_ref} is another model (its config or weights "
+                "differ): resume with the target it was trained from, or use another --out"
+            )
+        if saved.get("tokenizer") and identity["tokenizer"] and saved["tokenizer"] != identity["tokenizer"]:
+            raise TrainError(
+                f"{start} was trained with the tokenizer of {trained_from}, and {model_ref}'s differs: resume with "
+                "the target (and tokenizer) it was trained from, or use another --out"
+            )
+    rows = state.get("global_batch")
+    if rows is None:  # an earlier fusekit's checkpoint: it was resumable with the same grad_accum only
+        old = state.get("config", {}).get("grad_accum", cfg.grad_accum)
+        if old != cfg.grad_accum:
+            raise TrainError(f"{start} was trained with grad_accum {old}: resume with --grad-accum {old}")
+        return
+    if rows != global_batch:
+        per = d.world_size * cfg.batch_size
+        hint = f" --grad-accum {rows // per}" if rows % per == 0 else f" a number of ranks × --batch-size that divides {rows}"
+        raise TrainError(
+            f"{start} was trained with {rows} rows per step (ranks × batch size × grad accum); here "
+            f"{d.world_size} × {cfg.batch_size} × {cfg.grad_accum} = {global_batch}: resume on {d.world_size} "
+            f"rank(s) with{hint} to continue the same run"
+        )
 
 
 class FusionObjective:
@@ -152,7 +258,7 @@ class FusionObjective:
         return batch.label_tokens
 
     def tokens(self, batch) -> int:
-        return batch.tokens
+        return batch.tokens  # the windows' tokens: padding is not counted
 
     def forward(self, model, batch, step: int, dev: torch.device):
         total, clm, fusion = model(
@@ -162,6 +268,7 @@ class FusionObjective:
             None if batch.target_ids is None else torch.as_tensor(batch.target_ids, device=dev),
             None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
             self.cfg.lam_at(step, self.total_steps),
+            None if batch.attention_mask is None else torch.as_tensor(batch.attention_mask, device=dev),
         )
         return total, torch.stack([total.detach(), clm, fusion])
 
@@ -175,14 +282,27 @@ class FusionObjective:
         }
 
 
-def _fused_head(net, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
-    """Whether this run uses the chunked output layer + loss (`head.py`); warns when it falls back."""
+def _packing(step_module: FusionStep, d: Dist) -> bool:
+    """Whether windows may share a row: the model keeps attention inside each packed window (the check
+    extraction makes); warns when it falls back. Collective under FSDP2 (the probe runs the sharded model)."""
+    ok = step_module.packing_supported()
+    if not ok and d.is_main:
+        warnings.warn(
+            f"{type(step_module.lm).__name__} does not keep attention inside packed windows: training on one window per row, "
+            "right-padded with an attention mask (more padding, same loss)", stacklevel=2,
+        )
+    return ok
+
+
+def _fused_head(step_module: FusionStep, cfg: TrainConfig, dev: torch.device, d: Dist) -> bool:
+    """Whether this run uses the chunked output layer + loss (`head.py`); warns when it falls back.
+    Collective under FSDP2 (the probe runs the sharded model)."""
     if cfg.fused_head == "off":
         return False
-    problem = head_problem(net, dev)
+    problem = step_module.head_problem(dev)
     if problem is None:
         return True
-    msg = f"{type(net).__name__}: {problem}"
+    msg = f"{type(step_module.lm).__name__}: {problem}"
     if cfg.fused_head == "on":
         raise TrainConfigError(f"fused_head on: {msg}; train with fused_head auto or off")
     if d.is_main:
@@ -197,12 +317,12 @@ def _maybe_tokenizer(model_ref: str):
         return None
 
 
-def _export(out: Path, net, state: dict | None, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist, model_ref: str) -> None:
+def _export(out: Path, net, step_module, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist,
+            model_ref: str, sharded: bool) -> None:
+    """The trained model as a Hugging Face folder in OUT (`export.write_hf_model`: no rank holds the whole
+    model under FSDP2), its tokenizer and `fusekit_train.json`."""
+    write_hf_model(out, net, step_module, tokenizer, sharded, d)
     if d.is_main:
-        with quiet_transformers():
-            net.save_pretrained(out, safe_serialization=True, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
         ckpt.write_done(
             out,
             {
