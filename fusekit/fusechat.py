@@ -92,9 +92,10 @@ def load_fusechat(path: str | Path) -> FuseChatRecipe:
 def run_fusechat(config: FuseChatRecipe, progress: bool = True) -> dict:
     """Extract → (align + train) per pair → merge → evaluate; returns what it wrote to results.json."""
     from fusekit.merge import merge_models
-    from fusekit.pipeline import Layout, _stage, align_to, evaluate_all, extract_all, train_variant
+    from fusekit.pipeline import Layout, _stage, align_to, check_tasks, evaluate_all, extract_all, train_variant
 
     recipe = config.as_recipe()
+    check_tasks(recipe)  # before any stage spends compute
     layout = Layout(Path(recipe.workdir))
     layout.root.mkdir(parents=True, exist_ok=True)
     extract_all(recipe, layout, progress)
@@ -125,7 +126,10 @@ def run_fusechat(config: FuseChatRecipe, progress: bool = True) -> dict:
     models.update({s.name: s.model for s in recipe.sources})
     models.update({f"{recipe.target.name}+{name}": str(path) for name, path in fused.items()})
     models[f"merged ({config.merge.method})"] = str(merged_dir)
-    rows = evaluate_all(recipe, models, progress) if recipe.eval else []
-    result = {"eval": rows, "align_report": reports, "merged": str(merged_dir), "pairs": {k: str(v) for k, v in fused.items()}}
+    evaluation = evaluate_all(recipe, models, progress, layout) if recipe.eval else None
+    result = {
+        "eval": evaluation.ce if evaluation else [], "tasks": evaluation.tasks if evaluation else [],
+        "align_report": reports, "merged": str(merged_dir), "pairs": {k: str(v) for k, v in fused.items()},
+    }
     layout.results.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -95,7 +95,7 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False) -
     from fusekit.extract import extract
 
     records = list(read_records(recipe.corpus.data, recipe.corpus.field))
-    eval_records = {ds.name: list(read_records(ds.data, ds.field)) for ds in recipe.eval}
+    eval_records = {ds.name: list(read_records(ds.data, ds.field)) for ds in recipe.eval.data}
     # Texts spread evenly over the corpus: stores' bytes per token vary with the kind of text.
     n_sample = min(len(records), max(1, sample_texts))
     sample_ids = [(i * len(records)) // n_sample for i in range(n_sample)]

@@ -20,6 +20,45 @@ class DataSpec(Strict):
     field: str = "text"
 
 
+class EvalSpec(Strict):
+    """A recipe's `eval:`: held-out data for mean CE / perplexity, and lm-evaluation-harness tasks.
+
+    The older form, a list of datasets (`eval: [{name, data}]`), is the `data` of this one.
+    """
+
+    data: list[DataSpec] = Field(default_factory=list, description="Held-out sets: mean CE / perplexity per model.")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task, group or tag names (pip install 'fusekit[eval]').")
+    include_path: list[str] = Field(default_factory=list, description="Folders of local task YAMLs (relative to the recipe).")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (default: each task's own).")
+    limit: float | None = Field(None, gt=0, description="Examples per task (below 1: a share).")
+    batch_size: int = Field(8, ge=1, description="lm-eval requests per forward pass.")
+    chat_template: bool = Field(False, description="Wrap task prompts in the tokenizer's chat template.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_data(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {"data": value}
+        if isinstance(value, dict) and isinstance(value.get("tasks"), str):
+            return {**value, "tasks": [t.strip() for t in value["tasks"].split(",") if t.strip()]}
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self.data or self.tasks)
+
+    def task_options(self):
+        """The harness's TaskOptions (None without tasks)."""
+        if not self.tasks:
+            return None
+        from fusekit.eval.harness import TaskOptions
+
+        limit = int(self.limit) if self.limit is not None and self.limit >= 1 else self.limit
+        return TaskOptions(
+            tasks=tuple(self.tasks), include_path=tuple(self.include_path), num_fewshot=self.num_fewshot, limit=limit,
+            batch_size=self.batch_size, apply_chat_template=self.chat_template,
+        )
+
+
 class ExtractOptions(Strict):
     top_k: int = Field(10, ge=1, le=256)
     max_length: int = Field(2048, ge=8)
@@ -77,6 +116,9 @@ class TrainOptions(Strict):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute each transformer block's activations in backward (less memory, same numbers)."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Log every step to these trackers (pip install 'fusekit[track]')."
+    )
 
     def resolved(self, name: str) -> Any:
         """An option's value: as set here, else the preset's (FuseLLM's when no preset is named)."""
@@ -102,7 +144,7 @@ class JobSpec(Strict):
     workdir: str = Field(description="Where every stage writes (resumable: re-running skips what is done).")
     sources: list[ModelSpec] = Field(min_length=1)
     corpus: DataSpec
-    eval: list[DataSpec] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     extract: ExtractOptions = ExtractOptions()
     align: AlignOptions = AlignOptions()
 
@@ -149,13 +191,22 @@ class Recipe(JobSpec):
                 problems.append(f"data {spec.name!r}: {spec.data} does not exist (looked at {local})")
             return spec.model_copy(update={"data": str(local)})
 
+        def folder(value: str) -> str:
+            local = Path(path_of(value))
+            if not local.is_dir():
+                problems.append(f"eval.include_path: {value} is not a folder (looked at {local})")
+            return str(local)
+
+        evaluation = self.eval.model_copy(
+            update={"data": [data(e) for e in self.eval.data], "include_path": [folder(p) for p in self.eval.include_path]}
+        )
         resolved = self.model_copy(
             update={
                 "workdir": path_of(self.workdir),
                 "target": model(self.target),
                 "sources": [model(s) for s in self.sources],
                 "corpus": data(self.corpus),
-                "eval": [data(e) for e in self.eval],
+                "eval": evaluation,
             }
         )
         if problems:
@@ -169,6 +220,6 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 __all__ = [
-    "AlignOptions", "DataSpec", "ExtractOptions", "JobSpec", "ModelSpec", "Recipe", "RecipeError", "TrainOptions",
+    "AlignOptions", "DataSpec", "EvalSpec", "ExtractOptions", "JobSpec", "ModelSpec", "Recipe", "RecipeError", "TrainOptions",
     "TrainVariant", "format_validation_error", "load_recipe", "read_config",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def test_quick_demo_runs_end_to_end_and_resumes_to_the_same_results(tmp_path):
     assert set(results["claim"]["average_ce"]) == {"before", "clm", "min_ce", "avg_ce"}
     # Continual training on the fusion corpus must help the briefly pre-trained target at all.
     assert results["claim"]["average_ce"]["clm"] < results["claim"]["average_ce"]["before"]
+
+    # The downstream table: every model on every demo task, through lm-eval (fusekit eval --tasks's path).
+    if importlib.util.find_spec("lm_eval") is not None:
+        tasks = ["demo_next_line_code", "demo_next_line_prose", "demo_next_line_api", "demo_complete_code"]
+        assert {(r["model"], r["task"]) for r in results["tasks"]} == {(m, t) for m in names for t in tasks}
+        for r in results["tasks"]:
+            assert 0.0 <= r["value"] <= 1.0 and r["samples"] == (20 if r["task"] == "demo_complete_code" else 40)
+        assert set(results["downstream"]) == set(names)
+        assert set(results["downstream"]["clm-only"]) == {"next line · code", "next line · prose", "next line · api", "code completion"}
+        assert (out / "run" / "eval" / "fusellm-mince.json").is_file()
+        card = (out / "run" / "train" / "fusellm-mince" / "README.md").read_text()
+        assert "## Evaluation" in card and "demo_next_line_code acc" in card and "model-index:" in card
 
     report = results["align_report"]
     assert [s["model"] for s in report["sources"]] == ["code-expert", "prose-expert", "api-expert"]

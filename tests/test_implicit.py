@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from io import BytesIO
@@ -312,10 +313,15 @@ def test_implicit_fusion_end_to_end_the_target_learns_from_the_good_source(task)
 
     root, paths = task
     config = _write_config(root, paths)
-    result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress"])
+    track = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    result = CliRunner().invoke(app, ["implicit", str(config), "--no-progress", *track])
     assert result.exit_code == 0, result.output
     assert "held-out mean reward" in result.output and "fused model:" in result.output
     work = root / "run"
+    for stage in ("sft", "dpo"):  # each stage's model carries a card; its steps reached TensorBoard
+        card = (work / stage / "model" / "README.md").read_text()
+        assert card.startswith("---\n") and "implicit-fusion" in card and "- `good`" in card and "- `bad`" in card
+        assert not track or any((work / stage / "tensorboard").glob("events.out.tfevents.*"))
     responses = pl.read_parquet(work / "responses.parquet")
     prompts = read_prompts(paths["prompts"])
     assert responses.height == len(prompts) * 2 * 4 and responses["reward"].null_count() == 0

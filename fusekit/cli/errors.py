@@ -11,6 +11,7 @@ from typing import Callable, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 F = TypeVar("F", bound=Callable)
 _err = Console(stderr=True)
@@ -39,9 +40,10 @@ def describe(exc: BaseException) -> str:
 def fail(message: str, code: int = 1) -> NoReturn:
     """`error: <first line>`; further lines (one problem each) follow, indented, so lists stay readable."""
     first, *rest = [line for line in message.strip().splitlines() if line.strip()] or [""]
-    _err.print(f"[bold red]error:[/] {first}", highlight=False, soft_wrap=True)
+    # Messages are plain text: `pip install 'fusekit[eval]'` must not be read as rich markup.
+    _err.print(f"[bold red]error:[/] {escape(first)}", highlight=False, soft_wrap=True)
     for line in rest:
-        _err.print(f"  {line.strip()}", highlight=False, soft_wrap=True)
+        _err.print(f"  {escape(line.strip())}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

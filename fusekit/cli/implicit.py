@@ -18,6 +18,10 @@ def implicit_command(
     backend: str = typer.Option(
         None, "--backend", help="Sampling backend, overriding sample.backend: auto (vLLM where installed with a CUDA GPU), transformers or vllm."
     ),
+    report_to: str = typer.Option(
+        None, "--report-to", help="Log the SFT and DPO stages' every step to tensorboard, wandb and/or mlflow (comma-separated; "
+        "overrides sft.report_to and dpo.report_to; pip install 'fusekit[track]')."
+    ),
 ) -> None:
     """Implicit fusion (FuseChat-3.0): every source answers every prompt n times, a reward function or
     model scores the answers, the target is fine-tuned on the best ones (SFT) and then on best-vs-worst
@@ -37,13 +41,18 @@ def implicit_command(
 
         if backend not in BACKENDS:
             raise typer.BadParameter(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend is None:
+    if backend is None and report_to is None:
         result = implicit_fusion(config, progress=progress)
     else:
         from fusekit.implicit.config import load_implicit
+        from fusekit.train.tracking import parse_report_to
 
         loaded = load_implicit(config)
-        loaded = loaded.model_copy(update={"sample": loaded.sample.model_copy(update={"backend": backend})})
+        if backend is not None:
+            loaded = loaded.model_copy(update={"sample": loaded.sample.model_copy(update={"backend": backend})})
+        if report_to is not None:
+            trackers = parse_report_to(report_to)
+            loaded = loaded.model_copy(update={stage: getattr(loaded, stage).model_copy(update={"report_to": trackers}) for stage in ("sft", "dpo")})
         result = implicit_fusion(loaded, progress=progress, config_dir=config.resolve().parent)
     if result["eval"]:
         Console().print(results_table(result["eval"]))

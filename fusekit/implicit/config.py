@@ -8,7 +8,7 @@
     sample:  {n: 4, max_new_tokens: 256, temperature: 0.8, top_p: 0.95, seed: 0, batch_size: 8, backend: auto}
     reward:  {function: numeric}       # exact_match | numeric | "pkg.module:fn"; or {model: PATH}
     build:   {margin: 0.0}
-    sft:     {lr: 5e-6, epochs: 1}
+    sft:     {lr: 5e-6, epochs: 1}            # report_to: [tensorboard, wandb, mlflow] (optional)
     dpo:     {beta: 0.1, lr: 5e-7, epochs: 1}
 """
 
@@ -79,12 +79,15 @@ class SFTOptions(Strict):
         "to the logits path for a model whose head is not a plain linear layer, on refuses it.",
     )
     fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP2 instead of DDP.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Log every step to these trackers (pip install 'fusekit[track]'); `--report-to` sets both stages."
+    )
 
     # How the steps are computed, not what they compute: a finished stage is not redone when these change.
-    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"save_every", "fused_head", "fsdp"})
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"save_every", "fused_head", "fsdp", "report_to"})
 
     def identity(self) -> dict[str, Any]:
-        """The options the trained model depends on (how often it is checkpointed, or on how many devices, is not one)."""
+        """The options the trained model depends on (how often it is checkpointed, on how many devices, or where it is tracked are not)."""
         return self.model_dump(exclude=set(self.NOT_IDENTITY))
 
 

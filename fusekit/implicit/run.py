@@ -122,6 +122,11 @@ def _stages(config: ImplicitConfig, progress: bool, config_dir: Path | None, d, 
     def note(message: str) -> None:
         console.print(f"[yellow]{message}[/]", highlight=False)
 
+    # fusekit.train loads torch: imported here, so `import fusekit.implicit` stays light.
+    from fusekit.train.model_card import write_stage_card
+    from fusekit.train.tracking import require as require_trackers
+
+    require_trackers([*config.sft.report_to, *config.dpo.report_to])  # a missing library fails before sampling
     root = Path(config.workdir)
     stages = root / "stages"
     root.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,7 @@ def _stages(config: ImplicitConfig, progress: bool, config_dir: Path | None, d, 
         training[0] = True
         info = run_sft(config.target.model, by_id, pl.read_parquet(root / "sft.parquet"), config.sft, root / "sft", progress)
         training[0] = False
+        write_stage_card(root / "sft" / "model", config.target.model, "sft", list(models), config.sft.identity(), info)
         redo = True
         record = finish_stage(stages / "sft", ident, **info)
     timings["sft"], sft_info = record["seconds"], record
@@ -243,6 +249,7 @@ def _stages(config: ImplicitConfig, progress: bool, config_dir: Path | None, d, 
         training[0] = True
         info = run_dpo(root / "sft" / "model", by_id, pl.read_parquet(pairs_path), config.dpo, root / "dpo", progress)
         training[0] = False
+        write_stage_card(root / "dpo" / "model", config.target.model, config.dpo.objective, list(models), config.dpo.identity(), info)
         redo = True
         record = finish_stage(stages / "dpo", ident, **info)
     timings["dpo"], dpo_info = record["seconds"], record

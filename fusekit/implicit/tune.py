@@ -89,6 +89,7 @@ def fit(model: str | Path, objective, opts: SFTOptions, out: Path, progress: boo
     settings = engine.EngineSettings(
         lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95), warmup_ratio=opts.warmup_ratio, clip=opts.clip,
         bf16=dev.type == "cuda", fsdp=opts.fsdp, save_every=opts.save_every, keep_checkpoints=1, checkpoint_at_end=False,
+        report_to=tuple(opts.report_to), meta={"config": opts.identity()},
     )
 
     step_module = _step_module(net, opts, dev, d)

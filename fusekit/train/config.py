@@ -96,12 +96,15 @@ class TrainConfig(BaseModel):
         None, ge=0, description="Processes per rank that decode and fuse the aligned store ahead of training; "
         "None: up to 4 by the cores per rank, 0 on a store of a few row groups; 0: in the trainer's reading thread.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Also log every step's metrics and the config to these trackers (rank 0; tracking.py)."
+    )
 
     # Options that may differ between an interrupted run and its resumption: bookkeeping, and how the same
     # maths is laid out (the number of ranks may change too, with grad_accum keeping the rows of a step).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
         {"save_every", "keep_checkpoints", "stop_after", "log_every", "fused_head", "fsdp", "fsdp_offload",
-         "gradient_checkpointing", "grad_accum", "loader_workers"}
+         "gradient_checkpointing", "grad_accum", "loader_workers", "report_to"}
     )
 
     def lam_at(self, step: int, total_steps: int) -> float:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 import fusekit.train.checkpoint as ckpt
+import fusekit.train.tracking as tracking
 from fusekit.train.ddp import Dist, gradient_sync, wrap
 from fusekit.train.progress import TrainProgress
 
@@ -75,6 +76,7 @@ class EngineSettings:
     stop_after: int | None = None  # checkpoint and stop after this many steps in this invocation
     log_every: int = 1
     meta: dict = field(default_factory=dict)  # stored in every checkpoint's trainer state
+    report_to: tuple[str, ...] = ()  # tracking back-ends (`tracking.py`): tensorboard, wandb, mlflow
 
 
 @dataclass
@@ -150,6 +152,7 @@ def run(
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
     metrics = _open_metrics(out, step, d)
+    tracker = tracking.open_tracker(settings.report_to, out, {"report_to": list(settings.report_to), **settings.meta}, step, d.is_main)
     bar = TrainProgress(total_steps, step, enabled=progress and d.is_main)
     last: dict[str, Any] = {}
     started, steps_here, tokens_here = time.perf_counter(), 0, 0
@@ -158,7 +161,7 @@ def run(
 
     # One worker thread reads the next step's batches while this step computes; batches are a pure
     # function of the step, so the overlap changes nothing in the result.
-    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+    with bar, tracker, ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(objective.micro_batches, step, d.rank) if step < total_steps else None
         while step < total_steps:
             t0 = time.perf_counter()
@@ -195,10 +198,12 @@ def run(
                 "tokens": int(tokens),
                 "tokens_per_s": tokens / dt if dt > 0 else None,
                 "elapsed_s": time.perf_counter() - started,
+                "peak_memory_mib": _peak_memory_mib(device),
             }
             if metrics is not None and (step % settings.log_every == 0 or step == total_steps):
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
+                tracker.log(step, last)
             bar.update(step, last)
             stopping = settings.stop_after is not None and steps_here >= settings.stop_after and step < total_steps
             periodic = settings.save_every and step % settings.save_every == 0
@@ -206,10 +211,11 @@ def run(
                 ckpt.save_checkpoint(out, step, net, model, optimizer, scheduler, settings.meta, d, settings.keep_checkpoints, fsdp)
             if stopping:
                 break
+        ended = time.perf_counter()  # before the trackers finish (a W&B run takes a moment to close)
 
     if metrics is not None:
         metrics.close()
-    last["run"] = _run_figures(device, tokens_here, time.perf_counter() - started, steps_here)
+    last["run"] = _run_figures(device, tokens_here, ended - started, steps_here)
     finished = step == total_steps
     if finished and export is not None:
         export(last)
@@ -225,6 +231,15 @@ def _clip(params: list[torch.nn.Parameter], clip: float, fsdp: bool) -> float:
     if clip > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, clip))
     return float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+
+def _peak_memory_mib(dev: torch.device) -> float:
+    """This process's peak memory so far (CUDA: allocated tensors; CPU: resident set), in MiB."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    from fusekit._procmem import memory_mb
+
+    return memory_mb()["VmHWM"]
 
 
 def _run_figures(dev: torch.device, tokens: int, seconds: float, steps: int) -> dict:

@@ -20,6 +20,8 @@ import fusekit.train.checkpoint as ckpt
 import fusekit.train.engine as engine
 from fusekit.models.load import load_config, load_model, load_tokenizer
 from fusekit.train.activation_checkpointing import enable_activation_checkpointing
+import fusekit.train.model_card as model_card
+import fusekit.train.tracking as tracking
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.export import write_hf_model
 from fusekit.train.data import DataPlan, check_target, default_workers, open_source
@@ -102,6 +104,7 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     start_ckpt = _check_out(out, cfg, resume)
     if ckpt.read_done(out) is not None:
         return out  # finished earlier with the same options
+    tracking.require(cfg.report_to)  # a missing tracking library fails now, not after loading the model
     dev = d.device(device)
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and dev.type == "cuda")
 
@@ -138,13 +141,15 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     settings = engine.EngineSettings(
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
-        stop_after=cfg.stop_after, log_every=cfg.log_every,
+        stop_after=cfg.stop_after, log_every=cfg.log_every, report_to=tuple(cfg.report_to),
         meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref, "target": identity,
               "global_batch": global_batch},
     )
 
     def export(last: dict) -> None:
         _export(out, net, step_module, tokenizer, cfg, plan, last, d, model_ref, fsdp)
+        if d.is_main:
+            model_card.write_fusion_card(out, model_ref, aligned, cfg, plan.total_steps, last, d.world_size)
 
     try:
         engine.run(net, FusionObjective(plan, cfg), out, settings, d, dev, step_module=step_module,
