@@ -30,11 +30,13 @@ def map_vocab(
     """(target index per source token, number of exact matches); only `tgt_usable` targets are chosen."""
 
 class TransferSource:
-    """A source vocabulary for `transfer_batch`: byte strings (b"" for special / padded ids), end-of-sequence
+    """A source vocabulary for `transfer_texts`: byte strings (b"" for special / padded ids), end-of-sequence
     and end-of-turn ids."""
 
     def __init__(self, tokens: Sequence[bytes], eos: Optional[int] = None, eot: Optional[int] = None) -> None: ...
     def __len__(self) -> int: ...
+    def spans(self, text: bytes, ids: npt.NDArray[np.int64], starts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """int64 [n, 2]: byte spans in `text` (UTF-8) of tokens `ids` starting at characters `starts`."""
 
 class TransferTarget:
     """A target vocabulary: byte strings, which ids may take mass, preference among equal bytes, end-of-sequence
@@ -42,17 +44,28 @@ class TransferTarget:
 
     def __init__(self, tokens: Sequence[bytes], usable: Sequence[bool], rank: Sequence[int], eos: Optional[int] = None, eot: Optional[int] = None) -> None: ...
     def __len__(self) -> int: ...
+    def spans(self, text: bytes, ids: npt.NDArray[np.int64], starts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]: ...
     def exact(self, token: bytes) -> Optional[int]: ...
 
-def transfer_batch(
+def transfer_texts(
     source: TransferSource,
     target: TransferTarget,
-    items: Sequence[tuple[bytes, npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]],
+    items: Sequence[tuple],
     out_k: int,
     threads: Optional[int] = None,
-) -> list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int32]]]:
-    """Per text (text, src ids, src byte spans [m, 2], tgt ids, tgt byte spans [n, 2], top-k ids, log-probs):
-    (ids [n, out_k], probs [n, out_k], carried [n], true-token mass [n], kind [n], source row [n])."""
+    perfect_logp: tuple[float, float] = (0.0, 0.0),
+) -> list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int32], Optional[npt.NDArray[np.bool_]]]]:
+    """Per text (target text, source text or None, src ids, src character starts or byte spans [m, 2], tgt ids,
+    tgt starts or spans, top-k ids [m, k], log-probs [m, k], true-token log-probs or None, perfect-source seed
+    or None), in parallel over texts with the GIL released: (ids [n, out_k], probs [n, out_k], carried [n],
+    true-token mass [n], kind [n], source row [n], recalled [n - 1] or None). Independent of `threads`;
+    ValueError naming the text on bad input."""
+
+def remap_spans(src_text: bytes, tgt_text: bytes, spans: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """int64 [m, 2]: byte spans of `src_text` carried into `tgt_text` through difflib's matching blocks."""
+
+def perfect_topk_ids(ids: npt.NDArray[np.int64], k: int, vocab_size: int, seed: int) -> npt.NDArray[np.int64]:
+    """int64 [m, k]: the perfect source's top-k ids, drawn exactly as `recall.perfect_source_topk` draws them."""
 
 def align_topk(
     path: npt.NDArray[np.int64],

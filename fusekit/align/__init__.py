@@ -3,8 +3,9 @@
 The modules, lowest first (each imports only modules above it in this list):
 
 * `tokens` DTW alignment and MinED vocabulary mapping (the Rust core); `spans` exact byte spans of
-  tokens; `remap` byte spans carried between two renderings of one chat; `probe_texts` small texts
-  that stress cross-tokenizer transfer (benchmarks).
+  tokens and `remap` byte spans carried between two renderings of one chat (the readable references of
+  `rust/src/spans.rs`, which the byte-span transfer runs); `probe_texts` small texts that stress
+  cross-tokenizer transfer (benchmarks).
 * `vocab_cache` FuseLLM's vocabulary map, cached per tokenizer pair.
 * `transfer` the three methods' engine (`Transferer`: bytespan, fusellm, fusechat).
 * `recall` perfect-source recall.
@@ -13,7 +14,8 @@ The modules, lowest first (each imports only modules above it in this list):
 * `text_transfer` the text-level API `fusekit.transfer`.
 * `candidates` the target's own candidate and what every method's candidates share; `carry` the 1:1
   carry (`fusellm`, `fusechat`); `bytespan` the byte-span transfer of whole texts.
-* `shard` one shard aligned and encoded; `report` report.json; `ray_runner` shards as Ray tasks.
+* `shard` one shard aligned and written a row group at a time; `report` report.json; `ray_runner` shards
+  as Ray tasks.
 * `stage` `align_store` (`fusekit.run_align`): the stage over stores.
 """
 

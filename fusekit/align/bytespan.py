@@ -4,8 +4,10 @@ whole texts by the chain-rule transfer on exact byte spans (`transfer.Transferer
 Unlike the 1:1 carry (`carry.py`), a text is transferred as a whole, not window by window: the result is
 then cut at the target's window boundaries. Byte spans come from the tokens' own bytes and character
 offsets; where the two models rendered different texts (chat templates), the source's spans are carried
-into the target's text through the bytes both share (`remap.py`). Perfect-source recall is measured on
-the same texts (report.json).
+into the target's text through the bytes both share. Perfect-source recall is measured on the same texts
+(report.json). All of that runs in Rust, in parallel over the texts of a chunk with the GIL released
+(`Transferer.run_texts`, `rust/src/whole_text.rs`; `spans.py` and `remap.py` are the Python references it
+is tested against); only the cutting into windows and the counts stay here.
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ import numpy as np
 
 from fusekit.align.candidates import SourceStats, bad_target_ids, mean_or_nan
 from fusekit.align.inputs import ExtractedText
-from fusekit.align.recall import perfect_source_topk, recalled
-from fusekit.align.remap import remap_spans
-from fusekit.align.transfer import TextTokens, Transferer
+from fusekit.align.recall import perfect_logp
+from fusekit.align.transfer import TextItem, TextTokens, Transferer
 from fusekit.store.errors import StoreError
 from fusekit.store.types import AlignedWindow, Candidate
 from fusekit.vocab.info import VocabInfo
 
-TEXT_CHUNK = 64  # texts per transfer_batch call
+TEXT_CHUNK = 64  # texts per Transferer.run_texts call
 
 
 @dataclass
@@ -48,7 +49,7 @@ def bytespan_candidates(
     the window's mean CE averages it over the rows that carried and whose next token is a loss token.
     Also measures perfect-source recall on the same texts (report.json).
     """
-    items, perfect = [], []
+    items = []
     for t in chunk:
         tt, st = t.target, t.source
         if tt.text is None or st.text is None:
@@ -56,53 +57,49 @@ def bytespan_candidates(
                 "the byte-span transfer needs the texts, and these extraction stores were written without them "
                 "(an older fusekit): re-run `fusekit extract`, or align with --method fusellm"
             )
-        # Byte spans once per text: the real and the perfect-source transfer share them.
-        tgt_tok = TextTokens(tt.ids, tt.offsets, transferer.spans(tt.text, TextTokens(tt.ids, tt.offsets), transferer.target.bytes))
-        src_spans = transferer.source_spans(st.text, TextTokens(st.ids, st.offsets))
-        if st.text != tt.text:  # chat: each model rendered its own template around the same messages
-            src_spans = remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans)
-        src_tok = TextTokens(st.ids, st.offsets, src_spans)
-        items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp, -st.ce))
-        ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
-        perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
+        # Chat: each model rendered its own template around the same messages (source_text differs).
+        items.append(
+            TextItem(tt.text, TextTokens(st.ids, st.offsets), TextTokens(tt.ids, tt.offsets), st.topk_ids, st.topk_logp, -st.ce, st.text, t.text_id)
+        )
     k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1
-    results = transferer.run(items, k)
-    checks = transferer.run(perfect, k)
+    done = transferer.run_texts(items, k, perfect_logp(chunk[0].source.topk_ids.shape[1]) if chunk else (0.0, 0.0))
     bad = bad_target_ids(target_info)
-    for t, res, chk in zip(chunk, results, checks):
+    for t, (res, hits) in zip(chunk, done):
         st = t.source
-        hits = recalled(chk, t.target.ids)
+        res_ce = res.ce  # over the whole text, before the windows' last rows are emptied
+        lengths = np.asarray(t.lengths, np.int64)
+        last = (np.cumsum(lengths) - 1)[lengths > 0]
+        # Each window's last row predicts the next window's first token: empty (training never uses it).
+        # The text's arrays are changed in place, and each window's candidate is a view of them.
+        res.ids[last], res.probs[last], res.carried[last], res_ce[last] = -1, 0.0, False, np.nan
         lo = 0
         for w_i, n in enumerate(t.lengths):
-            hi = lo + n
+            hi, m = lo + n, max(n - 1, 0)  # m: the window's predicted positions
             window = out[t.first + w_i]
-            ids, probs = res.ids[lo:hi].copy(), res.probs[lo:hi].copy()
-            carried, ce = res.carried[lo:hi].copy(), res.ce[lo:hi].copy()
-            if n:
-                ids[-1], probs[-1], carried[-1], ce[-1] = -1, 0.0, False, np.nan
-            pred = np.ones(max(n - 1, 0), bool)
+            ids, probs, carried, ce = res.ids[lo:hi], res.probs[lo:hi], res.carried[lo:hi], res_ce[lo:hi]
+            pred = np.ones(m, bool)
             if window.loss_mask is not None and n:
                 pred &= np.asarray(window.loss_mask, bool)[1:]
             # Rows whose true-token probability is unknown (a source window's last row, whose next token the
             # extraction could not score, when the true token is also outside the top-k) have no CE: left in,
             # one NaN would make the whole window's mean unknown and hand the window to the target (MinCE).
-            used = carried[: max(n - 1, 0)] & pred & np.isfinite(ce[: max(n - 1, 0)])
-            mean_ce = mean_or_nan(ce[: max(n - 1, 0)][used].astype(np.float64))
+            used = carried[:m] & pred & np.isfinite(ce[:m])
+            mean_ce = mean_or_nan(ce[:m][used].astype(np.float64))
             window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce))
             stats.windows += 1
-            stats.positions += max(n - 1, 0)
-            counted = carried[: max(n - 1, 0)]
+            stats.positions += m
+            counted = carried[:m]
             stats.carried += int(counted.sum())
-            stats.recalled += int(hits[lo : lo + max(n - 1, 0)].sum())
+            stats.recalled += int(hits[lo : lo + m].sum())
             if not counted.any():
                 stats.empty_windows += 1
-            rows = res.source_row[lo : lo + max(n - 1, 0)][counted]
+            rows = res.source_row[lo : lo + m][counted]
             if rows.size:
                 lp = st.topk_logp[rows].astype(np.float64)
                 present = (st.topk_ids[rows] >= 0) & np.isfinite(lp)
                 stats.topk_mass += float(np.where(present, np.exp(np.where(present, lp, 0.0)), 0.0).sum())
-            live = ids[: max(n - 1, 0)][counted]
-            stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], probs[: max(n - 1, 0)][counted], 0.0).sum())
+            live = ids[:m][counted]
+            stats.bad_mass += float(np.where((live >= 0) & bad[np.maximum(live, 0)], probs[:m][counted], 0.0).sum())
             lo = hi
 
 

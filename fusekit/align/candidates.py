@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -30,6 +31,28 @@ def target_candidate(w: Window) -> Candidate:
     total = p.sum(axis=1, keepdims=True)
     probs = np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32)
     return Candidate(ids=np.where(valid, ids, -1).astype(np.int32), probs=probs, ce=np.asarray(w.ce, dtype=np.float32).copy(), mean_ce=float(w.mean_ce))
+
+
+def target_candidates(windows: Sequence[Window]) -> list[Candidate]:
+    """`target_candidate` of each window of one text, computed over the text at once (row by row, so the
+    same values): the candidates' ids and probs are views of the text's arrays."""
+    if len(windows) < 2:
+        return [target_candidate(w) for w in windows]
+    ids = np.concatenate([np.asarray(w.topk_ids, dtype=np.int32) for w in windows])
+    logp = np.concatenate([np.asarray(w.topk_logp, dtype=np.float64) for w in windows])
+    valid = (ids >= 0) & np.isfinite(logp)
+    top = np.max(np.where(valid, logp, -np.inf), axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    p = np.where(valid, np.exp(logp - top), 0.0)
+    total = p.sum(axis=1, keepdims=True)
+    probs = np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32)
+    ids = np.where(valid, ids, -1).astype(np.int32)
+    out, lo = [], 0
+    for w in windows:
+        hi = lo + len(w.input_ids)
+        out.append(Candidate(ids=ids[lo:hi], probs=probs[lo:hi], ce=np.asarray(w.ce, dtype=np.float32).copy(), mean_ce=float(w.mean_ce)))
+        lo = hi
+    return out
 
 
 @dataclass

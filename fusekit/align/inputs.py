@@ -1,5 +1,6 @@
-"""The extraction stores `fusekit align` reads: opening them, checking they belong together, and one
-model's tokens of one whole text (`ExtractedText`, its windows concatenated).
+"""The extraction stores `fusekit align` reads: opening them, checking they belong together, reading
+them side by side text by text (`joined_texts`), and one model's tokens of one whole text
+(`ExtractedText`, its windows concatenated).
 
 Extraction tokenised each text once and cut the tokens into consecutive windows; alignment works on the
 text, so the windows of one text are put back together here before any method looks at them.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -134,3 +135,43 @@ class ExtractedText:
             hi = int(np.searchsorted(self.offsets, char_end, side="left"))
             return slice(lo, hi)
         return np.flatnonzero((self.offsets >= char_start) & (self.offsets < char_end))
+
+
+# (text id, the target's windows, each source's windows) of one text.
+JoinedText = tuple[int, list[Window], list[list[Window]]]
+
+
+def _texts_in(store, texts: range, role: str) -> Iterator[tuple[int, list[Window]]]:
+    """The store's texts in `texts`, checked to lie in the range and to come in ascending order."""
+    last = -1
+    for text_id, windows in store.iter_texts(texts):
+        text_id = int(text_id)
+        if text_id not in texts:
+            raise StoreError(f"the {role} store returned text {text_id} outside the requested texts {texts.start}..{texts.stop - 1}")
+        if text_id <= last:
+            raise StoreError(f"the {role} store returned text {text_id} after text {last}: texts must come in ascending order")
+        last = text_id
+        yield text_id, list(windows)
+
+
+def joined_texts(target, sources: Sequence, texts: range) -> Iterator[JoinedText]:
+    """Every text of `texts` the target holds, with each source's windows of it ([] where a source has
+    none), reading all stores once, side by side, in text order."""
+    readers = [_texts_in(s, texts, f"source {i + 1}") for i, s in enumerate(sources)]
+    heads = [next(r, None) for r in readers]
+    for text_id, windows in _texts_in(target, texts, "target"):
+        per_source = []
+        for i, reader in enumerate(readers):
+            while heads[i] is not None and heads[i][0] < text_id:
+                heads[i] = next(reader, None)  # a text the target does not hold
+            if heads[i] is not None and heads[i][0] == text_id:
+                per_source.append(heads[i][1])
+                heads[i] = next(reader, None)
+            else:
+                per_source.append([])
+        if windows:
+            yield text_id, windows, per_source
+    for head, reader in zip(heads, readers):  # the rest is still checked, as a whole read would check it
+        if head is not None:
+            for _ in reader:
+                pass

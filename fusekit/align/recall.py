@@ -37,9 +37,17 @@ def perfect_source_topk(ids: np.ndarray, k: int, vocab_size: int, seed: int = 0)
         if not clash.any():
             break
         out[clash] = rng.integers(0, vocab_size, int(clash.sum()))
-    logp = np.full((m, k), np.log(EPSILON / max(k - 1, 1)), dtype=np.float32)
-    logp[:, 0] = np.log1p(-EPSILON) if k > 1 else 0.0
+    true, other = perfect_logp(k)
+    logp = np.full((m, k), other, dtype=np.float32)
+    logp[:, 0] = true
     return out, logp
+
+
+def perfect_logp(k: int) -> tuple[float, float]:
+    """(log-probability on the true next token, on each of the k − 1 others) of a perfect source's top-k,
+    as float32 values."""
+    other = float(np.float32(np.log(EPSILON / max(k - 1, 1))))
+    return float(np.float32(np.log1p(-EPSILON) if k > 1 else 0.0)), other
 
 
 def recalled(result: Transfer, tgt_ids: np.ndarray) -> np.ndarray:

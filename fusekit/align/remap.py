@@ -5,6 +5,9 @@ differ around the messages while every message's content appears in both. The by
 texts share (`difflib`'s matching blocks) carry a source token's span into the target's text when the
 token lies inside one block; every other source token (its template's markup, or a token straddling
 content and markup) gets an empty span there, so no target position is ever aligned to template tokens.
+
+The store path runs the Rust port (`rust/src/spans.rs`: `difflib`'s longest-match search step for step);
+this is its reference, compared in `tests/test_align_parallel.py`.
 """
 
 from __future__ import annotations

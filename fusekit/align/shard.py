@@ -1,32 +1,41 @@
-"""One shard of `fusekit align`: the texts of shard I of N aligned and encoded as a Parquet file.
+"""One shard of `fusekit align`: the texts of shard I of N aligned and written as a Parquet file.
 
 Shards split the corpus by text id, like extraction; each shard's result is a pure function of the
 inputs (`ShardJob`), so a resumed, a sharded (`--shard I/N`) or a Ray run writes byte-identical files.
-`align_shard` only computes (a Ray task runs it and returns the bytes); `write_shard` publishes.
+
+A shard is aligned in batches of whole texts holding at least one row group of windows
+(`settings.row_group_rows`): the extraction stores are read text by text as the batches need them, and
+the windows go to the Parquet writer a row group at a time as soon as they are aligned
+(`aligned_store.stream_shard`), so a shard job holds about one row group of windows and one batch of
+texts, whatever the shard's size. Every text is aligned on its own, each row group is built from its own
+windows, and the counts of the report add up in text order, so the file and its sidecar do not depend on
+where the batches are cut. `align_shard_to` writes a shard's file; `align_shard` returns its bytes (a
+Ray task, whose driver publishes them with `write_shard`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
+import polars as pl
 
 from fusekit.align.bytespan import WholeText, transfer_whole_texts
-from fusekit.align.candidates import SourceStats, target_candidate
+from fusekit.align.candidates import SourceStats, target_candidates
 from fusekit.align.carry import PendingWindow, carry_candidates
-from fusekit.align.inputs import ExtractedText, StoreRef, info_of, open_extract
+from fusekit.align.inputs import ExtractedText, JoinedText, StoreRef, info_of, joined_texts, open_extract
 from fusekit.align.tokens import TokenTable
 from fusekit.align.transfer import Method, Transferer
 from fusekit.align.vocab_cache import VocabMap
-from fusekit.store.aligned_store import encode_shard, shard_metadata, windows_frame
-from fusekit.store.atomic import write_bytes_atomic
-from fusekit.store.errors import StoreError
-from fusekit.store.shards import record_shard, shard_filename, shard_slice
-from fusekit.store.types import AlignedWindow, Window
+from fusekit.store.aligned_store import shard_metadata, stream_shard, windows_frame
+from fusekit.store.atomic import atomic_file, write_bytes_atomic
+from fusekit.store.shards import record_shard, sha256_file, shard_filename, shard_slice
+from fusekit.store.types import AlignedWindow
 
 
 @dataclass
@@ -42,105 +51,188 @@ class ShardJob:
 
 @dataclass
 class ShardResult:
-    """One shard aligned, not yet written (a Ray task returns it to the driver)."""
+    """One shard aligned: its sidecar and timings, and (from `align_shard`, for a Ray driver) its bytes."""
 
     index: int
-    data: bytes  # the shard's Parquet file
     info: dict  # its sidecar (deterministic)
     seconds: float
     source_seconds: list[float] = field(default_factory=list)
+    data: bytes | None = None  # the shard's Parquet file, when it was not written in place
 
 
-def _texts_by_id(store, texts: range, role: str) -> dict[int, list[Window]]:
-    out: dict[int, list[Window]] = {}
-    for text_id, windows in store.iter_texts(texts):
-        if text_id not in texts:
-            raise StoreError(f"the {role} store returned text {text_id} outside the requested texts {texts.start}..{texts.stop - 1}")
-        out[int(text_id)] = list(windows)
-    return out
+def text_batches(texts: Iterator[JoinedText], rows: int) -> Iterator[list[JoinedText]]:
+    """Consecutive whole texts, each batch holding at least `rows` target windows (the last may hold fewer)."""
+    batch: list[JoinedText] = []
+    held = 0
+    for item in texts:
+        batch.append(item)
+        held += len(item[1])
+        if held >= rows:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
-def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], None] | None = None) -> ShardResult:
-    """Align the texts of shard `index` and encode its Parquet file (nothing is written here).
+class ShardContext:
+    """What every shard of a job shares, prepared once per process: the opened stores, each source's
+    method, the DTW tables of the 1:1 carry and the byte-span transfer's vocabulary pairs (with large
+    vocabularies, seconds of work that a serial run should not repeat per shard)."""
 
-    `on_progress(done, total)`: (target token, source) pairs aligned so far, of all in the shard."""
+    def __init__(self, job: ShardJob):
+        self.job = job
+        self.target = open_extract(job.target, "target", job.workers)
+        self.sources = [open_extract(ref, f"source {i + 1}", job.workers) for i, ref in enumerate(job.sources)]
+        self.methods = [Method(m) for m in job.settings.get("methods", [Method.FUSELLM.value] * len(self.sources))]
+        self.target_info = info_of(self.target)
+        carry = any(m is not Method.BYTESPAN for m in self.methods)
+        self.tgt_table = TokenTable(list(self.target.vocab)) if carry else None
+        self.src_tables = [None if m is Method.BYTESPAN else TokenTable(list(s.vocab)) for s, m in zip(self.sources, self.methods)]
+        self.transferers = [
+            Transferer(info_of(s), self.target_info, Method.BYTESPAN, threads=job.workers) if m is Method.BYTESPAN else None
+            for s, m in zip(self.sources, self.methods)
+        ]
+
+
+class _ShardAligner:
+    """One shard's batches: the context's stores and tables, this shard's counts and progress."""
+
+    def __init__(self, context: ShardContext, on_progress: Callable[[int, int], None] | None):
+        self.job, self.on_progress = context.job, on_progress
+        self.target, self.sources, self.methods = context.target, context.sources, context.methods
+        self.target_info, self.tgt_table, self.src_tables = context.target_info, context.tgt_table, context.src_tables
+        self.transferers = context.transferers
+        self.stats = [SourceStats() for _ in self.sources]
+        self.source_seconds = [0.0] * len(self.sources)
+        self.rows = self.tokens = 0
+        self.done = 0
+        self.total = 0  # (target token, source) pairs of the batches seen so far
+
+    def advance(self, tokens: int) -> None:
+        self.done += tokens
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total)
+
+    def frames(self, texts: range, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
+        """The shard's rows, one frame per row group, built from the windows of batches of whole texts
+        holding at least `batch_rows` windows each (default: a row group's)."""
+        rows = int(self.job.settings["row_group_rows"])
+        held: list[AlignedWindow] = []
+        spans: list[tuple[int, int]] = []
+        for batch in text_batches(joined_texts(self.target, self.sources, texts), batch_rows or rows):
+            out, out_spans = self.align_batch(batch)
+            held += out
+            spans += out_spans
+            while len(held) >= rows:
+                yield windows_frame(held[:rows], self.job.settings["ks"], spans[:rows])
+                held, spans = held[rows:], spans[rows:]
+        if held:
+            yield windows_frame(held, self.job.settings["ks"], spans)
+
+    def align_batch(self, batch: list[JoinedText]) -> tuple[list[AlignedWindow], list[tuple[int, int]]]:
+        """Align the texts of `batch` with every source: their windows with all candidates, and each
+        window's (char_start, char_end)."""
+        sources, methods = self.sources, self.methods
+        out: list[AlignedWindow] = []
+        spans: list[tuple[int, int]] = []
+        # Per source, what its method works on: target windows (the 1:1 carry) or whole texts (bytespan).
+        pending: list[list[PendingWindow]] = [[] for _ in sources]
+        whole: list[list[WholeText]] = [[] for _ in sources]
+        for text_id, windows, src_windows in batch:
+            per_source = [ExtractedText.of(sw, int(s.k)) for sw, s in zip(src_windows, sources)]
+            first = len(out)
+            for w, own in zip(windows, target_candidates(windows)):
+                slot = len(out)
+                tgt_ids = np.asarray(w.input_ids, dtype=np.int64)
+                mask = None if w.loss_mask is None else np.asarray(w.loss_mask, dtype=bool)
+                out.append(AlignedWindow(text_id=text_id, window=int(w.window), input_ids=tgt_ids, candidates=[own], loss_mask=mask))
+                spans.append((int(w.char_start), int(w.char_end)))
+                for s_i, tt in enumerate(per_source):
+                    if methods[s_i] is not Method.BYTESPAN:
+                        pending[s_i].append(PendingWindow(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
+            tgt_tt = ExtractedText.of(windows, int(self.target.k))
+            for s_i, tt in enumerate(per_source):
+                if methods[s_i] is Method.BYTESPAN:
+                    whole[s_i].append(WholeText(text_id, first, [len(w.input_ids) for w in windows], tgt_tt, tt))
+
+        tokens = sum(len(w.input_ids) for w in out)
+        self.total += tokens * len(sources)
+        for s_i in range(len(sources)):
+            t_src = time.perf_counter()
+            if methods[s_i] is Method.BYTESPAN:
+                transfer_whole_texts(whole[s_i], self.transferers[s_i], out, self.target_info, self.stats[s_i], self.advance)
+            else:
+                items = pending[s_i]
+                one_to_one = methods[s_i] is Method.FUSECHAT
+                cands = carry_candidates(
+                    items, self.src_tables[s_i], self.tgt_table, self.job.vmaps[s_i], self.stats[s_i], self.target_info, one_to_one, self.job.workers, self.advance
+                )
+                for p, cand in zip(items, cands):
+                    out[p.slot].candidates.append(cand)
+            self.source_seconds[s_i] += time.perf_counter() - t_src
+        self.rows += len(out)
+        self.tokens += tokens
+        return out, spans
+
+
+def align_shard_to(
+    job: ShardJob,
+    index: int,
+    fh: BinaryIO,
+    on_progress: Callable[[int, int], None] | None = None,
+    context: ShardContext | None = None,
+    batch_rows: int | None = None,
+) -> ShardResult:
+    """Align the texts of shard `index` and write its Parquet file into the open file `fh`, row group by
+    row group. Returns the sidecar's contents but the file's sha256 (the caller has the file).
+
+    `on_progress(done, total)`: (target token, source) pairs aligned so far, of those read so far.
+    `context`: the job's `ShardContext` when several shards share one (prepared here otherwise).
+    `batch_rows`: the fewest windows a batch of texts holds (default: a row group's); the file does not
+    depend on it."""
     t0 = time.perf_counter()
     settings = job.settings
-    count = int(settings["num_shards"])
-    texts = shard_slice(int(settings["n_texts"]), index, count)
-    target = open_extract(job.target, "target", job.workers)
-    sources = [open_extract(ref, f"source {i + 1}", job.workers) for i, ref in enumerate(job.sources)]
-    tgt_texts = _texts_by_id(target, texts, "target")
-    src_texts = [_texts_by_id(s, texts, f"source {i + 1}") for i, s in enumerate(sources)]
-
-    methods = [Method(m) for m in settings.get("methods", [Method.FUSELLM.value] * len(sources))]
-    out: list[AlignedWindow] = []
-    spans: list[tuple[int, int]] = []
-    # Per source, what its method works on: target windows (the 1:1 carry) or whole texts (bytespan).
-    pending: list[list[PendingWindow]] = [[] for _ in sources]
-    whole: list[list[WholeText]] = [[] for _ in sources]
-    for text_id in texts:
-        windows = tgt_texts.get(text_id, [])
-        if not windows:
-            continue
-        per_source = [ExtractedText.of(st.get(text_id, []), int(s.k)) for st, s in zip(src_texts, sources)]
-        first = len(out)
-        for w in windows:
-            slot = len(out)
-            tgt_ids = np.asarray(w.input_ids, dtype=np.int64)
-            mask = None if w.loss_mask is None else np.asarray(w.loss_mask, dtype=bool)
-            out.append(AlignedWindow(text_id=int(text_id), window=int(w.window), input_ids=tgt_ids, candidates=[target_candidate(w)], loss_mask=mask))
-            spans.append((int(w.char_start), int(w.char_end)))
-            for s_i, tt in enumerate(per_source):
-                if methods[s_i] is not Method.BYTESPAN:
-                    pending[s_i].append(PendingWindow(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
-        tgt_tt = ExtractedText.of(windows, int(target.k))
-        for s_i, tt in enumerate(per_source):
-            if methods[s_i] is Method.BYTESPAN:
-                whole[s_i].append(WholeText(int(text_id), first, [len(w.input_ids) for w in windows], tgt_tt, tt))
-
-    # DTW tables of the 1:1 carry (the byte-span transfer builds its own in the Transferer).
-    src_tables = [None if m is Method.BYTESPAN else TokenTable(list(s.vocab)) for s, m in zip(sources, methods)]
-    tgt_table = TokenTable(list(target.vocab))
-    target_info = info_of(target)
-    stats = [SourceStats() for _ in sources]
-    source_seconds = []
-    # Progress in (target token, source) pairs aligned.
-    work, done = sum(len(w.input_ids) for w in out) * len(sources), 0
-
-    def advance(tokens: int) -> None:
-        nonlocal done
-        done += tokens
-        if on_progress is not None:
-            on_progress(done, work)
-
-    for s_i, source in enumerate(sources):
-        t_src = time.perf_counter()
-        if methods[s_i] is Method.BYTESPAN:
-            transferer = Transferer(info_of(source), target_info, Method.BYTESPAN, threads=job.workers)
-            transfer_whole_texts(whole[s_i], transferer, out, target_info, stats[s_i], advance)
-        else:
-            items = pending[s_i]
-            one_to_one = methods[s_i] is Method.FUSECHAT
-            cands = carry_candidates(items, src_tables[s_i], tgt_table, job.vmaps[s_i], stats[s_i], target_info, one_to_one, job.workers, advance)
-            for p, cand in zip(items, cands):
-                out[p.slot].candidates.append(cand)
-        source_seconds.append(time.perf_counter() - t_src)
-
-    df = windows_frame(out, settings["ks"], spans)
-    data = encode_shard(df, int(settings["row_group_rows"]), shard_metadata(settings))
+    texts = shard_slice(int(settings["n_texts"]), index, int(settings["num_shards"]))
+    aligner = _ShardAligner(context or ShardContext(job), on_progress)
+    schema = windows_frame([], settings["ks"]).schema
+    stream_shard(aligner.frames(texts, batch_rows), schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
     info = {
-        "rows": len(out),
-        "tokens": int(sum(len(w.input_ids) for w in out)),
+        "rows": aligner.rows,
+        "tokens": int(aligner.tokens),
         "texts": [texts.start, texts.stop],
-        "sources": [s.as_json() for s in stats],
+        "sources": [s.as_json() for s in aligner.stats],
     }
-    return ShardResult(index=index, data=data, info=info, seconds=time.perf_counter() - t0, source_seconds=source_seconds)
+    return ShardResult(index=index, info=info, seconds=time.perf_counter() - t0, source_seconds=aligner.source_seconds)
+
+
+def align_shard(job: ShardJob, index: int, on_progress: Callable[[int, int], None] | None = None, batch_rows: int | None = None) -> ShardResult:
+    """`align_shard_to` into a temporary file, returned as bytes in `ShardResult.data` (nothing is written
+    where the store is: a Ray task runs this and its driver publishes the bytes with `write_shard`)."""
+    with tempfile.TemporaryFile() as fh:
+        result = align_shard_to(job, index, fh, on_progress, batch_rows=batch_rows)
+        fh.seek(0)
+        result.data = fh.read()
+    return result
 
 
 def write_shard(out: Path, count: int, result: ShardResult) -> None:
-    """Publish the shard, then its sidecar (the order that makes a kill at any moment safe)."""
+    """Publish the shard's bytes (`ShardResult.data`), then its sidecar (the order that makes a kill at
+    any moment safe)."""
+    if result.data is None:
+        raise ValueError("this ShardResult holds no bytes: it was written in place (align_and_write_shard)")
     name = shard_filename(result.index, count)
     write_bytes_atomic(result.data, out / name)
-    info = dict(result.info, sha256=hashlib.sha256(result.data).hexdigest())
-    record_shard(out, name, info)
+    record_shard(out, name, dict(result.info, sha256=hashlib.sha256(result.data).hexdigest()))
+
+
+def align_and_write_shard(
+    job: ShardJob, index: int, out: Path, on_progress: Callable[[int, int], None] | None = None, context: ShardContext | None = None
+) -> ShardResult:
+    """Align shard `index` straight into its file in the store `out` (through a temporary name, published
+    when complete), then write its sidecar: a serial or `--shard I/N` run never holds the shard's bytes."""
+    count = int(job.settings["num_shards"])
+    name = shard_filename(index, count)
+    with atomic_file(out / name) as fh:
+        result = align_shard_to(job, index, fh, on_progress, context)
+    record_shard(out, name, dict(result.info, sha256=sha256_file(out / name)))
+    return result

@@ -5,6 +5,10 @@ multi-byte character across tokens that then share one character offset, so char
 say which of those tokens holds which byte, and a window or a span cut at a character offset can hand a
 byte token to the wrong side. Here every token gets an exact byte span, following the token's own bytes
 through the text wherever they spell it.
+
+The byte-span transfer computes these spans in Rust (`rust/src/spans.rs`, `Transferer.spans`), in
+parallel with the GIL released; this module is the readable reference with the same rules, which
+`tests/test_align_parallel.py` compares it against on real tokenizers.
 """
 
 from __future__ import annotations

@@ -26,12 +26,12 @@ from typing import Iterable, Sequence
 from fusekit.align.inputs import StoreRef, check_stores, describe, info_of, open_extract
 from fusekit.align.ray_runner import run_on_ray
 from fusekit.align.report import TIMINGS, build_report, print_report, split_timings
-from fusekit.align.shard import ShardJob, ShardResult, align_shard, write_shard
+from fusekit.align.shard import ShardContext, ShardJob, ShardResult, align_and_write_shard, write_shard
 from fusekit.align.statmap import statistical_map
 from fusekit.align.transfer import DEFAULT_METHOD, Method
 from fusekit.align.vocab_cache import VocabMap, default_cache_dir, exact_map, vocab_map
 from fusekit.progress import task_progress
-from fusekit.store.aligned_store import FORMAT, FORMAT_VERSION, REPORT, row_group_rows
+from fusekit.store.aligned_store import COUNTS_DIR, FORMAT, FORMAT_VERSION, REPORT, row_group_rows
 from fusekit.store.atomic import clean_temporaries, write_json_atomic
 from fusekit.store.errors import StoreError
 from fusekit.store.shards import (
@@ -43,6 +43,7 @@ from fusekit.store.shards import (
     shard_filename,
     shard_is_complete,
     shard_slice,
+    update_manifest,
 )
 
 
@@ -72,10 +73,13 @@ def _methods(method: str | Sequence[str] | None, n: int) -> list[Method]:
     return [Method(m) if m is not None else DEFAULT_METHOD for m in names]
 
 
-def _source_map(target, source, method: Method, cache_dir: str | Path | None, workers: int | None) -> VocabMap:
+def _source_map(
+    target, source, method: Method, cache_dir: str | Path | None, workers: int | None, shared: Path | None = None, start: float = 0.0
+) -> VocabMap:
     """The vocabulary map a source's method carries through: FuseLLM's (cached per tokenizer pair), the
-    statistical one built on it (`fusechat`: counts cached per pair and corpus), or exact matches only
-    (`bytespan`, for the report's counts)."""
+    statistical one built on it (`fusechat`: counts per pair and corpus, shared by every job of the store
+    through the folder `shared` and cached beside the vocabulary maps; `start`: where this job begins among
+    the count parts, as a share of them), or exact matches only (`bytespan`, for the report's counts)."""
     if method is Method.BYTESPAN:
         return exact_map(info_of(source), info_of(target))
     fixed = vocab_map(
@@ -83,7 +87,8 @@ def _source_map(target, source, method: Method, cache_dir: str | Path | None, wo
     )
     if method is Method.FUSELLM:
         return fixed
-    return statistical_map(target, source, fixed, Path(cache_dir) if cache_dir is not None else default_cache_dir(), workers)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return statistical_map(target, source, fixed, cache, workers, shared, start)
 
 
 def _num_shards(shard: str | None, num_shards: int | None, out: Path, target) -> tuple[int, list[int]]:
@@ -145,7 +150,6 @@ def align_store(
     count, todo = _num_shards(shard, num_shards, out, tgt)
 
     methods = _methods(method, len(srcs))
-    vmaps = [_source_map(tgt, s, m, vocab_map_cache, workers) for s, m in zip(srcs, methods)]
     max_length = int(tgt.settings.get("max_length") or max((len(w.input_ids) for w in tgt.iter_windows()), default=1))
     settings = {
         "format_version": FORMAT_VERSION,
@@ -158,8 +162,15 @@ def align_store(
         "sources": [_identity(s) for s in srcs],
         "methods": [m.value for m in methods],
     }
-    open_store(out, FORMAT, settings, extra={"extra_files": [REPORT, TIMINGS]})
+    extra_files = [REPORT, TIMINGS, *([COUNTS_DIR] if Method.FUSECHAT in methods else [])]
+    manifest = open_store(out, FORMAT, settings, extra={"extra_files": extra_files})
+    missing = [f for f in extra_files if f not in manifest.get("extra_files", [])]
+    if missing:  # a store begun before its jobs shared the fusechat counts through it
+        update_manifest(out, {"extra_files": [*manifest.get("extra_files", []), *missing]})
     clean_temporaries(out)
+    # The fusechat counts: one pass per (pair, corpus) for all jobs of this store, through its folder.
+    start = todo[0] / count if todo else 0.0
+    vmaps = [_source_map(tgt, s, m, vocab_map_cache, workers, out / COUNTS_DIR, start) for s, m in zip(srcs, methods)]
     settings = read_manifest(out)["settings"]  # exactly what a reader sees
     # Ray tasks reopen the stores by (absolute) path; objects travel as they are.
     absolute = lambda ref: str(Path(ref).resolve()) if isinstance(ref, (str, Path)) else ref  # noqa: E731
@@ -171,8 +182,10 @@ def align_store(
     if ray is not None:
         for result in run_on_ray(ray, job, todo, progress=progress):
             write_shard(out, count, result)
+            result.data = None  # published: the report needs only its counts
             results.append(result)
     else:
+        context = ShardContext(job) if todo else None  # stores and vocabulary pairs prepared once for all shards
         with task_progress(progress) as bar:
             for i in todo:
                 texts = shard_slice(int(settings["n_texts"]), i, count)
@@ -181,9 +194,7 @@ def align_store(
                 def tick(done: int, total: int, task=task) -> None:
                     bar.update(task, completed=done, total=total)
 
-                result = align_shard(job, i, tick)
-                write_shard(out, count, result)
-                results.append(result)
+                results.append(align_and_write_shard(job, i, out, tick, context))
     wall = time.perf_counter() - t0
 
     report = build_report(

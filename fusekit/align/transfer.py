@@ -86,6 +86,30 @@ class TextTokens:
     spans: np.ndarray | None = None
 
 
+@dataclass
+class TextItem:
+    """One text for `Transferer.run_texts`: `text` the target's rendering, both models' tokens of it, the
+    source's top-k ids int [m, k] and log-probs float [m, k], `true_logp` float [m] or None (see `run`),
+    `source_text` the source's own rendering when it differs (chat templates: its tokens' offsets are in
+    that text), `recall_seed` the seed of a perfect source whose recall to measure too (None: not)."""
+
+    text: str
+    source: TextTokens
+    target: TextTokens
+    topk_ids: np.ndarray
+    topk_logp: np.ndarray
+    true_logp: np.ndarray | None = None
+    source_text: str | None = None
+    recall_seed: int | None = None
+
+
+def _positions(tokens: TextTokens) -> np.ndarray:
+    """What `_core.transfer_texts` takes: byte spans int64 [n, 2] when known, else character starts [n]."""
+    if tokens.spans is not None:
+        return np.ascontiguousarray(tokens.spans, dtype=np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(tokens.starts, dtype=np.int64).reshape(-1)
+
+
 def encode_offsets(tokenizer: Any, text: str) -> TextTokens:
     """A tokenizer's ids and character start offsets of `text`, no special tokens added."""
     if hasattr(tokenizer, "backend_tokenizer"):
@@ -139,27 +163,56 @@ class Transferer:
         stores it; NaN unknown). With it the true token keeps its exact probability where it fell out of
         the top-k, so every position's like-for-like CE is known."""
         if self.method is Method.BYTESPAN:
-            batch = []
-            for item in items:
-                text, src, tgt, topk_ids, topk_logp = item[:5]
-                true_logp = item[5] if len(item) > 5 and item[5] is not None else None
-                batch.append((
-                    text.encode("utf-8", "surrogatepass"),
-                    np.asarray(src.ids, np.int64),
-                    self.spans(text, src, self.source.bytes),
-                    np.asarray(tgt.ids, np.int64),
-                    self.spans(text, tgt, self.target.bytes),
-                    np.ascontiguousarray(topk_ids, dtype=np.int64),
-                    np.ascontiguousarray(topk_logp, dtype=np.float32),
-                    None if true_logp is None else np.ascontiguousarray(true_logp, dtype=np.float32),
-                ))
-            raw = _core.transfer_batch(self._src, self._tgt, batch, out_k, self.threads)
-            return [Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r, kind=kind) for i, p, c, t, kind, r in raw]
+            texts = [
+                TextItem(item[0], item[1], item[2], item[3], item[4], item[5] if len(item) > 5 else None)
+                for item in items
+            ]
+            return [transfer for transfer, _ in self.run_texts(texts, out_k)]
         return [self._fusellm(item[1], item[2], item[3], item[4], out_k) for item in items]
 
-    @staticmethod
-    def spans(text: str, tokens: TextTokens, table: Sequence[bytes]) -> np.ndarray:
-        return tokens.spans if tokens.spans is not None else byte_spans(text, tokens.starts, [table[i] for i in tokens.ids.tolist()])
+    def run_texts(
+        self, items: Sequence["TextItem"], out_k: int, perfect_logp: tuple[float, float] = (0.0, 0.0)
+    ) -> list[tuple[Transfer, np.ndarray | None]]:
+        """The byte-span transfer of whole texts, in parallel on `threads` cores with the GIL released
+        (`rust/src/whole_text.rs`): per item (its `Transfer`, and where the item names a `recall_seed`
+        bool [n − 1] the target positions a perfect source recalls, `recall.recalled`). Byte spans
+        come from the tokens' character starts where not given; a `source_text` (the source's own
+        rendering of a chat) has its spans carried into the target's text (`remap.remap_spans`). The
+        result does not depend on the number of threads. `perfect_logp`: the perfect source's log-probability
+        on its true next token and on each other id (`recall.perfect_logp(k)`). Raises ValueError on
+        inconsistent arrays."""
+        if self.method is not Method.BYTESPAN:
+            raise ValueError(f"run_texts is the bytespan method's; this Transferer uses {self.method.value}")
+        batch = []
+        for it in items:
+            src_text = None if it.source_text is None or it.source_text == it.text else it.source_text.encode("utf-8", "surrogatepass")
+            batch.append((
+                it.text.encode("utf-8", "surrogatepass"),
+                src_text,
+                np.asarray(it.source.ids, np.int64),
+                _positions(it.source),
+                np.asarray(it.target.ids, np.int64),
+                _positions(it.target),
+                np.ascontiguousarray(it.topk_ids, dtype=np.int64),
+                np.ascontiguousarray(it.topk_logp, dtype=np.float32),
+                None if it.true_logp is None else np.ascontiguousarray(it.true_logp, dtype=np.float32),
+                it.recall_seed,
+            ))
+        raw = _core.transfer_texts(self._src, self._tgt, batch, out_k, self.threads, perfect_logp=perfect_logp)
+        return [
+            (Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r, kind=kind), hits)
+            for i, p, c, t, kind, r, hits in raw
+        ]
+
+    def spans(self, text: str, tokens: TextTokens, table: Sequence[bytes]) -> np.ndarray:
+        """int64 [n, 2] byte spans of `tokens` in `text`; `table`: their vocabulary's bytes (`source.bytes`
+        or `target.bytes`: computed in Rust; any other table: the Python reference `spans.byte_spans`)."""
+        if tokens.spans is not None:
+            return tokens.spans
+        side = getattr(self, "_src", None) if table is self.source.bytes else getattr(self, "_tgt", None) if table is self.target.bytes else None
+        if side is None:
+            return byte_spans(text, tokens.starts, [table[i] for i in np.asarray(tokens.ids).tolist()])
+        return side.spans(text.encode("utf-8", "surrogatepass"), np.asarray(tokens.ids, np.int64), np.asarray(tokens.starts, np.int64))
 
     def source_spans(self, text: str, tokens: TextTokens) -> np.ndarray:
         """int64 [m, 2] byte spans of source tokens in `text`."""

@@ -1,7 +1,9 @@
 """The aligned store: every fusion candidate on the target's tokens, one Parquet row per target window.
 
 Layout (the shared store rules of `shards.py`: manifest, `part-IIIII-of-NNNNN.parquet` shards by text
-id, a sidecar per shard, atomic writes, byte-identical on re-run) plus `report.json`.
+id, a sidecar per shard, atomic writes, byte-identical on re-run) plus `report.json`, and where a source
+uses the `fusechat` method the folder `fusechat-counts/`: its alignment counts over the corpus, counted
+once in parts by whichever of the store's jobs got there first (`fusekit.align.statmap.corpus_counts`).
 
 One row per target window, in (text_id, window) order. Columns:
 
@@ -17,8 +19,9 @@ One row per target window, in (text_id, window) order. Columns:
 Candidate 0 is the target itself, then the sources in the order given to `fusekit align`; k_c is in
 the manifest (`settings.ks`). Row groups hold `settings.row_group_rows` windows, so a random read
 decodes one row group, not the shard: the reader keeps at most one decoded row group (random access)
-or one decoded shard (sequential iteration) in memory. The trainer reads whole row groups
-(`group_bounds`, `read_group`) and shuffles within a buffer of them (`fusekit.train.shuffle`).
+or one decoded shard (sequential iteration) in memory. The writer (`stream_shard`) likewise takes the
+rows a row group at a time; the trainer reads whole row groups (`group_bounds`, `read_group`) and
+shuffles within a buffer of them (`fusekit.train.shuffle`).
 
 Opening a store does not hash it: each shard's sha256 was checked when it was written (or by
 `fusekit inspect`), and a shard edited since then is newer than its sidecar, which the reader sees from
@@ -33,7 +36,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -58,6 +61,7 @@ from fusekit.store.types import AlignedWindow, Candidate
 FORMAT = "fusekit-aligned"
 FORMAT_VERSION = 2  # 2: settings name each source's method; byte-span candidates
 REPORT = "report.json"
+COUNTS_DIR = "fusechat-counts"  # the `fusechat` method's alignment counts, shared by the store's jobs
 CODEC_NOTE = (
     "one row per target window; c{c}_ids/probs are row-major [n, k_c] (int32 target ids, -1 empty; "
     "float16 probabilities), c{c}_ce per position (NaN = fell back), c0 = the target, then the sources"
@@ -70,8 +74,9 @@ def row_group_rows(max_length: int) -> int:
 
 
 def _list(name: str, arrays: Sequence[np.ndarray], dtype: pl.DataType) -> pl.Series:
-    # Equal-length arrays would become an Array column; the schema must not depend on the data.
-    return pl.Series(name, list(arrays)).cast(pl.List(dtype)) if arrays else pl.Series(name, [], dtype=pl.List(dtype))
+    # Equal-length arrays become an Array column even when a List is asked for: the cast keeps the schema
+    # independent of the data.
+    return pl.Series(name, list(arrays), dtype=pl.List(dtype)).cast(pl.List(dtype)) if arrays else pl.Series(name, [], dtype=pl.List(dtype))
 
 
 def windows_frame(windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Sequence[tuple[int, int]] | None = None) -> pl.DataFrame:
@@ -112,6 +117,30 @@ def encode_shard(df: pl.DataFrame, rows_per_group: int, metadata: dict[str, str]
     options = dict(PARQUET_OPTIONS, row_group_size=rows_per_group)
     df.write_parquet(buf, metadata=dict(sorted(metadata.items())), **options)
     return buf.getvalue()
+
+
+def stream_shard(frames: Iterable[pl.DataFrame], schema: pl.Schema, fh: BinaryIO, rows_per_group: int, metadata: dict[str, str]) -> None:
+    """Write `frames`, one per row group, into the open file `fh` as a shard's Parquet file, each as it
+    comes: memory holds one row group, not the shard. Each frame must hold exactly `rows_per_group` rows
+    (the last may hold fewer; ValueError otherwise) and be built for itself, not sliced from a larger
+    frame: Polars sizes a row group's data pages from the buffers of the frame it cuts the rows from, so
+    the same rows built alone always give the same bytes, whoever produced them. A shard of one row
+    group is byte for byte `encode_shard`'s. An exception raised while producing the frames propagates
+    as it is.
+    """
+    from polars.io.plugins import register_io_source
+
+    def source(with_columns, predicate, n_rows, batch_size) -> Iterator[pl.DataFrame]:  # noqa: ARG001 (nothing is pushed down)
+        short = None
+        for frame in frames:
+            if short is not None or frame.height > rows_per_group:
+                raise ValueError(f"stream_shard takes frames of {rows_per_group} rows, one per row group (only the last shorter)")
+            if frame.height < rows_per_group:
+                short = frame.height
+            yield frame
+
+    options = dict(PARQUET_OPTIONS, row_group_size=rows_per_group)
+    register_io_source(source, schema=schema).sink_parquet(fh, metadata=dict(sorted(metadata.items())), **options)
 
 
 def shard_metadata(settings: dict) -> dict[str, str]:
@@ -356,7 +385,8 @@ def write_windows(
     settings: dict | None = None,
 ) -> Path:
     """An aligned store of `windows` (in store order, split into `num_shards` contiguous shards), written
-    the way `fusekit align` writes its shards: `windows_frame` → `encode_shard` → atomic file → sidecar.
+    in one piece (`windows_frame` → `encode_shard` → atomic file → sidecar; `fusekit align` streams the same
+    layout a row group at a time, `stream_shard`, which is these bytes for shards of one row group).
 
     For windows that come from elsewhere (tests, benchmarks, a converter); `settings` adds manifest
     settings (e.g. `target`). Returns the folder.

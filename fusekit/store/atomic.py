@@ -8,12 +8,13 @@ dead jobs only (`clean_temporaries`). Parquet bytes depend only on the frame and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import polars as pl
 
@@ -64,6 +65,26 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise write_error(path, exc) from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """An open binary file whose contents appear under `path` only when the block ends without an
+    exception (written to the temporary `.NAME.tmp-PID`, fsynced, renamed); on an exception the temporary
+    is removed and nothing is left under `path`. An OSError (full disk, permissions) becomes the
+    StoreError of `write_error`, whatever wrapped it."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+        _publish(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = exc if isinstance(exc, OSError) else exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+        if cause is not None:
+            raise write_error(path, cause) from None
+        raise
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:

@@ -60,17 +60,18 @@ def _leb128(values: np.ndarray) -> bytes:
 
 
 def _unleb128(data: bytes) -> np.ndarray:
-    values, v, shift = [], 0, 0
-    for byte in data:
-        v |= (byte & 0x7F) << shift
-        if byte & 0x80:
-            shift += 7
-        else:
-            values.append(v)
-            v, shift = 0, 0
-    if shift:
+    """The numbers of `_leb128`, decoded with numpy (a shard's table holds one number per vocabulary id)."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    if b.size and b[-1] & 0x80:
         raise StoreError("rank table ends mid-number (damaged file)")
-    return np.asarray(values, dtype=np.int64)
+    ends = np.flatnonzero((b & 0x80) == 0)  # the last byte of each number
+    if not ends.size:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.r_[0, ends[:-1] + 1]
+    place = np.arange(b.size) - np.repeat(starts, ends - starts + 1)  # each byte's place in its number
+    if place.max() > 8:
+        raise StoreError("rank table holds a number too large for a token id (damaged file)")
+    return np.add.reduceat((b & 0x7F).astype(np.int64) << (7 * place), starts)
 
 
 def encode_rank_table(table: np.ndarray) -> str:

@@ -6,9 +6,13 @@
 pub mod codec;
 pub mod dtw;
 pub mod levenshtein;
+pub mod perfect;
+pub mod spans;
 pub mod topk;
 pub mod transfer;
+pub mod trie;
 pub mod vocab_map;
+pub mod whole_text;
 
 #[cfg(feature = "python")]
 mod py;

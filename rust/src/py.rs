@@ -1,13 +1,15 @@
 //! The Python binding: converts arrays and strings, releases the GIL, raises clear errors.
 
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
-use crate::{codec, dtw, topk, transfer, vocab_map};
+use crate::{codec, dtw, perfect, spans, topk, transfer, vocab_map, whole_text};
 use pyo3::types::PyBytes;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 fn to_chars(tokens: &[String]) -> Vec<Vec<char>> {
     tokens.iter().map(|t| t.chars().collect()).collect()
@@ -18,18 +20,25 @@ fn path_array<'py>(py: Python<'py>, path: &[(u32, u32)]) -> Bound<'py, PyArray2<
     Array2::from_shape_vec((path.len(), 2), flat).expect("pairs").into_pyarray(py)
 }
 
+/// The pool of each thread count asked for, started once per process: a call costs no thread starts
+/// (a store is aligned in thousands of calls, and a farm node may ask for 64 threads).
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, String> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| format!("cannot start {threads} threads: {e}"))?);
+    pools.insert(threads, p.clone());
+    Ok(p)
+}
+
 /// Runs `f` on a rayon pool of `threads` workers (the global pool when None).
 fn on_pool<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
     match threads {
         None => Ok(f()),
         Some(0) => Err(PyValueError::new_err("threads must be at least 1")),
-        Some(t) => {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .map_err(|e| PyValueError::new_err(format!("cannot start {t} threads: {e}")))?;
-            Ok(pool.install(f))
-        }
+        Some(t) => Ok(pool(t).map_err(PyValueError::new_err)?.install(f)),
     }
 }
 
@@ -241,7 +250,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(align_topk, m)?)?;
     m.add_class::<TransferSource>()?;
     m.add_class::<TransferTarget>()?;
-    m.add_function(wrap_pyfunction!(transfer_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(transfer_texts, m)?)?;
+    m.add_function(wrap_pyfunction!(remap_spans, m)?)?;
+    m.add_function(wrap_pyfunction!(perfect_topk_ids, m)?)?;
     m.add_function(wrap_pyfunction!(codec_encode_windows, m)?)?;
     m.add_function(wrap_pyfunction!(codec_decode_windows, m)?)?;
     m.add_function(wrap_pyfunction!(codec_train_prior, m)?)?;
@@ -455,7 +466,7 @@ fn byte_strings(tokens: &[Bound<'_, PyBytes>]) -> Vec<Vec<u8>> {
     tokens.iter().map(|t| t.as_bytes().to_vec()).collect()
 }
 
-/// A source vocabulary for `transfer_batch`: byte strings (empty for special / padded ids), its end-of-sequence
+/// A source vocabulary for `transfer_texts`: byte strings (empty for special / padded ids), its end-of-sequence
 /// and end-of-turn ids.
 #[pyclass(module = "fusekit._core", frozen)]
 pub struct TransferSource {
@@ -473,9 +484,14 @@ impl TransferSource {
     fn __len__(&self) -> usize {
         self.vocab.tokens.len()
     }
+
+    /// int64 [n, 2]: byte spans in `text` (UTF-8 bytes) of tokens `ids` starting at characters `starts`.
+    fn spans<'py>(&self, py: Python<'py>, text: &[u8], ids: PyReadonlyArray1<'py, i64>, starts: PyReadonlyArray1<'py, i64>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        token_spans(py, &self.vocab.tokens, text, ids, starts)
+    }
 }
 
-/// A target vocabulary for `transfer_batch`: byte strings, which ids may receive mass, the preference
+/// A target vocabulary for `transfer_texts`: byte strings, which ids may receive mass, the preference
 /// among ids with equal bytes (lower rank wins), its end-of-sequence and end-of-turn ids.
 #[pyclass(module = "fusekit._core", frozen)]
 pub struct TransferTarget {
@@ -497,68 +513,80 @@ impl TransferTarget {
         self.vocab.size
     }
 
+    /// int64 [n, 2]: byte spans in `text` (UTF-8 bytes) of tokens `ids` starting at characters `starts`.
+    fn spans<'py>(&self, py: Python<'py>, text: &[u8], ids: PyReadonlyArray1<'py, i64>, starts: PyReadonlyArray1<'py, i64>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        token_spans(py, &self.vocab.tokens, text, ids, starts)
+    }
+
     /// The id the transfer gives these bytes (None when no emittable target token has them).
     fn exact(&self, token: &[u8]) -> Option<u32> {
         self.vocab.exact(token)
     }
 }
 
-struct OwnedText {
-    text: Vec<u8>,
-    src_ids: Vec<u32>,
-    src_spans: Vec<(u32, u32)>,
-    tgt_ids: Vec<u32>,
-    tgt_spans: Vec<(u32, u32)>,
-    topk_ids: Vec<i32>,
-    topk_logp: Vec<f32>,
-    true_logp: Vec<f32>,
-    k: usize,
+type Spans = Vec<(u32, u32)>;
+
+fn owned_positions(pos: &PyReadonlyArrayDyn<'_, i64>, n: usize, what: &str) -> Result<whole_text::Positions, String> {
+    let v = pos.as_array();
+    match v.shape() {
+        [len] if *len == n => Ok(whole_text::Positions::Starts(v.iter().copied().collect())),
+        [len, 2] if *len == n => v
+            .as_slice()
+            .map(|flat| flat.to_vec())
+            .unwrap_or_else(|| v.iter().copied().collect())
+            .chunks(2)
+            .map(|r| match (u32::try_from(r[0]), u32::try_from(r[1])) {
+                (Ok(s), Ok(e)) => Ok((s, e)),
+                _ => Err(format!("{what} span ({}, {}) is negative or too large", r[0], r[1])),
+            })
+            .collect::<Result<Spans, _>>()
+            .map(whole_text::Positions::Spans),
+        shape => Err(format!(
+            "{what} positions must be {n} character starts or byte spans of shape ({n}, 2), got shape {shape:?}"
+        )),
+    }
 }
 
+/// (target text, source text or None (the same), source ids [m], source positions, target ids [n], target
+/// positions, source top-k ids [m, k], log-probs [m, k], log p of each row's true next source token [m]
+/// or None, perfect-source seed or None). Positions: character starts [len] or byte spans [len, 2].
 type TextArrays<'py> = (
     Bound<'py, PyBytes>,
+    Option<Bound<'py, PyBytes>>,
     PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArrayDyn<'py, i64>,
     PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArrayDyn<'py, i64>,
     PyReadonlyArray2<'py, i64>,
     PyReadonlyArray2<'py, f32>,
     Option<PyReadonlyArray1<'py, f32>>,
+    Option<u64>,
 );
 
-fn owned_text(n: usize, item: &TextArrays<'_>) -> PyResult<OwnedText> {
-    let (text, src_ids, src_spans, tgt_ids, tgt_spans, topk_ids, topk_logp, true_logp) = item;
-    let err = |what: &str| PyValueError::new_err(format!("text {n}: {what}"));
-    let ids = |a: &PyReadonlyArray1<'_, i64>, what: &str| -> PyResult<Vec<u32>> {
-        a.as_array().iter().map(|&v| u32::try_from(v).map_err(|_| err(&format!("{what} id {v} is negative or too large")))).collect()
-    };
-    let spans = |a: &PyReadonlyArray2<'_, i64>, what: &str| -> PyResult<Vec<(u32, u32)>> {
-        let v = a.as_array();
-        if v.ncols() != 2 {
-            return Err(err(&format!("{what} spans must have shape (n, 2), got {:?}", v.shape())));
-        }
-        v.rows()
-            .into_iter()
-            .map(|r| match (u32::try_from(r[0]), u32::try_from(r[1])) {
-                (Ok(s), Ok(e)) => Ok((s, e)),
-                _ => Err(err(&format!("{what} span ({}, {}) is negative or too large", r[0], r[1]))),
-            })
-            .collect()
+fn owned_text(item: &TextArrays<'_>, perfect_logp: (f32, f32)) -> Result<whole_text::TextJob, String> {
+    let (text, src_text, src_ids, src_pos, tgt_ids, tgt_pos, topk_ids, topk_logp, true_logp, seed) = item;
+    let ids = |a: &PyReadonlyArray1<'_, i64>, what: &str| -> Result<Vec<u32>, String> {
+        a.as_array().iter().map(|&v| u32::try_from(v).map_err(|_| format!("{what} id {v} is negative or too large"))).collect()
     };
     let (iv, lv) = (topk_ids.as_array(), topk_logp.as_array());
     if iv.shape() != lv.shape() {
-        return Err(err(&format!("top-k ids {:?} and log-probs {:?} differ in shape", iv.shape(), lv.shape())));
+        return Err(format!("top-k ids {:?} and log-probs {:?} differ in shape", iv.shape(), lv.shape()));
     }
-    Ok(OwnedText {
+    let src_ids = ids(src_ids, "source")?;
+    let tgt_ids = ids(tgt_ids, "target")?;
+    let k = iv.ncols();
+    Ok(whole_text::TextJob {
         text: text.as_bytes().to_vec(),
-        src_ids: ids(src_ids, "source")?,
-        src_spans: spans(src_spans, "source")?,
-        tgt_ids: ids(tgt_ids, "target")?,
-        tgt_spans: spans(tgt_spans, "target")?,
+        src_text: src_text.as_ref().map(|t| t.as_bytes().to_vec()),
+        src_pos: owned_positions(src_pos, src_ids.len(), "source")?,
+        tgt_pos: owned_positions(tgt_pos, tgt_ids.len(), "target")?,
+        src_ids,
+        tgt_ids,
         topk_ids: iv.iter().map(|&v| i32::try_from(v).unwrap_or(-1)).collect(),
         topk_logp: lv.iter().copied().collect(),
         true_logp: true_logp.as_ref().map(|a| a.as_array().iter().copied().collect()).unwrap_or_default(),
-        k: iv.ncols(),
+        k,
+        perfect: seed.map(|seed| whole_text::Perfect { seed, k, logp_true: perfect_logp.0, logp_other: perfect_logp.1 }),
     })
 }
 
@@ -569,63 +597,114 @@ type TransferArrays<'py> = (
     Bound<'py, PyArray1<f32>>,
     Bound<'py, PyArray1<u8>>,
     Bound<'py, PyArray1<i32>>,
+    Option<Bound<'py, PyArray1<bool>>>,
 );
 
-/// Transfer many texts' source top-k onto their target tokens, in parallel with the GIL released.
-/// Each item: (text bytes, src ids [m], src byte spans [m, 2], tgt ids [n], tgt byte spans [n, 2],
-/// src top-k ids [m, k], src top-k log-probs [m, k], optional log p of each row's true next source
-/// token [m] (NaN unknown)). Returns per item (ids [n, out_k] i32,
-/// probs [n, out_k] f32, carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32).
+/// Transfer many texts' source top-k onto their target tokens, in parallel over texts with the GIL
+/// released: byte spans (from character starts where not given), the source's spans carried into the
+/// target's text where the source rendered its own, the transfer, and where a text names a seed the
+/// perfect source's recall. Items: `TextArrays`. `perfect_logp`: (log p on the true token, on each
+/// other id) of the perfect source. Returns per item (ids [n, out_k] i32, probs [n, out_k] f32,
+/// carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32, recalled [n − 1] or None). The result
+/// does not depend on `threads`.
 #[pyfunction]
-#[pyo3(signature = (source, target, items, out_k, threads=None))]
-fn transfer_batch<'py>(
+#[pyo3(signature = (source, target, items, out_k, threads=None, perfect_logp=(0.0, 0.0)))]
+fn transfer_texts<'py>(
     py: Python<'py>,
     source: &TransferSource,
     target: &TransferTarget,
     items: Vec<TextArrays<'py>>,
     out_k: usize,
     threads: Option<usize>,
+    perfect_logp: (f32, f32),
 ) -> PyResult<Vec<TransferArrays<'py>>> {
-    let owned: Vec<OwnedText> = items.iter().enumerate().map(|(n, it)| owned_text(n, it)).collect::<PyResult<_>>()?;
+    let jobs: Vec<whole_text::TextJob> = items
+        .iter()
+        .enumerate()
+        .map(|(n, it)| owned_text(it, perfect_logp).map_err(|e| PyValueError::new_err(format!("text {n}: {e}"))))
+        .collect::<PyResult<_>>()?;
     let results = py.detach(|| {
-        on_pool(threads, || {
-            owned
-                .par_iter()
-                .map(|t| {
-                    transfer::transfer(
-                        &transfer::TransferInputs {
-                            text: &t.text,
-                            src_ids: &t.src_ids,
-                            src_spans: &t.src_spans,
-                            tgt_ids: &t.tgt_ids,
-                            tgt_spans: &t.tgt_spans,
-                            src_topk_ids: &t.topk_ids,
-                            src_topk_logp: &t.topk_logp,
-                            src_true_logp: &t.true_logp,
-                            k: t.k,
-                            out_k,
-                        },
-                        &source.vocab,
-                        &target.vocab,
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
+        on_pool(threads, || jobs.par_iter().map(|job| whole_text::run_text(job, &source.vocab, &target.vocab, out_k)).collect::<Vec<_>>())
     })?;
     results
         .into_iter()
         .enumerate()
         .map(|(n, r)| {
             let r = r.map_err(|e| PyValueError::new_err(format!("text {n}: {e}")))?;
-            let rows = r.carried.len();
+            let t = r.transfer;
+            let rows = t.carried.len();
             Ok((
-                Array2::from_shape_vec((rows, out_k), r.ids).expect("shape").into_pyarray(py),
-                Array2::from_shape_vec((rows, out_k), r.probs).expect("shape").into_pyarray(py),
-                r.carried.into_pyarray(py),
-                r.true_mass.into_pyarray(py),
-                r.kind.into_pyarray(py),
-                r.src_row.into_pyarray(py),
+                Array2::from_shape_vec((rows, out_k), t.ids).expect("shape").into_pyarray(py),
+                Array2::from_shape_vec((rows, out_k), t.probs).expect("shape").into_pyarray(py),
+                t.carried.into_pyarray(py),
+                t.true_mass.into_pyarray(py),
+                t.kind.into_pyarray(py),
+                t.src_row.into_pyarray(py),
+                r.recalled.map(|v| v.into_pyarray(py)),
             ))
         })
         .collect()
+}
+
+fn spans_array<'py>(py: Python<'py>, spans: &[(usize, usize)]) -> Bound<'py, PyArray2<i64>> {
+    let flat: Vec<i64> = spans.iter().flat_map(|&(s, e)| [s as i64, e as i64]).collect();
+    Array2::from_shape_vec((spans.len(), 2), flat).expect("pairs").into_pyarray(py)
+}
+
+/// int64 [n, 2]: byte spans of tokens `ids` (vocabulary `table`) starting at character offsets `starts`.
+fn token_spans<'py>(
+    py: Python<'py>,
+    table: &[Vec<u8>],
+    text: &[u8],
+    ids: PyReadonlyArray1<'py, i64>,
+    starts: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let starts: Vec<i64> = starts.as_array().iter().copied().collect();
+    let tokens: Vec<&[u8]> = ids
+        .as_array()
+        .iter()
+        .map(|&id| {
+            usize::try_from(id).ok().and_then(|i| table.get(i)).map(|t| t.as_slice()).ok_or_else(|| {
+                PyValueError::new_err(format!("token id {id} is outside its vocabulary of {} entries", table.len()))
+            })
+        })
+        .collect::<PyResult<_>>()?;
+    let spans = py.detach(|| spans::byte_spans(text, &starts, &tokens)).map_err(|e| PyValueError::new_err(e.0))?;
+    Ok(spans_array(py, &spans))
+}
+
+/// int64 [m, 2]: source byte `spans` (in `src_text`) as byte spans in `tgt_text` (`spans::remap_spans`).
+#[pyfunction]
+fn remap_spans<'py>(py: Python<'py>, src_text: &[u8], tgt_text: &[u8], spans: PyReadonlyArray2<'py, i64>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let v = spans.as_array();
+    if v.ncols() != 2 {
+        return Err(PyValueError::new_err(format!("spans must have shape (m, 2), got {:?}", v.shape())));
+    }
+    let pairs: Vec<(usize, usize)> = v
+        .rows()
+        .into_iter()
+        .map(|r| match (usize::try_from(r[0]), usize::try_from(r[1])) {
+            (Ok(s), Ok(e)) if s <= e && e <= src_text.len() => Ok((s, e)),
+            _ => Err(PyValueError::new_err(format!("span ({}, {}) is not inside the source text of {} bytes", r[0], r[1], src_text.len()))),
+        })
+        .collect::<PyResult<_>>()?;
+    let out = py.detach(|| spans::remap_spans(src_text, tgt_text, &pairs));
+    Ok(spans_array(py, &out))
+}
+
+/// int64 [m, k]: the perfect source's top-k ids over `ids`, as `perfect_source_topk(ids, k, vocab_size,
+/// seed)` draws them (`perfect.rs`).
+#[pyfunction]
+fn perfect_topk_ids<'py>(py: Python<'py>, ids: PyReadonlyArray1<'py, i64>, k: usize, vocab_size: u64, seed: u64) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    if !(1..=1u64 << 32).contains(&vocab_size) {
+        return Err(PyValueError::new_err(format!("vocab_size must lie in 1..=2**32, got {vocab_size}")));
+    }
+    let ids: Vec<u32> = ids
+        .as_array()
+        .iter()
+        .map(|&v| u32::try_from(v).map_err(|_| PyValueError::new_err(format!("token id {v} is negative or too large"))))
+        .collect::<PyResult<_>>()?;
+    let m = ids.len();
+    let out = py.detach(|| perfect::perfect_topk_ids(&ids, k, vocab_size, seed));
+    Ok(Array2::from_shape_vec((m, k), out).expect("shape").into_pyarray(py))
 }

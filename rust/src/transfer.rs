@@ -38,13 +38,19 @@
 
 use std::collections::HashMap;
 
+use rayon::prelude::*;
+
+use crate::trie::Trie;
+
 /// Deepest chain followed for one target token (source tokens it may cover); deeper mass goes to prefixes.
 pub const MAX_DEPTH: usize = 64;
 
 /// A target vocabulary as byte strings, with the id preferred for every string that can be emitted.
 pub struct TargetVocab {
-    lookup: HashMap<Vec<u8>, u32>,
-    max_len: usize,
+    /// Every id's bytes (empty for special and padded ids): what byte spans follow.
+    pub tokens: Vec<Vec<u8>>,
+    /// The preferred id of every emittable byte string.
+    lookup: Trie,
     pub size: usize,
     pub ends: Ends,
 }
@@ -79,12 +85,10 @@ impl TargetVocab {
     /// (lower wins; ties to the lower id); `usable[id]` false for special, empty and unemittable ids.
     pub fn new(tokens: &[Vec<u8>], usable: &[bool], rank: &[u8], ends: Ends) -> Self {
         let mut lookup: HashMap<Vec<u8>, u32> = HashMap::with_capacity(tokens.len());
-        let mut max_len = 0;
         for (id, t) in tokens.iter().enumerate() {
             if t.is_empty() || !usable.get(id).copied().unwrap_or(false) {
                 continue;
             }
-            max_len = max_len.max(t.len());
             let r = rank.get(id).copied().unwrap_or(0);
             lookup
                 .entry(t.clone())
@@ -96,17 +100,17 @@ impl TargetVocab {
                 })
                 .or_insert(id as u32);
         }
-        TargetVocab { lookup, max_len, size: tokens.len(), ends }
+        TargetVocab { tokens: tokens.to_vec(), lookup: Trie::new(lookup.into_iter().collect()), size: tokens.len(), ends }
     }
 
     /// The longest emittable target token that is a prefix of `s`.
     pub fn longest_prefix(&self, s: &[u8]) -> Option<u32> {
-        (1..=s.len().min(self.max_len)).rev().find_map(|l| self.lookup.get(&s[..l]).copied())
+        self.lookup.longest_prefix(s)
     }
 
     /// The preferred id for exactly these bytes.
     pub fn exact(&self, s: &[u8]) -> Option<u32> {
-        self.lookup.get(s).copied()
+        self.lookup.get(s)
     }
 }
 
@@ -227,17 +231,59 @@ fn containing(spans: &[(u32, u32)], b: u32) -> Option<usize> {
     (u..spans.len()).find(|&u| spans[u].1 > spans[u].0).filter(|&u| spans[u].0 <= b)
 }
 
+/// Target rows per task of `transfer_parallel`.
+pub const ROW_BLOCK: usize = 256;
+
+impl Transferred {
+    fn empty(rows: usize, out_k: usize) -> Self {
+        Transferred {
+            ids: vec![-1; rows * out_k],
+            probs: vec![0.0; rows * out_k],
+            carried: vec![false; rows],
+            true_mass: vec![f32::NAN; rows],
+            kind: vec![KIND_FALLBACK; rows],
+            src_row: vec![-1; rows],
+        }
+    }
+
+    fn append(&mut self, other: Transferred) {
+        self.ids.extend(other.ids);
+        self.probs.extend(other.probs);
+        self.carried.extend(other.carried);
+        self.true_mass.extend(other.true_mass);
+        self.kind.extend(other.kind);
+        self.src_row.extend(other.src_row);
+    }
+}
+
+/// Transfer one text's source rows onto its target rows.
 pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Result<Transferred, TransferError> {
     check(x, src, tgt)?;
+    Ok(rows(x, src, tgt, 0, x.tgt_ids.len()))
+}
+
+/// `transfer` with the target's rows cut into blocks of `ROW_BLOCK` computed in parallel on the current
+/// rayon pool, so that one long text uses every core. Every row is computed on its own from the inputs,
+/// so the result is `transfer`'s, whatever the number of threads.
+pub fn transfer_parallel(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Result<Transferred, TransferError> {
+    check(x, src, tgt)?;
+    let n = x.tgt_ids.len();
+    if n <= ROW_BLOCK {
+        return Ok(rows(x, src, tgt, 0, n));
+    }
+    let blocks: Vec<usize> = (0..n).step_by(ROW_BLOCK).collect();
+    let parts: Vec<Transferred> = blocks.par_iter().map(|&lo| rows(x, src, tgt, lo, (lo + ROW_BLOCK).min(n))).collect();
+    let mut out = Transferred::empty(0, x.out_k);
+    for part in parts {
+        out.append(part);
+    }
+    Ok(out)
+}
+
+/// Target rows lo..hi of a checked text.
+fn rows(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab, lo: usize, hi: usize) -> Transferred {
     let (m, n, k, ok) = (x.src_ids.len(), x.tgt_ids.len(), x.k, x.out_k);
-    let mut out = Transferred {
-        ids: vec![-1; n * ok],
-        probs: vec![0.0; n * ok],
-        carried: vec![false; n],
-        true_mass: vec![f32::NAN; n],
-        kind: vec![KIND_FALLBACK; n],
-        src_row: vec![-1; n],
-    };
+    let mut out = Transferred::empty(hi - lo, ok);
     let cand = |r: usize| {
         let truth = x.src_ids.get(r + 1).copied();
         let row_ids = &x.src_topk_ids[r * k..(r + 1) * k];
@@ -255,9 +301,10 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
     let bytes_of = |id: u32| -> &[u8] { src.tokens.get(id as usize).map_or(&[][..], |t| t.as_slice()) };
     let mut row = Row { mass: Vec::with_capacity(4 * k) };
     let mut piece: Vec<u8> = Vec::new();
-    for j in 0..n {
+    for j in lo..hi {
+        let r = j - lo; // the row's place in this block's output
         if j + 1 == n {
-            out.kind[j] = KIND_LAST;
+            out.kind[r] = KIND_LAST;
             break;
         }
         let truth = x.tgt_ids[j + 1];
@@ -351,14 +398,14 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
                 }
             }
         }
-        let r_ids = &mut out.ids[j * ok..(j + 1) * ok];
-        let r_probs = &mut out.probs[j * ok..(j + 1) * ok];
+        let r_ids = &mut out.ids[r * ok..(r + 1) * ok];
+        let r_probs = &mut out.probs[r * ok..(r + 1) * ok];
         if row.mass.is_empty() {
             r_ids[0] = truth as i32;
             r_probs[0] = 1.0;
             continue;
         }
-        out.true_mass[j] = row.mass.iter().find(|(i, _)| *i == truth).map_or(0.0, |e| e.1 as f32);
+        out.true_mass[r] = row.mass.iter().find(|(i, _)| *i == truth).map_or(0.0, |e| e.1 as f32);
         row.mass.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         row.mass.truncate(ok);
         let total: f64 = row.mass.iter().map(|e| e.1).sum();
@@ -366,11 +413,11 @@ pub fn transfer(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab) -> Res
             r_ids[slot] = *id as i32;
             r_probs[slot] = (p / total) as f32;
         }
-        out.carried[j] = true;
-        out.kind[j] = kind;
-        out.src_row[j] = start_row;
+        out.carried[r] = true;
+        out.kind[r] = kind;
+        out.src_row[r] = start_row;
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
