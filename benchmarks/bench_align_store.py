@@ -54,7 +54,7 @@ def build_stores(root: Path, quick: bool) -> dict[str, Path]:
         tok = zoo.train_tokenizer(kind, tok_texts, vocab_size=8000)
         model = zoo.build_tiny_model(arch, tok, root / f"m-{kind}", hidden=32, layers=1, context=2048)
         t0 = time.perf_counter()
-        stores[kind] = fusekit.extract(str(model), path, root / f"x-{kind}", top_k=10, max_length=2048, num_shards=4, batch_size=2, progress=False)
+        stores[kind] = fusekit.run_extract(str(model), path, root / f"x-{kind}", top_k=10, max_length=2048, num_shards=4, batch_size=2, progress=False).out
         print(f"extracted {kind} ({arch}) in {time.perf_counter() - t0:.1f} s")
     print(f"corpus: {len(corpus)} texts, {total:,} characters")
     return stores
@@ -95,11 +95,11 @@ def main() -> None:
         target, sources = stores["bpe"], [stores["unigram"], stores["wordpiece"]]
         cache = root / "cache"
         t0 = time.perf_counter()
-        fusekit.align_store(target, sources, root / "warm", vocab_map_cache=cache, num_shards=4, progress=False)
+        fusekit.run_align(target, sources, root / "warm", vocab_map_cache=cache, num_shards=4, progress=False).report
         print(f"first run incl. building 2 vocabulary maps (8k × 8k): {time.perf_counter() - t0:.2f} s")
-        fusekit.align_store(target, sources, root / "warm-fusellm", vocab_map_cache=cache, num_shards=4, method="fusellm", progress=False)
+        fusekit.run_align(target, sources, root / "warm-fusellm", vocab_map_cache=cache, num_shards=4, method="fusellm", progress=False).report
         count_pass(target, sources, root)
-        fusekit.align_store(target, sources, root / "warm-fusechat", vocab_map_cache=cache, num_shards=4, method="fusechat", progress=False)
+        fusekit.run_align(target, sources, root / "warm-fusechat", vocab_map_cache=cache, num_shards=4, method="fusechat", progress=False).report
         rows, base, reports = [], None, {}
         ratios = {}
         for method in ("fusellm", "fusechat", "bytespan"):
@@ -108,9 +108,9 @@ def main() -> None:
                 for r in range(args.repeat):
                     out = root / f"out-{method}-{workers}-{r}"
                     c0, t0 = cpu_seconds(), time.perf_counter()
-                    report = fusekit.align_store(
+                    report = fusekit.run_align(
                         target, sources, out, vocab_map_cache=cache, num_shards=4, workers=workers, method=method, progress=False
-                    )
+                    ).report
                     best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, cpu_seconds() - c0)
                     shutil.rmtree(out)
                 reports[method] = report

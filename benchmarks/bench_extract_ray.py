@@ -42,11 +42,11 @@ def main() -> None:
         corpus.write_text("\n".join(texts) + "\n")
         kw = dict(top_k=10, max_length=256, batch_size=4, num_shards=args.shards, progress=False)
         t0 = time.perf_counter()
-        serial = fusekit.extract(model, corpus, root / "serial", **kw)
+        serial = fusekit.run_extract(model, corpus, root / "serial", **kw).out
         t_serial = time.perf_counter() - t0
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         t0 = time.perf_counter()
-        par = fusekit.extract(model, corpus, root / "ray", ray="auto", ray_workers=args.workers, **kw)
+        par = fusekit.run_extract(model, corpus, root / "ray", ray="auto", ray_workers=args.workers, **kw).out
         t_ray = time.perf_counter() - t0
         ray.shutdown()
         same = all((serial / p.name).read_bytes() == p.read_bytes() for p in par.iterdir())

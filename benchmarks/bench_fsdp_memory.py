@@ -5,7 +5,7 @@
     python benchmarks/bench_fsdp_memory.py --part checkpointing   # deep narrow model at 2,048 tokens
 
 Part `ranks`: a Llama of ~0.19B parameters built from a config (random weights, fp32: M ≈ 0.76 GB),
-saved once as safetensors, trained with `fusekit.train(..., fsdp=True)` under
+saved once as safetensors, trained with `fusekit.run_train(..., fsdp=True).out` under
 `torchrun --nproc-per-node 8` for a few short steps (memory is what is measured, not speed), with a
 mid-run checkpoint and the final export. Each rank records its RSS after the imports (fusekit, FSDP2/DCP
 and the model's transformers class: all the code, no weights), and its peak RSS
@@ -230,9 +230,9 @@ def rank_worker(args) -> None:
         loop.build_sharded = phases.around("load", loop.build_sharded, after="train")
         ckpt.save_checkpoint = phases.around("save", ckpt.save_checkpoint, after="train")
         sharded_state.export_model = phases.around("export", sharded_state.export_model)
-        fusekit.train(args.model, windows, Path(args.out) / "run", fsdp=True, lam=0.9, lr=1e-5, batch_size=1,
+        fusekit.run_train(args.model, windows, Path(args.out) / "run", fsdp=True, lam=0.9, lr=1e-5, batch_size=1,
                       grad_accum=1, max_length=args.length, max_steps=args.steps, save_every=max(1, args.steps // 2),
-                      progress=False, dtype="fp32")
+                      progress=False, dtype="fp32").out
     else:
         previous_way(args, windows, d, phases)
     phases.enter(None)

@@ -87,14 +87,14 @@ def job_extract(model: str, data: str, out: str, shards: list[str]) -> None:
 
     torch.set_num_threads(1)
     for shard in shards:
-        fusekit.extract(model, data, out, top_k=10, max_length=CONTEXT, batch_size=4, shard=shard, progress=False)
+        fusekit.run_extract(model, data, out, top_k=10, max_length=CONTEXT, batch_size=4, shard=shard, progress=False).out
     return _job_report({})
 
 
 def job_align(target: str, sources: list[str], out: str, workers: int) -> None:
     import fusekit
 
-    report = fusekit.align_store(target, sources, out, workers=workers, progress=False)
+    report = fusekit.run_align(target, sources, out, workers=workers, progress=False).report
     return _job_report({"report_keys": sorted(report)[:3]})
 
 
@@ -334,8 +334,8 @@ def plan_ratio(root: Path, quick: bool, keep_dir: Path) -> dict:
 
     # Imports and the first model load are paid once per process: not by whichever corpus is planned first.
     (root / "warm.txt").write_text("warm up\n")
-    fusekit.extract(models["target"], root / "warm.txt", root / "warm", top_k=2, max_length=16, progress=False)
-    fusekit.align_store(root / "warm", root / "warm", root / "warm-aligned", progress=False)
+    fusekit.run_extract(models["target"], root / "warm.txt", root / "warm", top_k=2, max_length=16, progress=False).out
+    fusekit.run_align(root / "warm", root / "warm", root / "warm-aligned", progress=False).report
     out = {}
     exact_bytes = 100_000 if quick else None  # quick: the 1 MB corpus is sampled, as the 1.5 GB one is
     for label, corpus in (("1/100", small), ("full", data)):

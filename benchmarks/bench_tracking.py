@@ -119,11 +119,11 @@ def main() -> None:
         out = args.out / f"{name.replace(' ', '-')}-{tag}"
         shutil.rmtree(out, ignore_errors=True)
         before = cpu_seconds()
-        fusekit.train(
+        fusekit.run_train(
             target, aligned, out, fusion="min_ce", lam=cfg["lam"], lr=cfg["fusion_lr"], batch_size=cfg["batch_size"],
             max_length=cfg["window"], warmup_ratio=0.05, seed=cfg["seed"], max_steps=steps,
             report_to=report_to, progress=False,
-        )
+        ).out
         return out, cpu_seconds() - before
 
     for name, report_to in configs.items():  # warm-up: first-use imports (torch paths, each library) are not the steps' cost

@@ -13,7 +13,7 @@
    `fused_head=off` (full [B, L, V] logits) and `fused_head=on`; tokens/s, peak GPU memory
    (`max_memory_allocated`) and the loss curves side by side. Goal: fused ≥ 0.95× the logits path's tokens/s.
 5. FSDP2 at scale: a ~1B Llama built from a config (random weights, saved as bf16 safetensors) trained by
-   `fusekit.train(fsdp=True, dtype="bf16")` under `torchrun --nproc-per-node <GPUs>` — meta-device build,
+   `fusekit.run_train(fsdp=True, dtype="bf16").out` under `torchrun --nproc-per-node <GPUs>` — meta-device build,
    rank-0 load + broadcast, bf16 MixedPrecisionPolicy, sharded checkpoint and export — on rows of 2,048
    tokens, once without and once with `--gradient-checkpointing`: peak GPU memory, tokens/s and the
    step losses (equal within bf16 noise) in one table. `--dry`: a tiny Llama on 2 gloo CPU ranks, bf16
@@ -187,9 +187,9 @@ def fsdp_worker(argv: list[str]) -> None:
     with open(windows, "rb") as f:
         data = pickle.load(f)
     for mode in ("off", "on"):
-        fusekit.train(model, data, f"{out}-{mode}", fsdp=True, gradient_checkpointing=mode == "on", dtype="bf16",
+        fusekit.run_train(model, data, f"{out}-{mode}", fsdp=True, gradient_checkpointing=mode == "on", dtype="bf16",
                       batch_size=int(batch), max_length=int(length), max_steps=int(steps), epochs=1.0, lr=1e-5, lam=0.9,
-                      progress=False)
+                      progress=False).out
 
 
 def main() -> None:
@@ -231,10 +231,10 @@ def main() -> None:
 
         common = dict(max_length=args.length, batch_size=args.batch, device=str(device), progress=False)
         t0 = time.perf_counter()
-        fusekit.extract(target, work / "corpus.txt", work / "x-target", top_k=10, **common)
+        fusekit.run_extract(target, work / "corpus.txt", work / "x-target", top_k=10, **common).out
         extract_s = time.perf_counter() - t0
-        fusekit.extract(source, work / "corpus.txt", work / "x-source", top_k=10, **common)
-        fusekit.align_store(work / "x-target", [work / "x-source"], work / "aligned", progress=False)
+        fusekit.run_extract(source, work / "corpus.txt", work / "x-source", top_k=10, **common).out
+        fusekit.run_align(work / "x-target", [work / "x-source"], work / "aligned", progress=False).report
         from fusekit.store.aligned_store import AlignedStore
 
         store_tokens = sum(len(w.input_ids) for w in AlignedStore(work / "aligned").iter_windows())
@@ -247,11 +247,11 @@ def main() -> None:
 
         runs = {}
         for head in ("off", "on"):
-            out = fusekit.train(
+            out = fusekit.run_train(
                 target, work / "aligned", work / f"train-{head}", fused_head=head, max_steps=args.steps,
                 epochs=1000.0, batch_size=args.batch, max_length=args.length, lr=1e-5, lam=0.9,
                 dtype="bf16" if cuda else "fp32", device=str(device), progress=False,
-            )
+            ).out
             summary = json.loads((out / "fusekit_train.json").read_text())["final"]
             log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             runs[head] = {

@@ -236,11 +236,11 @@ def run_eval(
 
 
 def run_merge(
-    base: str | Path | None,
-    models: Sequence[str | Path],
-    out: str | Path,
+    base: str | Path | None = None,
+    models: Sequence[str | Path] | None = None,
+    out: str | Path | None = None,
     *,
-    method: str = "varm",
+    method: str | None = None,
     weights: Sequence[float] | None = None,
     density: float | Sequence[float] | None = None,
     seed: int | None = None,
@@ -249,10 +249,11 @@ def run_merge(
 ) -> StageResult:
     """Merge fine-tuned HF model folders (FuseChat's fused targets) into OUT, tensor by tensor.
 
-    The argument order of every merge function: base, models, out, then options. `method`: varm
-    (FuseChat), sce (FuseChat-2.0), linear, task_arithmetic, ties, dare_ties, dare_linear, della,
-    della_linear, breadcrumbs, breadcrumbs_ties, model_stock, slerp, nuslerp. `config`: a mergekit
-    YAML/dict/MergeConfig supplying what is not passed. Other options are `merge_models`'s (docs/MERGE.md).
+    The argument order of every merge function: base, models, out, then options; with a `config` (a
+    mergekit YAML/dict/MergeConfig) only `out` is needed: `run_merge(out=…, config="merge.yml")`, and
+    what is passed here wins over the config. `method` (default varm): varm (FuseChat), sce (FuseChat-2.0), linear, task_arithmetic, ties, dare_ties, dare_linear, della,
+    della_linear, breadcrumbs, breadcrumbs_ties, model_stock, slerp, nuslerp. Other options are
+    `merge_models`'s (t, lam, normalize, dtype, tokenizer_source, max_shard_size, …; docs/MERGE.md).
     `report`: method, models, tensors, bytes read/written, seconds, VaRM weights; `detail` the
     MergeResult. Models are folders (merging streams their safetensors). Raises MergeError.
     """

@@ -131,5 +131,5 @@ def extract_three(root: Path, tokenizers_by_kind: dict, texts: list[str], *, k: 
     stores = {}
     for kind, arch, seed in (("bpe", "gpt2", 0), ("unigram", "llama", 1), ("wordpiece", "gpt_neox", 2)):
         model = zoo.build_tiny_model(arch, tokenizers_by_kind[kind], root / f"model-{kind}", seed=seed, hidden=32)
-        stores[kind] = fusekit.extract(str(model), corpus, root / f"x-{kind}", top_k=k, max_length=window, num_shards=2, progress=False)
+        stores[kind] = fusekit.run_extract(str(model), corpus, root / f"x-{kind}", top_k=k, max_length=window, num_shards=2, progress=False).out
     return {"root": root, "stores": stores, "corpus": corpus, "texts": texts}

@@ -178,10 +178,10 @@ def test_the_aligned_store_does_not_depend_on_the_number_of_workers(real_pair_st
     outs = []
     for workers in (1, 2, 4):
         out = tmp_path / f"w{workers}"
-        fusekit.align_store(
+        fusekit.run_align(
             s["llama-spm"], [s["gpt-2"], s["phi-3"], s["phi-3"]], out, num_shards=2, workers=workers,
             method=["bytespan", "fusellm", "fusechat"], vocab_map_cache=tmp_path / f"cache{workers}", progress=False,
-        )
+        ).report
         outs.append(_files(out))
     assert outs[0].keys() == outs[1].keys() == outs[2].keys()
     assert any(name.startswith("fusechat-counts/") for name in outs[0])
@@ -206,7 +206,7 @@ def test_the_file_does_not_depend_on_where_batches_are_cut(real_pair_stores, tmp
     s = real_pair_stores
     target, sources = s["llama-spm"], [s["gpt-2"], s["phi-3"]]
     kw = dict(num_shards=1, workers=2, method=["bytespan", "fusellm"], vocab_map_cache=tmp_path / "c", progress=False)
-    fusekit.align_store(target, sources, tmp_path / "a", **kw)
+    fusekit.run_align(target, sources, tmp_path / "a", **kw).report
     settings = dict(read_manifest(tmp_path / "a")["settings"], row_group_rows=4)  # several row groups
     vmaps = [_source_map(target, src, Method(m), tmp_path / "c", 2) for src, m in zip(sources, settings["methods"])]
     job = ShardJob(target, sources, vmaps, settings, 2)
@@ -253,11 +253,11 @@ def test_shard_jobs_share_one_count_pass(real_pair_stores, tmp_path):
     s = real_pair_stores
     args = (_two_shard(s["llama-spm"]), [_two_shard(s["phi-3"])])  # a count pass of two parts
     kw = dict(method="fusechat", num_shards=2, workers=1, progress=False)
-    fusekit.align_store(*args, tmp_path / "one", vocab_map_cache=tmp_path / "cache-one", **kw)
-    fusekit.align_store(*args, tmp_path / "jobs", shard="0/2", vocab_map_cache=tmp_path / "cache-a", **{**kw, "num_shards": None})
+    fusekit.run_align(*args, tmp_path / "one", vocab_map_cache=tmp_path / "cache-one", **kw).report
+    fusekit.run_align(*args, tmp_path / "jobs", shard="0/2", vocab_map_cache=tmp_path / "cache-a", **{**kw, "num_shards": None}).report
     counted = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs" / "fusechat-counts").iterdir()}
     assert len([n for n in counted if ".part-" in n]) == 2 and len(counted) == 3  # two parts and their total
-    fusekit.align_store(*args, tmp_path / "jobs", shard="1/2", vocab_map_cache=tmp_path / "cache-b", **{**kw, "num_shards": None})
+    fusekit.run_align(*args, tmp_path / "jobs", shard="1/2", vocab_map_cache=tmp_path / "cache-b", **{**kw, "num_shards": None}).report
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs" / "fusechat-counts").iterdir()} == counted
     assert [p.name for p in (tmp_path / "cache-b").glob("*.counts.npz")]  # the second machine keeps a copy
     one, jobs = _files(tmp_path / "one"), _files(tmp_path / "jobs")

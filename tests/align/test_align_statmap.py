@@ -61,7 +61,7 @@ def hand_stores():
 def test_hand_worked_statistical_map(hand_stores, tmp_path):
     target, source = hand_stores
     reports = {
-        m: fusekit.align_store(target, [source], tmp_path / m, vocab_map_cache=tmp_path / "cache", method=m, progress=False)["sources"][0]
+        m: fusekit.run_align(target, [source], tmp_path / m, vocab_map_cache=tmp_path / "cache", method=m, progress=False).report["sources"][0]
         for m in ("fusellm", "fusechat")
     }
     (counts_file,) = (tmp_path / "cache").glob("*.counts.npz")
@@ -221,7 +221,7 @@ def tiny_stores(tmp_path_factory, tokenizers_by_kind, corpus_texts):
     stores = {}
     for kind, arch in (("bpe", "gpt2"), ("unigram", "llama")):
         model = zoo.build_tiny_model(arch, tokenizers_by_kind[kind], root / f"model-{kind}", seed=0, hidden=32)
-        stores[kind] = fusekit.extract(str(model), corpus, root / f"x-{kind}", top_k=4, max_length=64, num_shards=2, progress=False)
+        stores[kind] = fusekit.run_extract(str(model), corpus, root / f"x-{kind}", top_k=4, max_length=64, num_shards=2, progress=False).out
     return root, stores
 
 
@@ -251,11 +251,11 @@ def test_cli_method_fusechat_end_to_end(tiny_stores, tmp_path):
 
     # A second run reads the counts back; a counts file of another pair at this key is rebuilt, not trusted.
     stamp = counts_file.stat().st_mtime_ns
-    again = fusekit.align_store(stores["bpe"], [stores["unigram"]], tmp_path / "b", vocab_map_cache=cache, method="fusechat", progress=False)
+    again = fusekit.run_align(stores["bpe"], [stores["unigram"]], tmp_path / "b", vocab_map_cache=cache, method="fusechat", progress=False).report
     assert counts_file.stat().st_mtime_ns == stamp
     assert again["sources"][0]["recalled"] == stat["recalled"]
     counts_file.write_bytes(AlignmentCounts.from_pairs([0], [1], (3, 5), pair="another pair").to_bytes({"corpus": {}}))
-    rebuilt = fusekit.align_store(stores["bpe"], [stores["unigram"]], tmp_path / "c", vocab_map_cache=cache, method="fusechat", progress=False)
+    rebuilt = fusekit.run_align(stores["bpe"], [stores["unigram"]], tmp_path / "c", vocab_map_cache=cache, method="fusechat", progress=False).report
     assert rebuilt["sources"][0]["recalled"] == stat["recalled"]
     assert AlignmentCounts.from_file(counts_file)[0].nnz == counts.nnz
     counts_file.write_bytes(b"garbage")
@@ -271,7 +271,7 @@ def test_recipe_and_unknown_method(hand_stores, tmp_path):
     assert ModelSpec(name="a", model="m", align_method="fusechat").align_method == "fusechat"
     target, source = hand_stores
     with pytest.raises(StoreError, match="fusechat"):
-        fusekit.align_store(target, [source], tmp_path / "x", method="fusechatt", progress=False)
+        fusekit.run_align(target, [source], tmp_path / "x", method="fusechatt", progress=False).report
 
 
 def test_summing_parts_equals_counting_once():

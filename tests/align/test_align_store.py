@@ -85,7 +85,7 @@ def hand_stores():
 
 def test_hand_worked_text(hand_stores, tmp_path):
     target, source = hand_stores
-    report = fusekit.align_store(target, [source], tmp_path / "out", vocab_map_cache=tmp_path / "cache", method="fusellm", progress=False)
+    report = fusekit.run_align(target, [source], tmp_path / "out", vocab_map_cache=tmp_path / "cache", method="fusellm", progress=False).report
     store = AlignedStore(tmp_path / "out")
     assert len(store) == 3 and list(store.window_lengths()) == [2, 2, 1]
     w0, w1, w2 = store[0], store[1], store[2]
@@ -138,10 +138,10 @@ def test_refuses_other_corpus_and_incomplete(hand_stores, tmp_path):
     target, source = hand_stores
     other = _plain_store("src", source.vocab, source.texts[0], fp="corpus-2")
     with pytest.raises(StoreError, match="another corpus"):
-        fusekit.align_store(target, [other], tmp_path / "a", progress=False)
+        fusekit.run_align(target, [other], tmp_path / "a", progress=False).report
     source.is_complete = False
     with pytest.raises(StoreError, match="incomplete"):
-        fusekit.align_store(target, [source], tmp_path / "b", progress=False)
+        fusekit.run_align(target, [source], tmp_path / "b", progress=False).report
 
 
 def test_vocab_map_cache(tmp_path):
@@ -169,9 +169,9 @@ def extracted(tmp_path_factory, tokenizers_by_kind, corpus_texts):
     data = extract_three(root, tokenizers_by_kind, [t[:1200] for t in corpus_texts[:8]], k=K, window=WINDOW)
     stores = data["stores"]
     aligned = root / "aligned"
-    report = fusekit.align_store(
+    report = fusekit.run_align(
         stores["bpe"], [stores["unigram"], stores["wordpiece"]], aligned, vocab_map_cache=root / "cache", method="fusellm", progress=False
-    )
+    ).report
     return {**data, "aligned": aligned, "report": report}
 
 
@@ -273,7 +273,7 @@ def test_bytespan_reaches_the_positions_the_paper_rule_drops(extracted, tmp_path
     their top-k, and inside a source token the transfer carries only what the top-k knows.)"""
     stores = extracted["stores"]
     out = tmp_path / "bytespan"
-    report = fusekit.align_store(stores["bpe"], [stores["unigram"], stores["wordpiece"]], out, progress=False)
+    report = fusekit.run_align(stores["bpe"], [stores["unigram"], stores["wordpiece"]], out, progress=False).report
     for paper, new in zip(extracted["report"]["sources"], report["sources"]):
         assert new["method"] == "bytespan"
         assert new["perfect_source_recall"] > paper["perfect_source_recall"] + 0.1
@@ -326,13 +326,13 @@ def test_shard_union_equals_serial(extracted, tmp_path):
     s = extracted["stores"]
     args = (s["bpe"], [s["unigram"], s["wordpiece"]])
     kw = dict(vocab_map_cache=extracted["root"] / "cache", progress=False)
-    fusekit.align_store(*args, tmp_path / "serial", num_shards=3, workers=1, **kw)
+    fusekit.run_align(*args, tmp_path / "serial", num_shards=3, workers=1, **kw).report
     for i in (2, 0, 1):
-        fusekit.align_store(*args, tmp_path / "sharded", shard=f"{i}/3", **kw)
+        fusekit.run_align(*args, tmp_path / "sharded", shard=f"{i}/3", **kw).report
     _assert_same_files(tmp_path / "serial", tmp_path / "sharded")
     assert verify_store(tmp_path / "sharded") == []
     with pytest.raises(StoreError, match="other settings"):  # a different N into the same store
-        fusekit.align_store(*args, tmp_path / "sharded", shard="0/2", **kw)
+        fusekit.run_align(*args, tmp_path / "sharded", shard="0/2", **kw).report
 
 
 def _assert_same_files(a: Path, b: Path) -> None:
@@ -365,7 +365,7 @@ def test_kill_and_resume_is_byte_identical(extracted, tmp_path):
         AlignedStore(out)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    fusekit.align_store(s["bpe"], [s["unigram"], s["wordpiece"]], tmp_path / "clean", num_shards=8, vocab_map_cache=extracted["root"] / "cache", progress=False)
+    fusekit.run_align(s["bpe"], [s["unigram"], s["wordpiece"]], tmp_path / "clean", num_shards=8, vocab_map_cache=extracted["root"] / "cache", progress=False).report
     _assert_same_files(tmp_path / "clean", out)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
@@ -375,11 +375,11 @@ def test_cli_refuses_other_corpus_in_one_line(extracted, tmp_path):
 
     other_corpus = tmp_path / "other.jsonl"
     other_corpus.write_text(json.dumps({"text": extracted["texts"][0]}) + "\n", encoding="utf-8")
-    other = fusekit.extract(str(extracted["root"] / "model-unigram"), other_corpus, tmp_path / "x-other", top_k=K, max_length=WINDOW, progress=False)
+    other = fusekit.run_extract(str(extracted["root"] / "model-unigram"), other_corpus, tmp_path / "x-other", top_k=K, max_length=WINDOW, progress=False).out
     result = CliRunner().invoke(app, ["align", "-t", str(extracted["stores"]["bpe"]), "-s", str(other), "-o", str(tmp_path / "o"), "--no-progress"])
     assert result.exit_code == 1
     assert "another corpus" in result.output and "Traceback" not in result.output
-    partial = fusekit.extract(str(extracted["root"] / "model-unigram"), extracted["corpus"], tmp_path / "x-part", top_k=K, max_length=WINDOW, shard="0/2", progress=False)
+    partial = fusekit.run_extract(str(extracted["root"] / "model-unigram"), extracted["corpus"], tmp_path / "x-part", top_k=K, max_length=WINDOW, shard="0/2", progress=False).out
     result = CliRunner().invoke(app, ["align", "-t", str(extracted["stores"]["bpe"]), "-s", str(partial), "-o", str(tmp_path / "o2"), "--no-progress"])
     assert result.exit_code == 1 and "incomplete" in result.output
     result = CliRunner().invoke(app, ["align", "-t", str(tmp_path / "nope"), "-s", str(partial), "-o", str(tmp_path / "o3")])
@@ -399,8 +399,8 @@ def test_trainer_reads_the_store_and_trains(extracted, tmp_path):
         assert n == lengths[i] and w.input_ids.dtype == np.int64 and len(w.candidates) == 3
         for c in w.candidates:
             assert c.ids.shape == (n, K) and c.probs.shape == (n, K) and c.ce.shape == (n,)
-    out = fusekit.train(
+    out = fusekit.run_train(
         str(extracted["root"] / "model-bpe"), extracted["aligned"], tmp_path / "trained",
         epochs=1, max_steps=2, batch_size=2, max_length=WINDOW, lr=1e-3, progress=False,
-    )
+    ).out
     assert (Path(out) / "fusekit_train.json").is_file()

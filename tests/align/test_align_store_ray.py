@@ -15,14 +15,14 @@ def test_ray_run_equals_serial_byte_for_byte(tmp_path, tokenizers_by_kind, corpu
     s = data["stores"]
     args = (s["bpe"], [s["unigram"], s["wordpiece"]])
     kw = dict(num_shards=3, workers=1, vocab_map_cache=tmp_path / "cache", progress=False)
-    fusekit.align_store(*args, tmp_path / "serial", **kw)
-    report = fusekit.align_store(*args, tmp_path / "ray", ray="auto", **kw)
+    fusekit.run_align(*args, tmp_path / "serial", **kw).report
+    report = fusekit.run_align(*args, tmp_path / "ray", ray="auto", **kw).report
     names = sorted(p.name for p in (tmp_path / "serial").iterdir() if p.name != "timings.json")
     assert names == sorted(p.name for p in (tmp_path / "ray").iterdir() if p.name != "timings.json")
     for name in names:
         assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
     assert report["run"]["shards"] == [0, 1, 2] and report["run"]["ray"] == "auto"
     # Everything complete: a second Ray run has nothing to do.
-    again = fusekit.align_store(*args, tmp_path / "ray", ray="auto", **kw)
+    again = fusekit.run_align(*args, tmp_path / "ray", ray="auto", **kw).report
     counts = lambda r: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in r["sources"]]  # noqa: E731
     assert again["run"]["shards"] == [] and counts(again) == counts(report)

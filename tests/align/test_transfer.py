@@ -252,7 +252,7 @@ def test_a_model_aligned_onto_itself_through_stores_at_any_window_length(window,
     tok, model = tiny_llama2
     texts = [HARD_TEXT, "Plain words, then digits 0123456789 and more words.\n" * 3]
     store = memory_store(model, tok, texts, k=5, max_length=window, name="self")
-    fusekit.align_store(store, [store], tmp_path / "aligned", progress=False)
+    fusekit.run_align(store, [store], tmp_path / "aligned", progress=False).report
     info = store.vocab_info
     rows = 0
     for w in AlignedStore(tmp_path / "aligned").iter_windows():

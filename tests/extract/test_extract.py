@@ -56,7 +56,7 @@ def direct(model_dir, ids: np.ndarray):
 def test_stored_topk_and_ce_are_the_models_own(arch, models, corpus_file, texts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = fusekit.extract(models[arch], corpus_file, tmp_path / "s", top_k=6, max_length=WINDOW, batch_size=3, progress=False)
+    out = fusekit.run_extract(models[arch], corpus_file, tmp_path / "s", top_k=6, max_length=WINDOW, batch_size=3, progress=False).out
     store = ExtractStore(out)
     assert store.complete() and store.k == 6 and store.n_texts == len(texts)
     tok = AutoTokenizer.from_pretrained(models[arch])
@@ -99,7 +99,7 @@ def test_stored_topk_and_ce_are_the_models_own(arch, models, corpus_file, texts,
 
 
 def test_padded_embedding_gets_unique_placeholders(models, corpus_file, tmp_path, tokenizers_by_kind):
-    store = ExtractStore(fusekit.extract(models["gpt_neox"], corpus_file, tmp_path / "s", top_k=3, max_length=WINDOW, progress=False))
+    store = ExtractStore(fusekit.run_extract(models["gpt_neox"], corpus_file, tmp_path / "s", top_k=3, max_length=WINDOW, progress=False).out)
     n_tok = len(tokenizers_by_kind["wordpiece"])
     assert store.vocab_size == len(store.vocab) == 850 > n_tok
     pads = store.vocab[n_tok:]
@@ -115,13 +115,13 @@ def test_tokenizer_larger_than_the_model_is_refused(tokenizers_by_kind, corpus_f
     tok.add_tokens(["<extra_a>", "<extra_b>"])
     tok.save_pretrained(path)
     with pytest.raises(ExtractError, match="tokenizer has .* tokens but the model predicts only"):
-        fusekit.extract(path, corpus_file, tmp_path / "s", progress=False)
+        fusekit.run_extract(path, corpus_file, tmp_path / "s", progress=False).out
 
 
 def test_shards_cover_each_text_once_and_match_the_unsharded_run(models, corpus_file, tmp_path):
-    whole = ExtractStore(fusekit.extract(models["llama"], corpus_file, tmp_path / "whole", top_k=4, max_length=WINDOW, num_shards=1, progress=False))
+    whole = ExtractStore(fusekit.run_extract(models["llama"], corpus_file, tmp_path / "whole", top_k=4, max_length=WINDOW, num_shards=1, progress=False).out)
     for i in (2, 0, 1):  # any order, as independent jobs would
-        fusekit.extract(models["llama"], corpus_file, tmp_path / "split", top_k=4, max_length=WINDOW, shard=f"{i}/3", progress=False)
+        fusekit.run_extract(models["llama"], corpus_file, tmp_path / "split", top_k=4, max_length=WINDOW, shard=f"{i}/3", progress=False).out
         if i == 2:
             assert not ExtractStore(tmp_path / "split").complete()
     split = ExtractStore(tmp_path / "split")
@@ -148,7 +148,7 @@ def test_chat_records_keep_the_assistant_mask(models, tmp_path):
 
     chat = [{"role": "user", "content": "what is a list"}, {"role": "assistant", "content": "a mutable sequence of items"}]
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"text": "plain text here"}) + "\n")
-    store = ExtractStore(fusekit.extract(models["gpt2"], tmp_path / "c.jsonl", tmp_path / "s", top_k=3, max_length=8, progress=False))
+    store = ExtractStore(fusekit.run_extract(models["gpt2"], tmp_path / "c.jsonl", tmp_path / "s", top_k=3, max_length=8, progress=False).out)
     (t0, chat_windows), (t1, plain_windows) = list(store.iter_texts())
     mask = np.concatenate([w.loss_mask for w in chat_windows])
     tok = AutoTokenizer.from_pretrained(models["gpt2"])
@@ -162,49 +162,49 @@ def test_chat_records_keep_the_assistant_mask(models, tmp_path):
 def test_non_utf8_and_empty_lines_are_skipped_and_counted(models, tmp_path, texts):
     data = tmp_path / "d.txt"
     data.write_bytes(texts[0].encode() + b"\n\n   \n" + b"caf\xe9 latin-1\n" + texts[1].encode() + b"\n")
-    store = ExtractStore(fusekit.extract(models["gpt2"], data, tmp_path / "s", top_k=2, max_length=WINDOW, progress=False))
+    store = ExtractStore(fusekit.run_extract(models["gpt2"], data, tmp_path / "s", top_k=2, max_length=WINDOW, progress=False).out)
     assert store.n_texts == 2
     assert store.manifest["corpus"] == {"texts": 2, "skipped_empty": 2, "skipped_non_utf8": 1}
 
 
 def test_bad_input_is_a_clear_error(models, corpus_file, tmp_path):
     with pytest.raises(ModelLoadError, match="no model at"):
-        fusekit.extract(tmp_path / "nope", corpus_file, tmp_path / "s", progress=False)
+        fusekit.run_extract(tmp_path / "nope", corpus_file, tmp_path / "s", progress=False).out
     with pytest.raises(CorpusError, match="no data at"):
-        fusekit.extract(models["gpt2"], tmp_path / "nope.txt", tmp_path / "s", progress=False)
+        fusekit.run_extract(models["gpt2"], tmp_path / "nope.txt", tmp_path / "s", progress=False).out
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(CorpusError, match="no texts in .*skipped 2 empty"):
-        fusekit.extract(models["gpt2"], tmp_path / "empty.txt", tmp_path / "s", progress=False)
+        fusekit.run_extract(models["gpt2"], tmp_path / "empty.txt", tmp_path / "s", progress=False).out
     with pytest.raises(StoreError, match="I/N"):
-        fusekit.extract(models["gpt2"], corpus_file, tmp_path / "s", shard="3", progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "s", shard="3", progress=False).out
     with pytest.raises(StoreError, match="0..1"):
-        fusekit.extract(models["gpt2"], corpus_file, tmp_path / "s", shard="2/2", progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "s", shard="2/2", progress=False).out
     with pytest.raises(ExtractError, match="some shards would be empty"):
-        fusekit.extract(models["gpt2"], corpus_file, tmp_path / "s", num_shards=50, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "s", num_shards=50, progress=False).out
     with pytest.raises(ExtractError, match="top-k"):
-        fusekit.extract(models["gpt2"], corpus_file, tmp_path / "s", top_k=0, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "s", top_k=0, progress=False).out
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty and not a fusekit store"):
-        fusekit.extract(models["gpt2"], corpus_file, busy, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, busy, progress=False).out
     with pytest.raises(StoreError, match="no extraction store"):
         ExtractStore(tmp_path / "missing")
 
 
 def test_other_settings_and_foreign_shards_are_refused(models, corpus_file, tmp_path):
-    a = fusekit.extract(models["gpt2"], corpus_file, tmp_path / "a", top_k=3, max_length=WINDOW, num_shards=2, progress=False)
+    a = fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "a", top_k=3, max_length=WINDOW, num_shards=2, progress=False).out
     with pytest.raises(StoreError, match=r"other settings \(k: store has 3, this run 4"):
-        fusekit.extract(models["gpt2"], corpus_file, a, top_k=4, max_length=WINDOW, num_shards=2, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, a, top_k=4, max_length=WINDOW, num_shards=2, progress=False).out
     with pytest.raises(StoreError, match="model_fingerprint"):
-        fusekit.extract(models["llama"], corpus_file, a, top_k=3, max_length=WINDOW, num_shards=2, progress=False)
-    b = fusekit.extract(models["gpt2"], corpus_file, tmp_path / "b", top_k=3, max_length=WINDOW + 1, num_shards=2, shard="0/2", progress=False)
+        fusekit.run_extract(models["llama"], corpus_file, a, top_k=3, max_length=WINDOW, num_shards=2, progress=False).out
+    b = fusekit.run_extract(models["gpt2"], corpus_file, tmp_path / "b", top_k=3, max_length=WINDOW + 1, num_shards=2, shard="0/2", progress=False).out
     # a shard of run a copied into run b: its sidecar's settings differ
     for suffix in ("", ".json"):
         (b / f"part-00001-of-00002.parquet{suffix}").write_bytes((a / f"part-00001-of-00002.parquet{suffix}").read_bytes())
     with pytest.raises(StoreError, match="part-00001-of-00002.parquet has a sidecar from another extraction run"):
-        fusekit.extract(models["gpt2"], corpus_file, b, top_k=3, max_length=WINDOW + 1, num_shards=2, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, b, top_k=3, max_length=WINDOW + 1, num_shards=2, progress=False).out
     # without its sidecar, the file's own metadata gives it away
     (b / "part-00001-of-00002.parquet.json").unlink()
     with pytest.raises(StoreError, match="part-00001-of-00002.parquet belongs to another extraction run"):
-        fusekit.extract(models["gpt2"], corpus_file, b, top_k=3, max_length=WINDOW + 1, num_shards=2, progress=False)
+        fusekit.run_extract(models["gpt2"], corpus_file, b, top_k=3, max_length=WINDOW + 1, num_shards=2, progress=False).out

@@ -35,13 +35,13 @@ def setup(tokenizers_by_kind, tmp_path_factory, corpus_texts):
 def test_shard_jobs_over_a_parquet_folder_store_what_a_jsonl_run_stores(setup, tmp_path):
     model, folder, jsonl = setup
     kw = dict(top_k=3, max_length=16, progress=False)
-    whole = ExtractStore(fusekit.extract(model, jsonl, tmp_path / "whole", num_shards=3, **kw))
+    whole = ExtractStore(fusekit.run_extract(model, jsonl, tmp_path / "whole", num_shards=3, **kw).out)
     out = tmp_path / "split"
-    fusekit.extract(model, folder, out, shard="2/3", **kw)
+    fusekit.run_extract(model, folder, out, shard="2/3", **kw).out
     assert (out / CORPUS_INDEX).is_file()
     assert scan_corpus(folder, "text", out).from_cache  # later jobs of this store read only their parts
     for i in (0, 1):
-        fusekit.extract(model, folder, out, shard=f"{i}/3", **kw)
+        fusekit.run_extract(model, folder, out, shard=f"{i}/3", **kw).out
     split = ExtractStore(out)
     assert split.complete() and verify_store(out) == []  # the saved index is no foreign file
     assert split.corpus_fingerprint == whole.corpus_fingerprint and split.n_texts == whole.n_texts == 17
@@ -64,7 +64,7 @@ def test_a_damaged_file_stops_extraction_before_any_shard(setup, tmp_path):
     (bad / "part-1.parquet").write_bytes((bad / "part-1.parquet").read_bytes()[:-30])
     out = tmp_path / "s"
     with pytest.raises(CorpusError, match=r"cannot read .*part-1\.parquet as Parquet"):
-        fusekit.extract(model, bad, out, top_k=3, max_length=16, progress=False)
+        fusekit.run_extract(model, bad, out, top_k=3, max_length=16, progress=False).out
     assert not out.exists() or not list(out.glob("part-*"))
 
 
@@ -76,7 +76,7 @@ def test_shards_beyond_the_count_stop_before_anything_is_written(setup, tmp_path
     model, folder, _ = setup
     out = tmp_path / "s"
     with pytest.raises(StoreError, match=r"--shard 3/3: shards are numbered 0\.\.2"):
-        fusekit.extract(model, folder, out, shard="3/3", top_k=3, max_length=16, progress=False)
+        fusekit.run_extract(model, folder, out, shard="3/3", top_k=3, max_length=16, progress=False).out
     with pytest.raises(ExtractError, match="18 shards for 17 texts: some shards would be empty; use at most 17"):
-        fusekit.extract(model, folder, out, shard="17/18", top_k=3, max_length=16, progress=False)
+        fusekit.run_extract(model, folder, out, shard="17/18", top_k=3, max_length=16, progress=False).out
     assert not list(out.glob("part-*"))

@@ -30,7 +30,7 @@ def test_smollm2_gguf_end_to_end(tmp_path):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    store = ExtractStore(fusekit.extract(gguf, data, tmp_path / "s", top_k=10, max_length=32, batch_size=4, progress=False))
+    store = ExtractStore(fusekit.run_extract(gguf, data, tmp_path / "s", top_k=10, max_length=32, batch_size=4, progress=False).out)
     assert store.complete() and store.scheme == "byte_level" and len(store.vocab) == 49152
     assert store.vocab[store.vocab.index(" Rome")] == " Rome"  # normalised: Ġ → space
     net = load_net(gguf, "float32", torch.device("cpu"), False)

@@ -61,20 +61,20 @@ def test_kill_9_mid_run_then_resume_gives_identical_files(model_dir, corpus_file
     (killed / ".part-00003-of-00004.parquet.tmp-999999").write_bytes(b"partial")
     (killed / "part-00000-of-00004.parquet.json").unlink()
 
-    fusekit.extract(model_dir, corpus_file, killed, progress=False, **ARGS)
-    clean = fusekit.extract(model_dir, corpus_file, tmp_path / "clean", progress=False, **ARGS)
+    fusekit.run_extract(model_dir, corpus_file, killed, progress=False, **ARGS).out
+    clean = fusekit.run_extract(model_dir, corpus_file, tmp_path / "clean", progress=False, **ARGS).out
     got, want = files(killed), files(clean)
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], f"{name} differs after resume"
     assert ExtractStore(killed).complete()
     # a re-run of a complete store does nothing and changes nothing
-    fusekit.extract(model_dir, corpus_file, killed, progress=False, **ARGS)
+    fusekit.run_extract(model_dir, corpus_file, killed, progress=False, **ARGS).out
     assert files(killed) == want
 
 
 def test_inspect_reports_and_detects_a_corrupt_shard(model_dir, corpus_file, tmp_path):
-    out = fusekit.extract(model_dir, corpus_file, tmp_path / "s", progress=False, **ARGS)
+    out = fusekit.run_extract(model_dir, corpus_file, tmp_path / "s", progress=False, **ARGS).out
     runner = CliRunner()
     ok = runner.invoke(app, ["inspect", str(out)])
     assert ok.exit_code == 0, ok.output
@@ -95,7 +95,7 @@ def test_inspect_reports_and_detects_a_corrupt_shard(model_dir, corpus_file, tmp
 
 
 def test_inspect_incomplete_store_exits_2_and_unknown_folder_exits_1(model_dir, corpus_file, tmp_path):
-    out = fusekit.extract(model_dir, corpus_file, tmp_path / "s", shard="1/4", progress=False, **{**ARGS, "num_shards": None})
+    out = fusekit.run_extract(model_dir, corpus_file, tmp_path / "s", shard="1/4", progress=False, **{**ARGS, "num_shards": None}).out
     runner = CliRunner()
     partial = runner.invoke(app, ["inspect", str(out)])
     assert partial.exit_code == 2 and "missing shard" in partial.output
@@ -134,12 +134,12 @@ def test_a_moved_model_folder_resumes_its_store(model_dir, corpus_file, tmp_path
     import shutil
 
     out = tmp_path / "store"
-    fusekit.extract(model_dir, corpus_file, out, progress=False, **ARGS)
+    fusekit.run_extract(model_dir, corpus_file, out, progress=False, **ARGS).out
     written = files(out)
     moved = shutil.copytree(model_dir, tmp_path / "elsewhere" / model_dir.name)
-    fusekit.extract(moved, corpus_file, out, progress=False, **ARGS)
+    fusekit.run_extract(moved, corpus_file, out, progress=False, **ARGS).out
     assert files(out) == written
     # …while the same architecture and tokenizer with other weights is still refused
     other = zoo.build_tiny_model("gpt2", tokenizers_by_kind["bpe"], tmp_path / "x" / model_dir.name, hidden=32, context=64, seed=1)
     with pytest.raises(StoreError, match="other settings"):
-        fusekit.extract(other, corpus_file, out, progress=False, **ARGS)
+        fusekit.run_extract(other, corpus_file, out, progress=False, **ARGS).out

@@ -92,8 +92,8 @@ def mixed_corpus(corpus_texts, tmp_path_factory):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_and_padded_extraction_store_the_same_values(arch, models, mixed_corpus, tmp_path):
     args = dict(top_k=6, max_length=48, batch_size=3, num_shards=2, progress=False)
-    packed = ExtractStore(fusekit.extract(models[arch], mixed_corpus, tmp_path / "p", **args))
-    padded = ExtractStore(fusekit.extract(models[arch], mixed_corpus, tmp_path / "q", pack=False, **args))
+    packed = ExtractStore(fusekit.run_extract(models[arch], mixed_corpus, tmp_path / "p", **args).out)
+    padded = ExtractStore(fusekit.run_extract(models[arch], mixed_corpus, tmp_path / "q", pack=False, **args).out)
     a, b = list(packed.iter_windows()), list(padded.iter_windows())
     assert len(a) == len(b) > 14 and any(len(w.input_ids) < 20 for w in a)
     for x, y in zip(a, b):

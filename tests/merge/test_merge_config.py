@@ -103,7 +103,7 @@ def test_gradients_and_filters_per_tensor(family, weights, tmp_path):
         "parameters": {"lambda": [{"filter": "self_attn", "value": 2.0}, {"value": 1.0}]},
         "dtype": "float32",
     }
-    out = fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False)
+    out = fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False).out
     got = merged(out)
     b, d1, d2 = weights["base"], weights["trained"], weights["noisy"]
     for name in b:
@@ -137,7 +137,7 @@ def test_fusechat_style_slerp_with_filtered_gradients(family, weights, tmp_path)
         "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": [1, 0]}, {"value": 0.3}]},
         "dtype": "float32",
     }  # fmt: skip
-    got = merged(fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False))
+    got = merged(fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False).out)
     b, m = weights["base"], weights["noisy"]
     for name in b:
         pos = t_of(name)
@@ -157,7 +157,7 @@ def test_slices_that_keep_the_layers_in_place_carry_their_own_parameters(family,
         ],
         "parameters": {"weight": 1.0},
     }
-    got = merged(fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False))
+    got = merged(fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False).out)
     b, d1, d2 = weights["base"], weights["trained"], weights["noisy"]
     for name in b:
         first = layer_index(name) == 0 or "embed" in name  # embeddings are read with the first slice
@@ -168,28 +168,28 @@ def test_slices_that_keep_the_layers_in_place_carry_their_own_parameters(family,
     stacked = dict(config, slices=[{"sources": [src("trained", [0, 2]), src("noisy", [0, 2])]},
                                    {"sources": [src("trained", [0, 2]), src("noisy", [0, 2])]}])  # fmt: skip
     with pytest.raises(MergeError, match="frankenmerges"):
-        fusekit.merge(config=write(tmp_path, stacked, "s.yml"), out=tmp_path / "s", progress=False)
+        fusekit.run_merge(config=write(tmp_path, stacked, "s.yml"), out=tmp_path / "s", progress=False).out
     short = dict(config, slices=[{"sources": [src("trained", [0, 1]), src("noisy", [0, 1])]}])
     with pytest.raises(MergeError, match="2 layers"):
-        fusekit.merge(config=write(tmp_path, short, "h.yml"), out=tmp_path / "h", progress=False)
+        fusekit.run_merge(config=write(tmp_path, short, "h.yml"), out=tmp_path / "h", progress=False).out
     assert not (tmp_path / "h").exists() or not any((tmp_path / "h").glob("*.safetensors"))
 
 
 def test_base_rules_as_mergekit(family, tmp_path):
     models = [{"model": str(family[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("trained", "noisy")]
     ties = {"merge_method": "ties", "base_model": str(family["base"]), "models": models}
-    a = fusekit.merge(config=write(tmp_path, ties, "a.yml"), out=tmp_path / "a", progress=False)
+    a = fusekit.run_merge(config=write(tmp_path, ties, "a.yml"), out=tmp_path / "a", progress=False).out
     # the base listed among the models is read as the base only (mergekit skips its zero task vector)
     listed = dict(ties, models=[{"model": str(family["base"]), "parameters": {"weight": 5.0}}, *models])
-    b = fusekit.merge(config=write(tmp_path, listed, "b.yml"), out=tmp_path / "b", progress=False)
+    b = fusekit.run_merge(config=write(tmp_path, listed, "b.yml"), out=tmp_path / "b", progress=False).out
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     linear = {"merge_method": "linear", "base_model": str(family["base"]), "models": models}
     with pytest.raises(MergeError, match="averages base_model in"):
-        fusekit.merge(config=write(tmp_path, linear, "l.yml"), out=tmp_path / "l", progress=False)
+        fusekit.run_merge(config=write(tmp_path, linear, "l.yml"), out=tmp_path / "l", progress=False).out
     # linear without a base: the first model supplies config and tokenizer
     lin = {"merge_method": "linear", "models": [{"model": str(family["trained"]), "parameters": {"weight": 1.0}},
                                                  {"model": str(family["noisy"]), "parameters": {"weight": 3.0}}]}  # fmt: skip
-    got = merged(fusekit.merge(config=write(tmp_path, lin, "n.yml"), out=tmp_path / "n", progress=False))
+    got = merged(fusekit.run_merge(config=write(tmp_path, lin, "n.yml"), out=tmp_path / "n", progress=False).out)
     t1, t2 = (load_file(family[n] / "model.safetensors") for n in ("trained", "noisy"))
     for k in got:
         torch.testing.assert_close(got[k], (t1[k].double() + 3 * t2[k].double()) / 4, rtol=1e-5, atol=1e-6)
@@ -203,7 +203,7 @@ def test_tokenizer_source(family, tmp_path):
     (other / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     config = {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
               "models": [str(family["trained"]), str(other)], "tokenizer_source": str(other)}  # fmt: skip
-    out = fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False)
+    out = fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False).out
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77
     # another vocabulary: refused before anything is written
     foreign = tmp_path / "foreign"
@@ -212,7 +212,7 @@ def test_tokenizer_source(family, tmp_path):
     tok.save_pretrained(foreign)
     bad = dict(config, models=[str(family["trained"]), str(foreign)], tokenizer_source="union")
     with pytest.raises(MergeError, match="another vocabulary"):
-        fusekit.merge(config=write(tmp_path, bad, "bad.yml"), out=tmp_path / "bad", progress=False)
+        fusekit.run_merge(config=write(tmp_path, bad, "bad.yml"), out=tmp_path / "bad", progress=False).out
     assert not (tmp_path / "bad").exists()
 
 
@@ -237,7 +237,7 @@ def test_parameters_a_method_does_not_read_warn_and_explicit_options_win(family,
     config = {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
               "models": [{"model": str(family["noisy"]), "parameters": {"weight": 0.5, "select_topk": 0.1}}]}  # fmt: skip
     with pytest.warns(MergeWarning, match="select_topk"):
-        out = fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False, weights=[2.0])
+        out = fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False, weights=[2.0]).out
     got = merged(out)
     b, m = weights["base"], weights["noisy"]
     for k in got:
@@ -261,7 +261,7 @@ def test_cli_runs_a_mergekit_sce_yaml(family, tmp_path):
 def test_varm_is_reachable_from_a_mergekit_yaml(family, weights, tmp_path):
     config = {"merge_method": "varm", "base_model": str(family["base"]),
               "models": [{"model": str(family["layer0"])}, {"model": str(family["noisy"])}]}  # fmt: skip
-    got = merged(fusekit.merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False))
+    got = merged(fusekit.run_merge(config=write(tmp_path, config), out=tmp_path / "out", progress=False).out)
     b, m1, m2 = weights["base"], weights["layer0"], weights["noisy"]
     for name in b:
         c1, c2 = float(((m1[name] - b[name]) ** 2).mean()), float(((m2[name] - b[name]) ** 2).mean())

@@ -66,7 +66,7 @@ def test_matches_mergekit(method, per_model, shared, ours, family, tmp_path):
     if method == "linear":  # mergekit would average the base in as a third input
         del config["base_model"]
     theirs = run_mergekit(config, tmp_path / "mk")
-    out = fusekit.merge(family["base"], [family[n] for n in names], method, tmp_path / "fk", progress=False, **ours)
+    out = fusekit.run_merge(family["base"], [family[n] for n in names], tmp_path / "fk", method=method, progress=False, **ours).out
     mine = load_file(out / "model.safetensors")
     assert set(mine) == set(theirs)
     for k in mine:
@@ -79,7 +79,7 @@ def test_slerp_matches_mergekit(family, tmp_path):
     theirs = run_mergekit(config, tmp_path / "mk")
     # mergekit's t = 0 is its base; fusekit's is the first model, or the base when the base is one of the two.
     for order in ([a, b], [b, a]):
-        out = fusekit.merge(a, order, "slerp", tmp_path / f"fk{order[0] == b}", t=0.3, progress=False)
+        out = fusekit.run_merge(a, order, tmp_path / f"fk{order[0] == b}", method="slerp", t=0.3, progress=False).out
         mine = load_file(out / "model.safetensors")
         for k in mine:
             torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -97,14 +97,14 @@ def test_mergekit_yaml_runs_unchanged_in_fusekit(family, tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
     theirs = run_mergekit(config, tmp_path / "mk")
-    mine = load_file(fusekit.merge(config=path, out=tmp_path / "fk", progress=False) / "model.safetensors")
+    mine = load_file(fusekit.run_merge(config=path, out=tmp_path / "fk", progress=False).out / "model.safetensors")
     for k in mine:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _mk_and_fk(config: dict, tmp_path) -> tuple[dict, dict]:
     theirs = run_mergekit(config, tmp_path / "mk")
-    out = fusekit.merge(config=config, out=tmp_path / "fk", progress=False)
+    out = fusekit.run_merge(config=config, out=tmp_path / "fk", progress=False).out
     return load_file(out / "model.safetensors"), theirs
 
 

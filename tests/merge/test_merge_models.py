@@ -122,7 +122,7 @@ CASES = {
 @pytest.mark.parametrize("method", list(CASES))
 def test_merged_model_reloads_and_equals_the_formula(method, family, states, tmp_path):
     options, formula = CASES[method]
-    out = fusekit.merge(family["base"], [family["trained"], family["noisy"]], method, tmp_path / "out", progress=False, **options)
+    out = fusekit.run_merge(family["base"], [family["trained"], family["noisy"]], tmp_path / "out", method=method, progress=False, **options).out
     merged = AutoModelForCausalLM.from_pretrained(out)
     b, ms = states["base"], [states["trained"], states["noisy"]]
     expect = {k: formula(b[k], [m[k] for m in ms]) for k in b}
@@ -278,8 +278,8 @@ def test_mergekit_style_config_gives_the_same_merge(family, tmp_path):
     )
     config = load_config(cfg)
     assert config.method == "ties" and config.weights() == [1.0, 2.0] and config.densities() == [0.3, 0.3]
-    a = fusekit.merge(config=cfg, out=tmp_path / "a", progress=False)
-    b = fusekit.merge(family["base"], [family["trained"], family["noisy"]], "ties", tmp_path / "b", weights=[1, 2], density=0.3, progress=False)
+    a = fusekit.run_merge(config=cfg, out=tmp_path / "a", progress=False).out
+    b = fusekit.run_merge(family["base"], [family["trained"], family["noisy"]], tmp_path / "b", method="ties", weights=[1, 2], density=0.3, progress=False).out
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     bad = tmp_path / "bad.yaml"
     bad.write_text("merge_method: ties\nslices: []\n")

@@ -100,7 +100,7 @@ def store(store_inputs, tmp_path_factory):
     """The short texts' store, two shards."""
     model, corpus = store_inputs
     out = tmp_path_factory.mktemp("store") / "s"
-    return fusekit.extract(model, corpus, out, top_k=K, max_length=64, batch_size=8, num_shards=2, progress=False)
+    return fusekit.run_extract(model, corpus, out, top_k=K, max_length=64, batch_size=8, num_shards=2, progress=False).out
 
 
 def all_windows(folder) -> list[Window]:
@@ -166,7 +166,7 @@ def test_a_resume_finishes_an_older_store_in_its_own_format(store, store_inputs,
     as_older_store(old)
     (old / "part-00001-of-00002.parquet").unlink()  # a run killed before its last shard
     model, corpus = store_inputs
-    fusekit.extract(model, corpus, old, top_k=K, max_length=64, batch_size=8, progress=False)
+    fusekit.run_extract(model, corpus, old, top_k=K, max_length=64, batch_size=8, progress=False).out
     redone = pl.read_parquet_metadata(old / "part-00001-of-00002.parquet")
     assert redone["fusekit.codec"] == FRESH_CODEC and "fusekit.codec_prior" not in redone
     reread = ExtractStore(old)

@@ -136,7 +136,7 @@ def test_loop_falls_back_to_logits_with_a_warning_or_refuses_when_asked(tmp_path
     windows = [random_window(rng, n=12, k=3, vocab=64, sources=1, text_id=i) for i in range(2)]
     kw = dict(lam=0.5, batch_size=1, max_length=12, max_steps=1, progress=False)
     with pytest.raises(TrainConfigError, match="fused_head on: Gemma2ForCausalLM: its logits are not"):
-        fusekit.train(tmp_path / "gemma2", windows, tmp_path / "on", fused_head="on", **kw)
+        fusekit.run_train(tmp_path / "gemma2", windows, tmp_path / "on", fused_head="on", **kw).out
     with pytest.warns(UserWarning, match="training through full \\[B, L, V\\] logits"):
-        out = fusekit.train(tmp_path / "gemma2", windows, tmp_path / "auto", **kw)
+        out = fusekit.run_train(tmp_path / "gemma2", windows, tmp_path / "auto", **kw).out
     assert (out / "model.safetensors").is_file()

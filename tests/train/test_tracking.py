@@ -37,12 +37,12 @@ def run(tokenizers_by_kind, corpus_texts, tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t in corpus_texts[:16]))
     for name, model in (("target", target), ("source", source)):
-        fusekit.extract(model, corpus, root / "extract" / name, top_k=4, max_length=32, batch_size=8, progress=False)
-    fusekit.align_store(root / "extract" / "target", [root / "extract" / "source"], root / "aligned", progress=False)
-    out = fusekit.train(
+        fusekit.run_extract(model, corpus, root / "extract" / name, top_k=4, max_length=32, batch_size=8, progress=False).out
+    fusekit.run_align(root / "extract" / "target", [root / "extract" / "source"], root / "aligned", progress=False).report
+    out = fusekit.run_train(
         target, root / "aligned", root / "fused", lam=0.7, lr=1e-3, batch_size=4, max_length=32, max_steps=5,
         report_to=["tensorboard", "wandb", "mlflow"], progress=False,
-    )
+    ).out
     log = engine.read_metrics(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     return {"out": out, "log": log, "target": target}

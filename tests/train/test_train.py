@@ -57,7 +57,7 @@ def test_lambda_one_is_plain_clm_training(setup, tmp_path, fused_head, atol):
 
     windows = setup["windows"][:8]
     FAST = dict(globals()["FAST"], fused_head=fused_head)
-    out = fusekit.train(setup["target"], windows, tmp_path / "a", lam=1.0, warmup_ratio=0.0, shuffle=False, **FAST)
+    out = fusekit.run_train(setup["target"], windows, tmp_path / "a", lam=1.0, warmup_ratio=0.0, shuffle=False, **FAST).out
 
     model = AutoModelForCausalLM.from_pretrained(setup["target"])
     model.train()
@@ -81,10 +81,10 @@ def test_lambda_one_is_plain_clm_training(setup, tmp_path, fused_head, atol):
 
     # Other fusion candidates (here: none but the target's own, token-level AvgCE) change nothing at λ = 1.
     stripped = [type(w)(w.text_id, w.window, w.input_ids, w.candidates[:1]) for w in windows]
-    other = fusekit.train(
+    other = fusekit.run_train(
         setup["target"], stripped, tmp_path / "b", lam=1.0, warmup_ratio=0.0, shuffle=False,
         fusion="avg_ce", granularity="token", **FAST,
-    )
+    ).out
     other_w = weights(other)
     assert all(torch.equal(got[k], other_w[k]) for k in got)
 
@@ -92,29 +92,29 @@ def test_lambda_one_is_plain_clm_training(setup, tmp_path, fused_head, atol):
 def test_resume_reaches_the_weights_of_an_uninterrupted_run(setup, tmp_path):
     windows = setup["windows"][:12]
     kw = dict(lam=0.8, fusion="avg_ce", granularity="token", **FAST)
-    full = fusekit.train(setup["gpt2"], windows, tmp_path / "full", save_every=2, **kw)
+    full = fusekit.run_train(setup["gpt2"], windows, tmp_path / "full", save_every=2, **kw).out
     part = tmp_path / "part"
-    fusekit.train(setup["gpt2"], windows, part, stop_after=2, **kw)
+    fusekit.run_train(setup["gpt2"], windows, part, stop_after=2, **kw).out
     assert not (part / "fusekit_train.json").exists() and (part / "checkpoints" / "step-00000002").is_dir()
-    fusekit.train(setup["gpt2"], windows, part, resume=True, stop_after=3, **kw)
-    fusekit.train(setup["gpt2"], windows, part, resume=True, **kw)
+    fusekit.run_train(setup["gpt2"], windows, part, resume=True, stop_after=3, **kw).out
+    fusekit.run_train(setup["gpt2"], windows, part, resume=True, **kw).out
     a, b = weights(full), weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(part)]
     assert len(metrics(part)) == 6
     # Resuming a finished run is a no-op; resuming with other options, or reusing OUT without --resume, is refused.
-    assert fusekit.train(setup["gpt2"], windows, part, resume=True, **kw) == part
+    assert fusekit.run_train(setup["gpt2"], windows, part, resume=True, **kw).out == part
     with pytest.raises(TrainError, match="lam: 0.8 → 0.5"):
-        fusekit.train(setup["gpt2"], windows, part, resume=True, **{**kw, "lam": 0.5})
+        fusekit.run_train(setup["gpt2"], windows, part, resume=True, **{**kw, "lam": 0.5}).out
     with pytest.raises(TrainError, match="pass --resume"):
-        fusekit.train(setup["gpt2"], windows, part, **kw)
+        fusekit.run_train(setup["gpt2"], windows, part, **kw).out
 
 
 def test_training_lowers_held_out_ce(setup, tmp_path):
-    before = fusekit.evaluate(setup["target"], setup["held_out"], max_length=WINDOW, progress=False)
-    out = fusekit.train(setup["target"], setup["windows"], tmp_path / "t", epochs=3, lam=0.9, lr=3e-3,
-                        batch_size=2, max_length=WINDOW, progress=False)
-    after = fusekit.evaluate(out, setup["held_out"], max_length=WINDOW, progress=False)
+    before = fusekit.run_eval(setup["target"], setup["held_out"], max_length=WINDOW, progress=False).report
+    out = fusekit.run_train(setup["target"], setup["windows"], tmp_path / "t", epochs=3, lam=0.9, lr=3e-3,
+                        batch_size=2, max_length=WINDOW, progress=False).out
+    after = fusekit.run_eval(out, setup["held_out"], max_length=WINDOW, progress=False).report
     assert after["tokens"] == before["tokens"] > 0
     assert after["mean_ce"] < before["mean_ce"] - 0.3, (before, after)
     log = metrics(out)

@@ -17,8 +17,8 @@ import fusekit
 windows_file, model, out = sys.argv[1:4]
 with open(windows_file, "rb") as f:
     windows = pickle.load(f)
-fusekit.train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token", lr=1e-3, gradient_checkpointing=True,
-              batch_size=1, grad_accum=1, max_length=24, save_every=2, progress=False)
+fusekit.run_train(model, windows, out, lam=0.7, fusion="min_ce", granularity="token", lr=1e-3, gradient_checkpointing=True,
+              batch_size=1, grad_accum=1, max_length=24, save_every=2, progress=False).out
 """
 
 
@@ -28,8 +28,8 @@ def test_two_processes_equal_one_with_double_accumulation(tokenizers_by_kind, tm
     windows = uneven_windows(len(tok))
     torchrun(tmp_path, WORKER, windows, model, tmp_path / "ddp")
 
-    single = fusekit.train(model, windows, tmp_path / "single", lam=0.7, fusion="min_ce", granularity="token",
-                           lr=1e-3, batch_size=1, grad_accum=2, max_length=24, progress=False)
+    single = fusekit.run_train(model, windows, tmp_path / "single", lam=0.7, fusion="min_ce", granularity="token",
+                           lr=1e-3, batch_size=1, grad_accum=2, max_length=24, progress=False).out
     ddp_log, one_log = metrics(tmp_path / "ddp"), metrics(single)
     assert len(ddp_log) == len(one_log) == 5
     for a, b in zip(ddp_log, one_log):

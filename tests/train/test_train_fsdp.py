@@ -72,7 +72,7 @@ assert readers == ([0] * len(refs) if d.is_main else []), readers
 
 # 2. FSDP2 + activation checkpointing; the final model split into files of <= 40 kB.
 sharded_state.EXPORT_SHARD_BYTES = 40_000
-fusekit.train(model, windows, out_a, fsdp=True, gradient_checkpointing=True, grad_accum=2, save_every=1, **common)
+fusekit.run_train(model, windows, out_a, fsdp=True, gradient_checkpointing=True, grad_accum=2, save_every=1, **common).out
 
 # 3. FSDP2 without checkpointing; rank 1 dies while writing its optimizer part of the step-2 checkpoint.
 write = sharded_state.save_tensors
@@ -82,7 +82,7 @@ def dying(folder, tensors, index):
         os._exit(17)
     write(folder, tensors, index)
 sharded_state.save_tensors = dying
-fusekit.train(model, windows, out_b, fsdp=True, grad_accum=2, save_every=1, **common)
+fusekit.run_train(model, windows, out_b, fsdp=True, grad_accum=2, save_every=1, **common).out
 """
 
 RESUME = """
@@ -91,8 +91,8 @@ import fusekit
 windows_file, model, out = sys.argv[1:4]
 with open(windows_file, "rb") as f:
     windows = pickle.load(f)
-fusekit.train(model, windows, out, fsdp=True, grad_accum=1, resume=True, lam=0.7, fusion="min_ce", granularity="token",
-              lr=1e-3, batch_size=1, max_length=24, progress=False)
+fusekit.run_train(model, windows, out, fsdp=True, grad_accum=1, resume=True, lam=0.7, fusion="min_ce", granularity="token",
+              lr=1e-3, batch_size=1, max_length=24, progress=False).out
 """
 
 
@@ -122,7 +122,7 @@ def test_fsdp2_meta_init_checkpointing_sharded_checkpoints_kill_and_resume_on_ot
     assert killed.is_file() and run.returncode != 0, run.stderr[-3000:]  # everything before the kill passed
 
     # One process with 4 micro-batches a step = 2 processes with 2 each.
-    single = fusekit.train(model, windows, tmp_path / "single", grad_accum=4, **COMMON)
+    single = fusekit.run_train(model, windows, tmp_path / "single", grad_accum=4, **COMMON).out
     reference, want = metrics(single), load_file(str(single / "model.safetensors"))
     assert len(reference) == 3
 
@@ -150,7 +150,7 @@ def test_fsdp2_meta_init_checkpointing_sharded_checkpoints_kill_and_resume_on_ot
     one, four = tmp_path / "one", tmp_path / "four"
     shutil.copytree(b, one)
     shutil.copytree(b, four)
-    fusekit.train(model, windows, one, grad_accum=4, resume=True, **COMMON)
+    fusekit.run_train(model, windows, one, grad_accum=4, resume=True, **COMMON).out
     _same_run(metrics(one), reference)
     _same_weights(load_file(str(one / "model.safetensors")), want)
     torchrun(tmp_path, RESUME, windows, model, four, nproc=4)
@@ -159,16 +159,16 @@ def test_fsdp2_meta_init_checkpointing_sharded_checkpoints_kill_and_resume_on_ot
 
     # Refused before any step: another target, or another number of rows per step.
     with pytest.raises(fusekit.train.TrainError, match="another model"):
-        fusekit.train(gpt2, windows, b, grad_accum=4, resume=True, **COMMON)
+        fusekit.run_train(gpt2, windows, b, grad_accum=4, resume=True, **COMMON).out
     with pytest.raises(fusekit.train.TrainError, match="--grad-accum 4"):
-        fusekit.train(model, windows, b, grad_accum=2, resume=True, **COMMON)
+        fusekit.run_train(model, windows, b, grad_accum=2, resume=True, **COMMON).out
     assert len(metrics(b)) == 2
 
 
 def test_fsdp_outside_torchrun_is_refused_with_the_command_to_run(tokenizers_by_kind, tmp_path):
     model = zoo.build_tiny_model("llama", tokenizers_by_kind["bpe"], tmp_path / "model", hidden=32)
     with pytest.raises(fusekit.train.TrainConfigError, match="torchrun --nproc-per-node N") as err:
-        fusekit.train(model, uneven_windows(800), tmp_path / "out", fsdp=True, **COMMON)
+        fusekit.run_train(model, uneven_windows(800), tmp_path / "out", fsdp=True, **COMMON).out
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
@@ -182,7 +182,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tokenizers_by_k
     tok = tokenizers_by_kind["bpe"]
     model = zoo.build_tiny_model("llama", tok, tmp_path / "model", hidden=32)
     windows = uneven_windows(len(tok))
-    whole = fusekit.train(model, windows, tmp_path / "whole", grad_accum=4, **COMMON)
+    whole = fusekit.run_train(model, windows, tmp_path / "whole", grad_accum=4, **COMMON).out
     write = sharded_state.save_tensors
 
     def disk_full(folder, tensors, index):
@@ -193,10 +193,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tokenizers_by_k
     monkeypatch.setattr(sharded_state, "save_tensors", disk_full)
     out = tmp_path / "full-disk"
     with pytest.raises(OSError, match="No space left"):
-        fusekit.train(model, windows, out, grad_accum=4, save_every=1, **COMMON)
+        fusekit.run_train(model, windows, out, grad_accum=4, save_every=1, **COMMON).out
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
     monkeypatch.setattr(sharded_state, "save_tensors", write)
-    fusekit.train(model, windows, out, grad_accum=4, save_every=1, resume=True, **COMMON)
+    fusekit.run_train(model, windows, out, grad_accum=4, save_every=1, resume=True, **COMMON).out
     _same_run(metrics(out), metrics(whole))
     _same_weights(load_file(str(out / "model.safetensors")), load_file(str(whole / "model.safetensors")))
     assert not list((out / "checkpoints").glob(".tmp-*"))

@@ -75,7 +75,7 @@ def test_teacher_temperature_by_hand_and_as_softmax_of_scaled_logits():
 def test_schedule_and_temperature_reach_the_loss(tiny, tmp_path):
     """Each logged loss is λ_t·clm + (1 − λ_t)·fusion with the hand-computed λ_t; T changes the fusion term."""
     model, windows = tiny
-    run = lambda out, **kw: [json.loads(x) for x in (fusekit.train(model, windows, tmp_path / out, **FAST, **kw)
+    run = lambda out, **kw: [json.loads(x) for x in (fusekit.run_train(model, windows, tmp_path / out, **FAST, **kw).out
                                                        / "metrics.jsonl").read_text().splitlines()]
     log = run("decay", lam=0.6, lam_schedule="hard_and_decay", max_steps=4)
     assert [m["lam"] for m in log] == pytest.approx([0.6, 0.7, 0.8, 0.9])
@@ -101,7 +101,7 @@ def test_schedule_and_temperature_reach_the_loss(tiny, tmp_path):
 def test_fusechat_preset_refuses_windows_without_assistant_mask(tiny, tmp_path):
     model, windows = tiny
     with pytest.raises(TrainDataError, match="no loss_mask.*assistant tokens only"):
-        fusekit.train(model, windows, tmp_path / "chat", preset="fusechat", max_steps=1, **FAST)
+        fusekit.run_train(model, windows, tmp_path / "chat", preset="fusechat", max_steps=1, **FAST).out
 
 
 class _Payload:
@@ -117,7 +117,7 @@ class _Payload:
 def test_resume_refuses_pickled_state_that_would_run_code(tiny, tmp_path):
     model, windows = tiny
     out = tmp_path / "run"
-    fusekit.train(model, windows, out, lam=0.8, stop_after=1, **FAST)
+    fusekit.run_train(model, windows, out, lam=0.8, stop_after=1, **FAST).out
     ckpt = out / "checkpoints" / "step-00000001"
     assert (ckpt / "trainer_state.json").is_file() and (ckpt / "rng-rank0.safetensors").is_file()
     assert not list(ckpt.glob("*.pt"))
@@ -131,7 +131,7 @@ def test_resume_refuses_pickled_state_that_would_run_code(tiny, tmp_path):
         (ckpt / f"{name}.safetensors").unlink()
         torch.save({"step": 1, "payload": _Payload(marker)}, ckpt / f"{name}.pt")
     with pytest.raises(TrainError, match="trainer_state.pt.*can run code"):
-        fusekit.train(model, windows, out, lam=0.8, resume=True, **FAST)
+        fusekit.run_train(model, windows, out, lam=0.8, resume=True, **FAST).out
     assert not marker.exists()
 
 

@@ -193,8 +193,8 @@ def test_training_falls_back_to_padded_rows_on_a_model_that_cannot_pack(tmp_path
         w.input_ids = w.input_ids % 64
     lam = 0.7
     with pytest.warns(UserWarning, match="does not keep attention inside packed windows"):
-        out = fusekit.train(path, windows, tmp_path / "t", lam=lam, max_length=32, batch_size=4, shuffle=False,
-                            fused_head="off", max_steps=1, lr=1e-3, progress=False)
+        out = fusekit.run_train(path, windows, tmp_path / "t", lam=lam, max_length=32, batch_size=4, shuffle=False,
+                            fused_head="off", max_steps=1, lr=1e-3, progress=False).out
     first = read_metrics(out)[0]
     # The expected loss: each window through the model alone, the fusion loss summed, over label tokens.
     total = labels = 0.0
