@@ -26,20 +26,21 @@ from fusekit.align import (
     token_scheme,
 )
 
-# The public API (fusekit/api.py) loads on first use, so `import fusekit` stays light (no torch, polars).
-_API = (
-    "StageResult",
-    "run_align",
-    "run_demo",
-    "run_eval",
-    "run_extract",
-    "run_fusechat",
-    "run_implicit",
-    "run_merge",
-    "run_plan",
-    "run_recipe",
-    "run_train",
+# The public API. fusekit/api.py imports the stages inside its functions, so this stays light (no torch).
+from fusekit.api import (
+    StageResult,
+    run_align,
+    run_demo,
+    run_eval,
+    run_extract,
+    run_fusechat,
+    run_implicit,
+    run_merge,
+    run_plan,
+    run_recipe,
+    run_train,
 )
+
 _LAZY = {
     "transfer": "fusekit.align.text_transfer",
     "plan_recipe": "fusekit.plan",
@@ -54,19 +55,6 @@ _DEPRECATED = {
 
 if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names
     from fusekit.align.text_transfer import transfer
-    from fusekit.api import (
-        StageResult,
-        run_align,
-        run_demo,
-        run_eval,
-        run_extract,
-        run_fusechat,
-        run_implicit,
-        run_merge,
-        run_plan,
-        run_recipe,
-        run_train,
-    )
     from fusekit.plan import plan_recipe
 
 
@@ -74,8 +62,6 @@ def __getattr__(name: str):
     import importlib
     import importlib.util
 
-    if name in _API:
-        return getattr(importlib.import_module("fusekit.api"), name)
     module = _LAZY.get(name)
     if module is not None:
         return getattr(importlib.import_module(module), name)
@@ -91,8 +77,19 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    *_API,
     *_LAZY,
+    "StageResult",
+    "run_align",
+    "run_demo",
+    "run_eval",
+    "run_extract",
+    "run_fusechat",
+    "run_implicit",
+    "run_merge",
+    "run_plan",
+    "run_recipe",
+    "run_train",
+
     "AlignedTopk",
     "Scheme",
     "TokenTable",

@@ -22,15 +22,20 @@ from fusekit.vocab.info import EMPTY, SPECIAL, VocabInfo
 
 def target_candidate(w: Window) -> Candidate:
     """The target's own candidate: its top-k renormalised over the kept k entries."""
-    ids = np.asarray(w.topk_ids, dtype=np.int32)
-    logp = np.asarray(w.topk_logp, dtype=np.float64)
+    ids, probs = _renormalised(np.asarray(w.topk_ids, dtype=np.int32), np.asarray(w.topk_logp, dtype=np.float64))
+    return Candidate(ids=ids, probs=probs, ce=np.asarray(w.ce, dtype=np.float32).copy(), mean_ce=float(w.mean_ce))
+
+
+def _renormalised(ids: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of top-k ids int32 [n, k] and full-softmax log-probs float64 [n, k] → (ids with −1 where
+    unusable, probs float32 renormalised over each row's usable entries; all-zero rows stay zero)."""
     valid = (ids >= 0) & np.isfinite(logp)
     top = np.max(np.where(valid, logp, -np.inf), axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     p = np.where(valid, np.exp(logp - top), 0.0)
     total = p.sum(axis=1, keepdims=True)
     probs = np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32)
-    return Candidate(ids=np.where(valid, ids, -1).astype(np.int32), probs=probs, ce=np.asarray(w.ce, dtype=np.float32).copy(), mean_ce=float(w.mean_ce))
+    return np.where(valid, ids, -1).astype(np.int32), probs
 
 
 def target_candidates(windows: Sequence[Window]) -> list[Candidate]:
@@ -38,15 +43,10 @@ def target_candidates(windows: Sequence[Window]) -> list[Candidate]:
     same values): the candidates' ids and probs are views of the text's arrays."""
     if len(windows) < 2:
         return [target_candidate(w) for w in windows]
-    ids = np.concatenate([np.asarray(w.topk_ids, dtype=np.int32) for w in windows])
-    logp = np.concatenate([np.asarray(w.topk_logp, dtype=np.float64) for w in windows])
-    valid = (ids >= 0) & np.isfinite(logp)
-    top = np.max(np.where(valid, logp, -np.inf), axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    p = np.where(valid, np.exp(logp - top), 0.0)
-    total = p.sum(axis=1, keepdims=True)
-    probs = np.divide(p, total, out=np.zeros_like(p), where=total > 0).astype(np.float32)
-    ids = np.where(valid, ids, -1).astype(np.int32)
+    ids, probs = _renormalised(
+        np.concatenate([np.asarray(w.topk_ids, dtype=np.int32) for w in windows]),
+        np.concatenate([np.asarray(w.topk_logp, dtype=np.float64) for w in windows]),
+    )
     out, lo = [], 0
     for w in windows:
         hi = lo + len(w.input_ids)
