@@ -148,6 +148,8 @@ def train_variant(recipe: Recipe, variant, aligned: Path, out: Path, progress: b
         lam_schedule=opts.lam_schedule,
         lam_end=opts.lam_end,
         teacher_temperature=opts.teacher_temperature,
+        loss=opts.loss,
+        jsd_beta=opts.jsd_beta,
         loss_on=opts.loss_on,
         gradient_checkpointing=opts.gradient_checkpointing,
         report_to=opts.report_to or None,

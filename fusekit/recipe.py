@@ -112,6 +112,10 @@ class TrainOptions(Strict):
     lam_schedule: Literal["constant", "linear", "hard_and_decay"] | None = None
     lam_end: float | None = Field(None, ge=0, le=1)
     teacher_temperature: float | None = Field(None, gt=0)
+    loss: Literal["ce", "kl", "reverse_kl", "jsd", "uld", "gold"] | None = Field(
+        None, description="The fusion term for every variant (default ce, FuseLLM's); fusekit train --loss."
+    )
+    jsd_beta: float | None = Field(None, description="β of jsd (required) and gold, in (0, 1); fusekit train --jsd-beta.")
     loss_on: Literal["all", "assistant"] | None = None
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute each transformer block's activations in backward (less memory, same numbers)."
@@ -128,6 +132,18 @@ class TrainOptions(Strict):
         from fusekit.train.config import PRESETS, TrainConfig
 
         return PRESETS[self.preset or "fusellm"].get(name, TrainConfig.model_fields[name].default)
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> "TrainOptions":
+        """A bad loss/jsd_beta pair stops the recipe before any stage runs, with training's own sentence."""
+        if self.loss is not None or self.jsd_beta is not None:
+            from fusekit.train.config import TrainConfigError, build_config
+
+            try:
+                build_config(loss=self.loss, jsd_beta=self.jsd_beta)
+            except TrainConfigError as exc:
+                raise ValueError(str(exc).removeprefix("invalid training options: ")) from None
+        return self
 
     @field_validator("variants")
     @classmethod

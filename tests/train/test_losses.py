@@ -292,3 +292,58 @@ def test_config_identity_keeps_old_runs_resumable_and_tells_losses_apart():
     assert jsd.identity()["loss"] == "jsd" and jsd.identity()["jsd_beta"] == 0.5
     assert build_config(loss="gold").loss_beta == GOLD_DEFAULT_BETA
     assert "loss" not in build_config().RESUMABLE_CHANGES
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tokenizers_by_kind, corpus_texts, tmp_path_factory):
+    """A tiny Llama target, one source, and aligned windows from their top-k (as tests/train/test_train.py)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fusekit import zoo
+    from fusion_data import model_windows
+
+    tok = tokenizers_by_kind["bpe"]
+    root = tmp_path_factory.mktemp("losses")
+    target = zoo.build_tiny_model("llama", tok, root / "target", seed=0, hidden=32)
+    source = zoo.build_tiny_model("llama", tok, root / "source", seed=1, hidden=32)
+    ids = np.concatenate([tok(t)["input_ids"] for t in corpus_texts[:20]])
+    chunks = [ids[i : i + 32] for i in range(0, 8 * 32, 32)]
+    windows = model_windows(AutoModelForCausalLM.from_pretrained(target), [AutoModelForCausalLM.from_pretrained(source)], chunks, k=4)
+    return target, windows
+
+
+def test_run_train_with_jsd_through_the_fused_head(tiny_run, tmp_path):
+    import json
+
+    import fusekit
+    from fusekit.train import TrainError
+
+    target, windows = tiny_run
+    out = tmp_path / "jsd"
+    result = fusekit.run_train(target, windows, out, loss="jsd", jsd_beta=0.5, max_steps=2, lam=0.5, fused_head="on",
+                               lr=1e-3, batch_size=2, max_length=32, progress=False)
+    assert result.report["config"]["loss"] == "jsd" and result.report["config"]["jsd_beta"] == 0.5
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "fusion" in r and r["fusion"] is not None]
+    assert len(steps) == 2 and all(0.0 < r["fusion"] < math.log(2) for r in steps)  # JSD_0.5 ≤ ln 2 per token
+    # The loss is part of the run's identity: resuming with another one is refused, naming it.
+    with pytest.raises(TrainError, match="loss: 'jsd' → 'kl'"):
+        fusekit.run_train(target, windows, out, loss="kl", max_steps=2, lam=0.5, resume=True, lr=1e-3, batch_size=2,
+                          max_length=32, progress=False)
+
+
+def test_cli_and_recipe_refuse_bad_loss_options_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from fusekit.recipe import TrainOptions
+
+    base = [sys.executable, "-c", "from fusekit.cli import main; main()", "train", "--model", "x", "--aligned",
+            str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    run = subprocess.run(base + ["--loss", "l2"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == "error: unknown loss 'l2': choose one of ce, kl, reverse_kl, jsd, uld, gold"
+    with pytest.raises(ValueError, match="loss jsd needs jsd_beta"):
+        TrainOptions(loss="jsd")
+    assert TrainOptions(loss="jsd", jsd_beta=0.3).jsd_beta == 0.3
