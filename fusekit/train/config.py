@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fusekit.train.divergence import BETA_LOSSES, GOLD_DEFAULT_BETA, LOSSES
+from fusekit.train.loss_names import BETA_LOSSES, GOLD_DEFAULT_BETA, LOSSES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -45,10 +45,9 @@ import math
 
 import torch
 
+from fusekit.train.loss_names import BETA_LOSSES, GOLD_DEFAULT_BETA, LOSSES  # noqa: F401  (re-exported)
+
 IGNORE = -100
-LOSSES = ("ce", "kl", "reverse_kl", "jsd", "uld", "gold")
-BETA_LOSSES = ("jsd", "gold")  # the losses jsd_beta applies to
-GOLD_DEFAULT_BETA = 0.5  # TRL GOLDConfig's default β, used by gold when jsd_beta is unset
 REVERSE_KL_REST_FLOOR = 1e-3  # the teacher's rest mass for reverse_kl where the store leaves it 0
 
 

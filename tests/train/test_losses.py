@@ -347,3 +347,13 @@ def test_cli_and_recipe_refuse_bad_loss_options_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="loss jsd needs jsd_beta"):
         TrainOptions(loss="jsd")
     assert TrainOptions(loss="jsd", jsd_beta=0.3).jsd_beta == 0.3
+
+
+def test_the_loss_names_agree_everywhere():
+    import typing
+
+    from fusekit.recipe import LossName
+    from fusekit.train.config import TrainConfig
+    from fusekit.train.loss_names import LOSSES
+
+    assert typing.get_args(TrainConfig.model_fields["loss"].annotation) == LOSSES == typing.get_args(LossName)
