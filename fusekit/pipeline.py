@@ -148,6 +148,8 @@ def train_variant(recipe: Recipe, variant, aligned: Path, out: Path, progress: b
         lam_schedule=opts.lam_schedule,
         lam_end=opts.lam_end,
         teacher_temperature=opts.teacher_temperature,
+        loss=variant.loss if variant.loss is not None else opts.loss,
+        jsd_beta=variant.jsd_beta if variant.loss is not None or variant.jsd_beta is not None else opts.jsd_beta,
         loss_on=opts.loss_on,
         gradient_checkpointing=opts.gradient_checkpointing,
         report_to=opts.report_to or None,

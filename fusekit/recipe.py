@@ -79,11 +79,33 @@ class AlignOptions(Strict):
     )
 
 
+LossName = Literal["ce", "kl", "reverse_kl", "jsd", "uld", "gold"]
+
+
+def _check_loss_options(loss: str | None, jsd_beta: float | None) -> None:
+    """Training's own check of a loss/jsd_beta pair, as a ValueError for pydantic (before any stage runs)."""
+    if loss is None and jsd_beta is None:
+        return
+    from fusekit.train.config import TrainConfigError, build_config
+
+    try:
+        build_config(loss=loss, jsd_beta=jsd_beta)
+    except TrainConfigError as exc:
+        raise ValueError(str(exc).removeprefix("invalid training options: ")) from None
+
+
 class TrainVariant(Strict):
     name: str
     fusion: Literal["min_ce", "avg_ce"] = "min_ce"
     granularity: Literal["window", "token"] = "window"
     lam: float = Field(0.9, ge=0.0, le=1.0)
+    loss: LossName | None = Field(None, description="This variant's fusion term (default: train.loss, else ce).")
+    jsd_beta: float | None = Field(None, description="This variant's β for jsd/gold (default: train.jsd_beta).")
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> "TrainVariant":
+        _check_loss_options(self.loss, self.jsd_beta)
+        return self
 
 
 class TrainOptions(Strict):
@@ -112,6 +134,10 @@ class TrainOptions(Strict):
     lam_schedule: Literal["constant", "linear", "hard_and_decay"] | None = None
     lam_end: float | None = Field(None, ge=0, le=1)
     teacher_temperature: float | None = Field(None, gt=0)
+    loss: LossName | None = Field(
+        None, description="The fusion term for every variant (default ce, FuseLLM's); fusekit train --loss."
+    )
+    jsd_beta: float | None = Field(None, description="β of jsd (required) and gold, in (0, 1); fusekit train --jsd-beta.")
     loss_on: Literal["all", "assistant"] | None = None
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute each transformer block's activations in backward (less memory, same numbers)."
@@ -128,6 +154,12 @@ class TrainOptions(Strict):
         from fusekit.train.config import PRESETS, TrainConfig
 
         return PRESETS[self.preset or "fusellm"].get(name, TrainConfig.model_fields[name].default)
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> "TrainOptions":
+        """A bad loss/jsd_beta pair stops the recipe before any stage runs, with training's own sentence."""
+        _check_loss_options(self.loss, self.jsd_beta)
+        return self
 
     @field_validator("variants")
     @classmethod

@@ -27,6 +27,13 @@ def train_command(
     ),
     fusion: Optional[str] = typer.Option(None, help="Fusion rule: min_ce (default) or avg_ce."),
     granularity: Optional[str] = typer.Option(None, help="Decide per 'window' (FuseLLM, default) or per 'token'."),
+    loss: Optional[str] = typer.Option(
+        None, help="The fusion term: ce (default, FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (needs "
+        "--jsd-beta), uld (sorted-probability L1) or gold (JSD on mapped ids + ULD on the rest); docs/TRAINING.md, Losses."
+    ),
+    jsd_beta: Optional[float] = typer.Option(
+        None, help="β in (0, 1) of jsd (required) and gold (default 0.5): mixture M = β·teacher + (1−β)·student (TRL's convention)."
+    ),
     lam: Optional[float] = typer.Option(None, help="Weight λ of the CLM loss (default 0.9); 1.0 = CLM-only baseline."),
     lam_schedule: Optional[str] = typer.Option(
         None, help="λ over the run: constant (default), linear (lam → --lam-end) or hard_and_decay (lam → 1, FuseAI's rule)."
@@ -85,7 +92,7 @@ def train_command(
 
     options = dict(
         preset=preset, lam_schedule=lam_schedule, lam_end=lam_end, teacher_temperature=teacher_temperature,
-        loss_on=loss_on, fused_head=fused_head, fusion=fusion, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
+        loss_on=loss_on, fused_head=fused_head, fusion=fusion, loss=loss, jsd_beta=jsd_beta, granularity=granularity, lam=lam, lr=lr, epochs=epochs, batch_size=batch_size,
         grad_accum=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         clip=clip, dtype=dtype, seed=seed, save_every=save_every, max_steps=max_steps, stop_after=stop_after,
         fsdp=fsdp, fsdp_offload=fsdp_offload, gradient_checkpointing=gradient_checkpointing, loader_workers=loader_workers,

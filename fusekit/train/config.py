@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fusekit.train.loss_names import BETA_LOSSES, GOLD_DEFAULT_BETA, LOSSES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,6 +44,15 @@ class TrainConfig(BaseModel):
 
     fusion: str = Field("min_ce", description="Fusion rule: min_ce or avg_ce (or any registered rule).")
     granularity: Literal["window", "token"] = "window"
+    loss: Literal["ce", "kl", "reverse_kl", "jsd", "uld", "gold"] = Field(
+        "ce",
+        description="The fusion term: ce (FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (GKD's "
+        "generalized JSD, needs jsd_beta), uld (sorted-probability L1, Boizard et al.) or gold (TRL GOLD's JSD + ULD "
+        "hybrid); fusekit/train/divergence.py.",
+    )
+    jsd_beta: float | None = Field(
+        None, description="β of jsd (required) and gold (default 0.5), in (0, 1): M = β·p + (1−β)·q, TRL's convention."
+    )
     lam: float = Field(0.9, ge=0.0, le=1.0, description="Weight of CLM; 1.0 = plain continual training.")
     lam_schedule: Literal["constant", "linear", "hard_and_decay"] = Field(
         "constant",
@@ -107,6 +118,25 @@ class TrainConfig(BaseModel):
          "gradient_checkpointing", "grad_accum", "loader_workers", "report_to"}
     )
 
+    @model_validator(mode="after")
+    def _beta_fits_the_loss(self) -> "TrainConfig":
+        if self.jsd_beta is not None:
+            if self.loss not in BETA_LOSSES:
+                raise ValueError(f"jsd_beta applies to the jsd and gold losses only, not to loss {self.loss}")
+            if not 0.0 < self.jsd_beta < 1.0:
+                raise ValueError(f"jsd_beta must lie strictly between 0 and 1, got {self.jsd_beta}")
+        elif self.loss == "jsd":
+            raise ValueError("loss jsd needs jsd_beta in (0, 1) (e.g. --jsd-beta 0.5; TRL's convention: "
+                             "M = β·p_teacher + (1−β)·q_student)")
+        return self
+
+    @property
+    def loss_beta(self) -> float | None:
+        """The β the loss uses: jsd_beta, or GOLD's default 0.5 for gold without one; None for the others."""
+        if self.loss not in BETA_LOSSES:
+            return None
+        return self.jsd_beta if self.jsd_beta is not None else GOLD_DEFAULT_BETA
+
     def lam_at(self, step: int, total_steps: int) -> float:
         """λ for optimizer step `step` (0-based) of `total_steps`."""
         if self.lam_schedule == "constant":
@@ -122,8 +152,16 @@ class TrainConfig(BaseModel):
         return min(self.lam, 1.0 if self.lam_schedule == "hard_and_decay" else self.lam_end) < 1.0
 
     def identity(self) -> dict[str, Any]:
-        """The options a checkpoint must agree on to be resumed."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RESUMABLE_CHANGES}
+        """The options a checkpoint must agree on to be resumed.
+
+        `loss` and `jsd_beta` appear only when not their defaults: checkpoints written before the options
+        existed trained with FuseLLM's CE and must still compare equal.
+        """
+        out = {k: v for k, v in self.model_dump(mode="json").items() if k not in self.RESUMABLE_CHANGES}
+        for name, default in (("loss", "ce"), ("jsd_beta", None)):
+            if out.get(name) == default:
+                out.pop(name)
+        return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -158,6 +196,9 @@ def build_config(
     else:
         given = {}
     given.update({k: v for k, v in overrides.items() if v is not None})
+    loss = given.get("loss", "ce")
+    if loss not in LOSSES:
+        raise TrainConfigError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
     preset = given.get("preset", "fusellm")
     if preset not in PRESETS:
         raise TrainConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
@@ -168,6 +209,9 @@ def build_config(
         problems = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            if err["type"] == "value_error" and not err["loc"]:  # a check across options: its own sentence
+                problems.append(str(err["ctx"]["error"]))
+                continue
             msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{where}: {msg}")
         raise TrainConfigError("invalid training options: " + "; ".join(problems)) from None

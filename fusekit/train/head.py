@@ -70,14 +70,16 @@ class loss_at_head(capture_head_input):
 class FusionStep(nn.Module):
     """`forward(batch tensors, lam, attention_mask)` → (total, clm, fusion) sums; `fused` picks the chunked head.
 
+    `loss` names the fusion term (`divergence.LOSSES`: "ce" is FuseLLM's), `beta` jsd's and gold's β.
     The LM is this module's only child (`.lm`), so wrapping FusionStep in DDP/FSDP wraps the LM and the
     loss's use of the output weight happens inside the wrapped forward.
     """
 
-    def __init__(self, lm: nn.Module, fused: bool):
+    def __init__(self, lm: nn.Module, fused: bool, loss: str = "ce", beta: float | None = None):
         super().__init__()
         self.lm = lm
         self.fused = fused
+        self.loss, self.beta = loss, beta
         self._probe_fn = None  # set while a probe runs through this module's own call
 
     def forward(self, input_ids, position_ids, labels, target_ids, target_probs, lam: float, attention_mask=None):
@@ -87,12 +89,13 @@ class FusionStep(nn.Module):
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         if not self.fused:
             logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
-            sums = fused_loss(logits, labels, target_ids, target_probs, lam)
+            sums = fused_loss(logits, labels, target_ids, target_probs, lam, self.loss, self.beta)
         else:
             head = output_layer(self.lm)
 
             def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-                return linear_fusion_loss(hidden, weight, bias, labels, target_ids, target_probs, lam)
+                return linear_fusion_loss(hidden, weight, bias, labels, target_ids, target_probs, lam,
+                                          loss=self.loss, beta=self.beta)
 
             with loss_at_head(head, loss) as found:
                 self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)

@@ -12,6 +12,11 @@ the logits in backward). Backward only scales the stored gradients by the incomi
 
 so dL/dh = G·W, dL/dW = Gᵀ·h, dL/db = Σ G per chunk, where G is the chunk's [c, V] logit gradient.
 
+The distillation losses of `divergence.py` (kl, reverse_kl, jsd, uld, gold) go the same way
+(`_LinearDivergence`): per chunk the logits z = h·Wᵀ (+ b), then `chunk_loss_and_grad` turns them into
+the chunk's sums and its [c, V] logit gradient G, and the same three matmuls give dL/dh, dL/dW, dL/db.
+Their chunks hold half the rows (two [c, V] working buffers).
+
 Memory: one chunk of [c, V] fp32 (c·V ≤ `CHUNK_ELEMENTS`) besides the gradients of h, W and b. Precision:
 the matmuls run in whatever autocast says (bf16 on GPU), the softmax and the sums in fp32.
 """
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from fusekit.train.loss import IGNORE, LossSums
+from fusekit.train.divergence import chunk_loss_and_grad
+from fusekit.train.loss import IGNORE, LossSums, check_loss
 
 CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}  # logits per chunk: 128 MiB / 1 GiB in fp32
 
@@ -107,6 +113,58 @@ class _LinearFusionCE(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None
 
 
+class _LinearDivergence(torch.autograd.Function):
+    """λ·CLM + (1−λ)·divergence through the output layer, chunk by chunk; gradients written in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ids, probs, lam: float, rows: int, loss: str, beta):
+        n = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        need = need_h or need_w or need_b
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind):
+            mm_dtype = torch.get_autocast_dtype(kind)
+        else:
+            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        acc = torch.promote_types(mm_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        clm = torch.zeros((), dtype=acc, device=hidden.device)
+        fusion = torch.zeros((), dtype=acc, device=hidden.device)
+        w = weight.to(mm_dtype)
+        with torch.autocast(kind, enabled=False):
+            for lo in range(0, n, rows):
+                hi = min(n, lo + rows)
+                h = hidden[lo:hi].to(mm_dtype)
+                z = (h @ w.t()).to(acc)
+                if bias is not None:
+                    z += bias.to(acc)
+                c, f, g = chunk_loss_and_grad(z, labels[lo:hi], ids[lo:hi], probs[lo:hi], lam, loss, beta, need)
+                clm += c
+                fusion += f
+                if not need:
+                    continue
+                if need_b:
+                    grad_b += g.sum(0)
+                gm = g.to(mm_dtype)
+                if need_h:
+                    grad_h[lo:hi] = gm @ w
+                if need_w:
+                    grad_w += (gm.t() @ h).to(acc)
+        total = lam * clm + (1.0 - lam) * fusion
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(clm, fusion)
+        return total, clm, fusion
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_clm, _grad_fusion):
+        out = [(t * grad_total).to(dtype) if has else None for t, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes)]
+        return out[0], out[1], out[2], None, None, None, None, None, None, None
+
+
 def linear_fusion_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -116,6 +174,8 @@ def linear_fusion_loss(
     target_probs: torch.Tensor | None,
     lam: float,
     chunk_elements: int | None = None,
+    loss: str = "ce",
+    beta: float | None = None,
 ) -> LossSums:
     """Sums over positions of λ·CLM + (1−λ)·fusion, from hidden states through the output layer.
 
@@ -124,10 +184,10 @@ def linear_fusion_loss(
     where none); target_ids [..., m] int (−1 empty) and target_probs [..., m] float (0 at empty slots),
     or both None with λ = 1. Equals `fused_loss(hidden @ weight.T + bias, …)` in value and gradient (to
     fp32 rounding) without building [N, V]. Returns `LossSums` (differentiable total, detached parts).
-    Raises ValueError for λ outside [0, 1] or a missing target with λ < 1.
+    `loss`: the fusion term, "ce" (FuseLLM's) or a divergence of `divergence.LOSSES`; `beta`: jsd's and
+    gold's β. Raises ValueError for an unknown loss, λ outside [0, 1] or a missing target with λ < 1.
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    check_loss(loss, lam)
     if target_ids is None and lam != 1.0:
         raise ValueError("a fusion loss (lam < 1) needs target_ids and target_probs")
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -137,8 +197,13 @@ def linear_fusion_loss(
         m = target_ids.shape[-1]
         ids = target_ids.reshape(-1, m).long().clamp(min=0)  # empty slots carry probability 0
         # The fusion term counts exactly where the CLM term does: positions with a next token.
-        probs = target_probs.reshape(-1, m).float() * (flat_labels != IGNORE)[:, None]
+        wide = torch.float32 if loss == "ce" else torch.promote_types(hidden.dtype, torch.float32)  # fp64 in tests
+        probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
     rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
+    if loss != "ce" and ids is not None:
+        rows = max(1, rows // 2)  # two [c, V] working buffers a chunk
+        total, clm, fusion = _LinearDivergence.apply(h, weight, bias, flat_labels, ids, probs, float(lam), rows, loss, beta)
+        return LossSums(total, clm, fusion)
     total, clm, fusion = _LinearFusionCE.apply(h, weight, bias, flat_labels, ids, probs, float(lam), rows)
     return LossSums(total, clm, fusion)
 

@@ -176,7 +176,7 @@ def _build(model_ref: str, start: Path | None, cfg: TrainConfig, dev: torch.devi
         lm.config.use_cache = False
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(lm)  # before sharding: FSDP2's hooks stay outside the recompute
-        step = FusionStep(lm, fused=False)
+        step = FusionStep(lm, fused=False, loss=cfg.loss, beta=cfg.loss_beta)
         return shard(step, dev, bf16=bf16, offload=cfg.fsdp_offload) if fsdp else step
 
     if fsdp:

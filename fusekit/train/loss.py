@@ -1,5 +1,8 @@
 """λ·CLM + (1−λ)·fusion loss, gathered at the fused target's sparse ids.
 
+The fusion term is FuseLLM's CE to the fused distribution (`loss="ce"`, below) or one of the
+distillation losses of `divergence.py` (kl, reverse_kl, jsd, uld, gold), computed chunk by chunk.
+
 The fused target has ≤ k·(K+1) non-zeros per position, so −Σ_v p(v)·log q(v) only needs log q at those
 ids: log q(v) = z_v − logsumexp(z). Nothing of size [N, V] is built besides what plain cross-entropy
 needs; the backward writes softmax(z)·c − (sparse target) straight into the one gradient buffer.
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fusekit.train.divergence import LOSSES, chunk_loss_and_grad
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 26  # fp32 working set per chunk when logits are bf16/fp16 (256 MiB)
@@ -79,26 +84,68 @@ class _SparseFusedCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _chunks(logits: torch.Tensor):
+def _chunks(logits: torch.Tensor, working_copies: int = 0):
+    """(lo, hi) row ranges; `working_copies`: [c, V] buffers the caller makes per chunk (0: none for fp32)."""
     n, v = logits.shape
     # fp32 logits need no upcast copy, so one chunk is as cheap in memory as any split.
-    step = n if logits.dtype == torch.float32 else max(1, _CHUNK_ELEMENTS // max(v, 1))
+    if logits.dtype == torch.float32 and not working_copies:
+        step = n
+    else:
+        step = max(1, _CHUNK_ELEMENTS // max(v * max(working_copies, 1), 1))
     for lo in range(0, n, step):
         yield lo, min(n, lo + step)
 
 
+class _SparseDivergence(torch.autograd.Function):
+    """λ·CLM + (1−λ)·divergence from [N, V] logits, chunk by chunk (`divergence.chunk_loss_and_grad`):
+    forward writes the logit gradient (the loss is a scalar), backward scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ids, probs, lam: float, loss: str, beta):
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        need = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if need else None
+        clm = torch.zeros((), dtype=dtype, device=logits.device)
+        fusion = torch.zeros((), dtype=dtype, device=logits.device)
+        for lo, hi in _chunks(logits, working_copies=2):
+            z = logits[lo:hi].to(dtype, copy=True)  # the kernel writes the gradient into z
+            c, f, g = chunk_loss_and_grad(z, labels[lo:hi], ids[lo:hi], probs[lo:hi], lam, loss, beta, need)
+            clm += c
+            fusion += f
+            if need:
+                grad[lo:hi] = g
+        ctx.save_for_backward(grad if need else torch.empty(0))
+        ctx.need = need
+        ctx.mark_non_differentiable(clm, fusion)
+        return lam * clm + (1.0 - lam) * fusion, clm, fusion
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_clm, _grad_fusion):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).to(grad.dtype) if ctx.need else None, None, None, None, None, None, None
+
+
+def check_loss(loss: str, lam: float) -> None:
+    """ValueError for a loss name outside `LOSSES` or λ outside [0, 1]."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+
+
 def fused_loss(
     logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Tensor | None, target_probs: torch.Tensor | None,
-    lam: float,
+    lam: float, loss: str = "ce", beta: float | None = None,
 ) -> LossSums:
     """Sums of λ·CLM + (1−λ)·fusion over positions.
 
     logits [..., V]; labels [...] (shifted next tokens, IGNORE where none); target_ids [..., m] int
     (−1 empty) and target_probs [..., m] (0 at empty slots and at positions without a label). λ = 1 is
-    plain cross-entropy, with the fusion target not even read.
+    plain cross-entropy, with the fusion target not even read. `loss`: the fusion term — "ce"
+    (FuseLLM's −Σ p·log q) or a divergence of `divergence.LOSSES` (`beta`: jsd's and gold's β).
+    Raises ValueError for an unknown loss, λ outside [0, 1] or a missing target with λ < 1.
     """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    check_loss(loss, lam)
     if lam == 1.0 or target_ids is None:
         if lam != 1.0:
             raise ValueError("a fusion loss (lam < 1) needs target_ids and target_probs")
@@ -108,6 +155,13 @@ def fused_loss(
     flat_labels = labels.reshape(-1)
     # The fusion term counts exactly where the CLM term does: positions with a next token.
     probs = target_probs.reshape(-1, m).float() * (flat_labels != IGNORE)[:, None]
+    if loss != "ce":
+        wide = torch.promote_types(logits.dtype, torch.float32)  # fp64 logits (tests) keep fp64 targets
+        probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
+        total, clm, fusion = _SparseDivergence.apply(
+            logits.reshape(-1, v), flat_labels.long(), target_ids.reshape(-1, m).long(), probs, float(lam), loss, beta
+        )
+        return LossSums(total, clm, fusion)
     total, clm, fusion = _SparseFusedCE.apply(
         logits.reshape(-1, v), flat_labels, target_ids.reshape(-1, m).long(), probs, float(lam)
     )
