@@ -39,14 +39,16 @@ class WholeText:
 
 
 def bytespan_candidates(
-    chunk: Sequence[WholeText], transferer: Transferer, out: list[AlignedWindow], target_info: VocabInfo, stats: SourceStats
+    chunk: Sequence[WholeText], transferer: Transferer, out: list[AlignedWindow], target_info: VocabInfo, stats: SourceStats,
+    recall: bool = True,
 ) -> None:
     """Transfer each text of `chunk` as a whole and append the source's candidate to its target windows.
 
     A window's last row is left empty (its next token opens the next window; training never uses it).
     CE per row is the like-for-like CE (−ln of the source's probability of the target's next token);
     the window's mean CE averages it over the rows that carried and whose next token is a loss token.
-    Also measures perfect-source recall on the same texts (report.json).
+    Also measures perfect-source recall on the same texts (report.json) unless `recall` is False (online
+    distillation: no report, and the check would double the transfer's work).
     """
     items, perfect = [], []
     for t in chunk:
@@ -63,15 +65,16 @@ def bytespan_candidates(
             src_spans = remap_spans(st.text.encode("utf-8", "surrogatepass"), tt.text.encode("utf-8", "surrogatepass"), src_spans)
         src_tok = TextTokens(st.ids, st.offsets, src_spans)
         items.append((tt.text, src_tok, tgt_tok, st.topk_ids, st.topk_logp, -st.ce))
-        ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
-        perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
+        if recall:
+            ids, lp = perfect_source_topk(st.ids, st.topk_ids.shape[1], len(transferer.source), seed=t.text_id)
+            perfect.append((tt.text, src_tok, tgt_tok, ids, lp))
     k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1
     results = transferer.run(items, k)
-    checks = transferer.run(perfect, k)
+    checks = transferer.run(perfect, k) if recall else [None] * len(results)
     bad = bad_target_ids(target_info)
     for t, res, chk in zip(chunk, results, checks):
         st = t.source
-        hits = recalled(chk, t.target.ids)
+        hits = recalled(chk, t.target.ids) if chk is not None else np.zeros(len(t.target.ids), bool)
         lo = 0
         for w_i, n in enumerate(t.lengths):
             hi = lo + n
@@ -113,11 +116,12 @@ def transfer_whole_texts(
     target_info: VocabInfo,
     stats: SourceStats,
     on_chunk: Callable[[int], None] | None = None,
+    recall: bool = True,
 ) -> None:
     """`bytespan_candidates` over `texts` in chunks of `TEXT_CHUNK` texts. `on_chunk(n)`: called after each
     chunk with its number of target tokens (progress)."""
     for lo in range(0, len(texts), TEXT_CHUNK):
         chunk = texts[lo : lo + TEXT_CHUNK]
-        bytespan_candidates(chunk, transferer, out, target_info, stats)
+        bytespan_candidates(chunk, transferer, out, target_info, stats, recall)
         if on_chunk is not None:
             on_chunk(sum(len(t.target.ids) for t in chunk))
