@@ -1,0 +1,114 @@
+"""Online distillation (`fusekit distill`): the teachers run beside the target, and the result equals the
+offline pipeline (extract → align → train) on the same data, up to the extraction store's codec."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import fusekit
+from fusekit import zoo
+from fusekit.train.online import TeacherMemoryError, distill
+
+OPTS = dict(max_length=32, batch_size=2, shuffle=False, lr=1e-3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizers_by_kind, corpus_texts, tmp_path_factory):
+    """A Llama target (byte-level BPE), two teachers with other tokenizers (Unigram, WordPiece), a corpus of
+    six short texts, and the offline pipeline's aligned store over it (top-4, windows of 32 tokens)."""
+    root = tmp_path_factory.mktemp("online")
+    target = zoo.build_tiny_model("llama", tokenizers_by_kind["bpe"], root / "target", hidden=32, context=64, seed=0)
+    t1 = zoo.build_tiny_model("llama", tokenizers_by_kind["unigram"], root / "t1", hidden=32, context=64, seed=1)
+    t2 = zoo.build_tiny_model("gpt2", tokenizers_by_kind["wordpiece"], root / "t2", hidden=32, context=64, seed=2)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ")[:200] for t in corpus_texts[:6]) + "\n")
+    x = {name: fusekit.run_extract(m, corpus, root / f"x-{name}", top_k=4, max_length=32, progress=False)
+         for name, m in (("target", target), ("t1", t1), ("t2", t2))}
+    aligned = fusekit.run_align(x["target"], [x["t1"], x["t2"]], root / "aligned", vocab_map_cache=root / "cache", progress=False)
+    return {"target": target, "teachers": [t1, t2], "corpus": corpus, "aligned": aligned.out, "root": root}
+
+
+def store_values(k: int, vocab_sizes: list[int]):
+    """A windows hook that passes each model's windows through the extraction store's codec and back:
+    the top-k log-probs (and CE) exactly as an extraction store holds them."""
+    from fusekit.store.extract_codec import decode_frame, encode_shard
+    from fusekit.store.extract_format import shard_codec
+
+    def hook(model: int, windows):
+        frame, meta, _ = encode_shard(windows, k=k, vocab_size=vocab_sizes[model])
+        table, prior = shard_codec(meta)
+        decoded = decode_frame(frame, table, k, float(meta["fusekit.step"]), prior=prior)
+        back = {(w.text_id, w.window): w for w in decoded}
+        return [back[(w.text_id, w.window)] for w in windows]
+
+    return hook
+
+
+def first_loss(out) -> dict:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def vocab(model) -> int:
+    return json.loads((model / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("fusion, granularity", [("min_ce", "window"), ("avg_ce", "token")])
+def test_online_equals_offline_on_the_first_batch(setup, tmp_path, fusion, granularity):
+    """Same corpus, same windows, same first batch: offline (store) and online give the same loss, to float
+    rounding, once the online top-k goes through the store's codec; without it they differ by what the
+    codec quantises (log-probs on a 1/8-nat grid), a small share of the fusion term."""
+    s = setup
+    opts = dict(OPTS, max_steps=1, fusion=fusion, granularity=granularity, lam=0.5)
+    offline = first_loss(fusekit.run_train(s["target"], s["aligned"], tmp_path / "off", **opts).out)
+    sizes = [vocab(m) for m in (s["target"], *s["teachers"])]
+    online = first_loss(distill(s["target"], s["teachers"], s["corpus"], tmp_path / "on", top_k=4,
+                                windows_hook=store_values(4, sizes), **opts))
+    assert online["tokens"] == offline["tokens"]
+    for key in ("loss", "clm", "fusion"):
+        assert online[key] == pytest.approx(offline[key], rel=1e-5, abs=1e-6), key
+    raw = first_loss(distill(s["target"], s["teachers"], s["corpus"], tmp_path / "raw", top_k=4, **opts))
+    assert raw["clm"] == pytest.approx(offline["clm"], rel=1e-6)  # the target's own CE: nothing quantised
+    assert raw["fusion"] == pytest.approx(offline["fusion"], rel=0.02)
+
+
+def test_online_aligned_windows_equal_the_aligned_store(setup):
+    """Window by window, every candidate (target first, then each teacher) equals the aligned store's:
+    ids exactly, CE to float rounding (the online top-k through the extraction store's codec), and
+    probabilities to the aligned store's float16 (relative step 2⁻¹¹, rows renormalised on reading)."""
+    from fusekit.store.aligned_store import AlignedStore
+    from fusekit.train.online import OnlineWindows, load_online_model, read_corpus
+
+    s = setup
+    models = [load_online_model(str(m), "float32", _cpu(), 32) for m in (s["target"], *s["teachers"])]
+    source = OnlineWindows(read_corpus(s["corpus"]), models[0], models[1:], top_k=4,
+                           windows_hook=store_values(4, [m.vocab_size for m in models]))
+    store = AlignedStore(s["aligned"])
+    assert source.lengths().tolist() == store.window_lengths().tolist()
+    got = source.read(0, len(source.lengths()), list(range(len(source.lengths()))))
+    for i, (a, b) in enumerate(zip(got, store.iter_windows())):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        assert len(a.candidates) == len(b.candidates) == 3
+        for c, (x, y) in enumerate(zip(a.candidates, b.candidates)):
+            live = y.probs > 0
+            np.testing.assert_array_equal(np.where(live, x.ids, -1), np.where(live, y.ids, -1), err_msg=f"window {i} cand {c}")
+            np.testing.assert_allclose(x.probs, y.probs, rtol=2e-3, atol=1e-5, err_msg=f"window {i} cand {c}")
+            np.testing.assert_allclose(x.ce, y.ce, rtol=1e-4, atol=1e-5, equal_nan=True)
+            assert x.mean_ce == pytest.approx(y.mean_ce, rel=1e-4, nan_ok=True)
+
+
+def test_teacher_that_does_not_fit_is_refused_before_any_step(setup, tmp_path, capsys):
+    s = setup
+    with pytest.raises(TeacherMemoryError, match=r"MiB free: distil offline instead — `fusekit extract`"):
+        distill(s["target"], s["teachers"], s["corpus"], tmp_path / "x", top_k=4, memory_available=10_000, max_steps=1, **OPTS)
+    err = capsys.readouterr().err
+    assert "teacher " in err and "MiB of parameters" in err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
