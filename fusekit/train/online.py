@@ -199,34 +199,42 @@ class OnlineWindows:
 
     def read(self, start: int, stop: int, wanted: Sequence[int], candidates: bool = True) -> list[AlignedWindow]:
         """Windows `wanted` (global indices), aligned; without `candidates` only their tokens (λ = 1)."""
-        from fusekit.align.shard import align_texts
-        from fusekit.extract.shard import model_windows, tokenize_text
+        from fusekit.extract.shard import tokenize_text
 
         texts = sorted({int(self._text_of[w]) for w in wanted})
-        def tokenized(m: OnlineModel):
-            return [tokenize_text(m.tokenizer, self.records[t], t, m.vocab_size, self.append_eos) for t in texts]
-
         if not candidates:
             out = {}
-            for t, tok in tokenized(self.target):
+            for t in texts:
+                _, tok = tokenize_text(self.target.tokenizer, self.records[t], t, self.target.vocab_size, self.append_eos)
                 for w, s in enumerate(range(0, len(tok.input_ids), self.target.window)):
                     ids = tok.input_ids[s : s + self.target.window]
                     mask = None if tok.mask is None else tok.mask[s : s + self.target.window]
                     out[int(self._first[t]) + w] = AlignedWindow(t, w, ids, [], mask)
             return [out[int(w)] for w in wanted]
+        aligned = self.align_records([(t, self.records[t]) for t in texts])
+        index = {int(self._first[w.text_id]) + int(w.window): w for w in aligned}
+        return [index[int(w)] for w in wanted]
+
+    def align_records(self, records: Sequence[tuple[int, Record]]) -> list[AlignedWindow]:
+        """Every target window of `records` ((text id, record) pairs, ids ascending) with its candidates:
+        each model run over each text with its own tokenizer, the teachers' top-k transferred whole-text."""
+        from fusekit.align.shard import align_texts
+        from fusekit.extract.shard import model_windows, tokenize_text
+
         per_model: list[dict[int, list[Window]]] = []
         for i, m in enumerate([self.target, *self.teachers]):
-            windows = model_windows(m.net, tokenized(m), self.top_k, m.vocab_size, m.window, self.batch_size, self.pack)
+            toks = [tokenize_text(m.tokenizer, r, t, m.vocab_size, self.append_eos) for t, r in records]
+            windows = model_windows(m.net, toks, self.top_k, m.vocab_size, m.window, self.batch_size, self.pack)
             if self.windows_hook is not None:
                 windows = self.windows_hook(i, windows)
             by_text: dict[int, list[Window]] = {}
             for w in windows:
                 by_text.setdefault(int(w.text_id), []).append(w)
             per_model.append(by_text)
+        texts = [t for t, _ in records]
         aligned, _, _, _ = align_texts(texts, per_model[0], per_model[1:], self.top_k, self._sides, self.target.info, recall=False)
         self.texts_run += len(texts)
-        index = {int(self._first[w.text_id]) + int(w.window): w for w in aligned}
-        return [index[int(w)] for w in wanted]
+        return aligned
 
 
 def read_corpus(data: str | Path | Sequence[str], field: str = "text") -> list[Record]:
@@ -247,6 +255,8 @@ def distill(
     append_eos: bool = True,
     teacher_batch_size: int = 8,
     texts_per_group: int = TEXTS_PER_GROUP,
+    on_policy_ratio: float = 0.0,
+    prompt_share: float = 0.5,
     config: Any = None,
     resume: bool = False,
     progress: bool = True,
@@ -264,19 +274,28 @@ def distill(
     texts into windows, as `fusekit extract --max-length` does. Each teacher's parameter memory is printed
     at the start; `memory_available` (bytes; default: free on the device) caps what the teachers, the
     frozen target copy and the trained target's state may take — beyond it TeacherMemoryError is raised
-    before any model is loaded. `windows_hook`: see `OnlineWindows`.
+    before any model is loaded. `on_policy_ratio`: GKD's mixing weight, the share of micro-batches
+    trained on the target's own continuations of corpus prompts (the first `prompt_share` of each
+    window) scored by the teachers (`on_policy.py`; 0: off-policy only). `windows_hook`: see `OnlineWindows`.
     """
     from fusekit.models.device import resolve_dtype
-    from fusekit.train.config import build_config
+    from fusekit.train.config import TrainConfigError, build_config
     from fusekit.train.ddp import init_distributed
     from fusekit.train.loop import _train
 
     cfg = build_config(config, **options)
+    if not 0.0 <= on_policy_ratio <= 1.0:
+        raise TrainConfigError(f"--on-policy-ratio must lie in [0, 1], got {on_policy_ratio}")
+    if not 0.0 < prompt_share < 1.0:
+        raise TrainConfigError(f"--prompt-share must lie in (0, 1), got {prompt_share}")
+    if on_policy_ratio > 0 and cfg.fsdp:
+        raise TrainConfigError("on-policy sampling runs the whole target on each rank: use DDP (leave out --fsdp)")
     if not teachers:
         raise TrainDataError("give at least one teacher (--teacher)")
     refs = [str(t) for t in teachers]
     records = read_corpus(data, field)
     d = init_distributed()
+    made: list[OnlineWindows] = []
 
     def source(dev, d) -> OnlineWindows:
         dtype = resolve_dtype("bf16" if dev.type == "cuda" else "fp32", dev)
@@ -284,7 +303,14 @@ def distill(
         check_memory(str(model), refs, dev, 2 if dtype == "bfloat16" else 4, memory_available, say)
         frozen = load_online_model(str(model), dtype, dev, cfg.max_length)
         loaded = [load_online_model(ref, dtype, dev, cfg.max_length) for ref in refs]
-        return OnlineWindows(records, frozen, loaded, top_k=top_k, append_eos=append_eos, batch_size=teacher_batch_size,
-                             texts_per_group=texts_per_group, windows_hook=windows_hook)
+        made.append(OnlineWindows(records, frozen, loaded, top_k=top_k, append_eos=append_eos, batch_size=teacher_batch_size,
+                                  texts_per_group=texts_per_group, windows_hook=windows_hook))
+        return made[-1]
 
-    return _train(str(model), None, Path(out), cfg, resume, progress, device, d, source_factory=source)
+    def objective(plan, cfg, step_module):
+        from fusekit.train.on_policy import OnPolicyObjective
+
+        return OnPolicyObjective(plan, cfg, step_module, made[-1], on_policy_ratio, prompt_share)
+
+    return _train(str(model), None, Path(out), cfg, resume, progress, device, d, source_factory=source,
+                  make_objective=objective if on_policy_ratio > 0 else None)
