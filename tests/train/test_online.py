@@ -168,3 +168,29 @@ def test_cli_and_api(setup, tmp_path):
 
     done = fusekit.run_distill(s["target"], s["teachers"], s["corpus"], tmp_path / "api", top_k=4, max_steps=1, **OPTS)
     assert (done.stage, done.out) == ("distill", tmp_path / "api") and done.report["steps"] == 1
+
+
+@pytest.mark.slow  # two torchrun processes importing torch: ~35 s on a shared 2-core machine
+def test_two_processes_equal_one_with_double_accumulation(setup, tmp_path):
+    """`fusekit distill` under torchrun (gloo, 2 CPU processes): each rank runs the teachers over its own
+    windows' texts; the losses equal one process reading both ranks' micro-batches (grad_accum 2)."""
+    import os
+    import subprocess
+    import sys
+
+    s = setup
+    common = ["-m", str(s["target"]), "-t", str(s["teachers"][0]), "-t", str(s["teachers"][1]), "-d", str(s["corpus"]),
+              "--top-k", "4", "--max-length", "32", "--batch-size", "1", "--max-steps", "2", "--lr", "1e-3", "--lam", "0.5",
+              "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fusekit.cli",
+           "distill", *common, "-o", str(tmp_path / "ddp")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = distill(s["target"], s["teachers"], s["corpus"], tmp_path / "one", top_k=4, max_length=32, batch_size=1,
+                     grad_accum=2, max_steps=2, lr=1e-3, lam=0.5, progress=False)
+    ddp, one = ([json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (tmp_path / "ddp", single))
+    assert len(ddp) == len(one) == 2
+    for a, b in zip(ddp, one):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
