@@ -7,7 +7,8 @@ WordPiece), random weights (the timing does not depend on them), vocabularies of
 standard library's prose; one corpus of `texts` texts cut into windows of `max_length` tokens, top-k 10.
 Offline: extract the target and both teachers, align them (timed once), then train. Online: `distill`
 with the same training options, teachers beside the target. Both train `steps` optimizer steps of
-`batch_size` packed rows (unshuffled: the same windows in the same order); a step's time is the run's training wall time
+`batch_size` packed rows (unshuffled: the same windows in the same order), each run in a fresh process,
+alternating, `repeat` times, the best kept; a step's time is the run's training wall time
 (metrics.jsonl `elapsed_s` at the last step) over its steps, so the online teachers' work — done in the
 engine's read-ahead thread, a group of texts at a time — is counted whatever step it falls in. Teacher
 memory: each teacher's parameter bytes in the dtype it runs in (bf16 on CUDA, fp32 on CPU).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +40,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=2, help="training runs per path (best taken)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each training run (CPU: 2 threads on a "
+                    "loaded 2-core machine made a step 4× slower than 1, swamping the comparison)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one training run (a child process)
     args = ap.parse_args()
+    if args.run:
+        return train_once(json.loads(args.run))
 
     import fusekit
     from fusekit import zoo
-    from fusekit.train.online import distill, param_bytes_of
+    from fusekit.train.online import param_bytes_of
 
     root = Path(tempfile.mkdtemp(prefix="bench-online-"))
     texts = [t.replace("\n", " ")[: args.chars] for t in zoo.stdlib_texts("prose", limit=args.texts)]
@@ -65,20 +73,24 @@ def main() -> None:
     t1 = time.perf_counter()
     aligned = fusekit.run_align(stores[0], stores[1:], root / "aligned", vocab_map_cache=root / "cache", progress=False)
     t2 = time.perf_counter()
-    offline = fusekit.run_train(target, aligned, root / "off", **train).out
-    online = distill(target, teachers, corpus, root / "on", top_k=10, **train)
-
-    def per_step(out: Path) -> tuple[float, int]:
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return lines[-1]["elapsed_s"] / len(lines), sum(x["tokens"] for x in lines)
-
-    off_step, off_tokens = per_step(offline)
-    on_step, on_tokens = per_step(online)
+    # Each training run in a fresh process (no warm-up carried from one to the next), alternating
+    # offline/online `--repeat` times; the best of each (the least disturbed on a shared machine).
+    runs: dict[str, list[tuple[float, int]]] = {"offline": [], "online": []}
+    for r in range(args.repeat):
+        for path in ("offline", "online"):
+            out = root / f"{path}-{r}"
+            job = dict(threads=args.threads, path=path, target=str(target), teachers=[str(t) for t in teachers], aligned=str(aligned.out),
+                       corpus=str(corpus), out=str(out), train=train)
+            subprocess.run([sys.executable, __file__, "--run", json.dumps(job)], check=True)
+            lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[path].append((lines[-1]["elapsed_s"] / len(lines), sum(x["tokens"] for x in lines)))
+    off_step, off_tokens = min(runs["offline"])
+    on_step, on_tokens = min(runs["online"])
     dtype_bytes = 2 if args.device.startswith("cuda") else 4
     teacher_mib = [param_bytes_of(str(t), dtype_bytes) / 2**20 for t in teachers]
     figures = {
         "device": args.device, "steps": args.steps, "tokens": off_tokens, "online_tokens": on_tokens,
-        "offline_step_s": off_step, "online_step_s": on_step, "ratio": on_step / off_step,
+        "offline_step_s": off_step, "online_step_s": on_step, "runs": runs, "ratio": on_step / off_step,
         "extract_s": t1 - t0, "align_s": t2 - t1, "teacher_param_mib": teacher_mib,
         "offline_total_s": (t2 - t0) + off_step * args.steps, "online_total_s": on_step * args.steps,
     }
@@ -92,6 +104,19 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures))
+
+
+def train_once(job: dict) -> None:
+    import torch
+
+    import fusekit
+
+    torch.set_num_threads(job["threads"])    from fusekit.train.online import distill
+
+    if job["path"] == "offline":
+        fusekit.run_train(job["target"], job["aligned"], job["out"], **job["train"])
+    else:
+        distill(job["target"], job["teachers"], job["corpus"], job["out"], top_k=10, **job["train"])
 
 
 if __name__ == "__main__":
