@@ -111,7 +111,8 @@ def train_once(job: dict) -> None:
 
     import fusekit
 
-    torch.set_num_threads(job["threads"])    from fusekit.train.online import distill
+    torch.set_num_threads(job["threads"])
+    from fusekit.train.online import distill
 
     if job["path"] == "offline":
         fusekit.run_train(job["target"], job["aligned"], job["out"], **job["train"])
