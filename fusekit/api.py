@@ -37,6 +37,7 @@ __all__ = [
     "StageResult",
     "run_align",
     "run_demo",
+    "run_distill",
     "run_eval",
     "run_extract",
     "run_fusechat",
@@ -190,6 +191,37 @@ def run_train(
 
     path = train(model, _path_or_object(aligned), out, config=config, resume=resume, progress=progress, device=device, **options)
     return StageResult("train", Path(path), _read_json(Path(path) / DONE_FILE))
+
+
+def run_distill(
+    model: str | Path,
+    teachers: Sequence[str | Path],
+    data: str | Path | Sequence[str],
+    out: str | Path,
+    *,
+    top_k: int = 10,
+    on_policy_ratio: float = 0.0,
+    config: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    **options: Any,
+) -> StageResult:
+    """Stages 1–3 online: train MODEL on λ·CLM + (1−λ)·fusion with TEACHERS run beside it over DATA (a corpus
+    path or a list of texts), no extraction store; the trained model goes to OUT.
+
+    `on_policy_ratio`: share of micro-batches trained on the target's own samples (GKD). `options`: the
+    TrainConfig fields of `run_train`, and `fusekit.train.online.distill`'s own (`field`, `prompt_share`,
+    `memory_available`, …). `report` is OUT/fusekit_train.json. Raises TeacherMemoryError (a teacher that
+    does not fit, before any step), TrainConfigError, TrainDataError, TrainError.
+    """
+    from fusekit.train.checkpoint import DONE_FILE
+    from fusekit.train.online import distill
+
+    path = distill(model, [os.fspath(t) for t in teachers], data if isinstance(data, (list, tuple)) else _path_or_object(data), out,
+                   top_k=top_k, on_policy_ratio=on_policy_ratio, config=config, resume=resume, progress=progress,
+                   device=device, **options)
+    return StageResult("distill", Path(path), _read_json(Path(path) / DONE_FILE))
 
 
 def run_eval(

@@ -15,7 +15,7 @@ import fusekit
 from fusekit import zoo
 from fusekit.api import StageResult
 
-RUN = ["run_extract", "run_align", "run_train", "run_eval", "run_merge", "run_implicit", "run_recipe", "run_fusechat", "run_plan", "run_demo"]
+RUN = ["run_extract", "run_align", "run_train", "run_eval", "run_merge", "run_implicit", "run_recipe", "run_fusechat", "run_plan", "run_demo", "run_distill"]
 
 
 def test_entry_points_are_plain_functions_with_real_signatures():

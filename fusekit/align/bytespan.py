@@ -40,14 +40,16 @@ class WholeText:
 
 
 def bytespan_candidates(
-    chunk: Sequence[WholeText], transferer: Transferer, out: list[AlignedWindow], target_info: VocabInfo, stats: SourceStats
+    chunk: Sequence[WholeText], transferer: Transferer, out: list[AlignedWindow], target_info: VocabInfo, stats: SourceStats,
+    recall: bool = True,
 ) -> None:
     """Transfer each text of `chunk` as a whole and append the source's candidate to its target windows.
 
     A window's last row is left empty (its next token opens the next window; training never uses it).
     CE per row is the like-for-like CE (−ln of the source's probability of the target's next token);
     the window's mean CE averages it over the rows that carried and whose next token is a loss token.
-    Also measures perfect-source recall on the same texts (report.json).
+    Also measures perfect-source recall on the same texts (report.json) unless `recall` is False (online
+    distillation: no report, and the check would double the transfer's work).
     """
     items = []
     for t in chunk:
@@ -59,7 +61,7 @@ def bytespan_candidates(
             )
         # Chat: each model rendered its own template around the same messages (source_text differs).
         items.append(
-            TextItem(tt.text, TextTokens(st.ids, st.offsets), TextTokens(tt.ids, tt.offsets), st.topk_ids, st.topk_logp, -st.ce, st.text, t.text_id)
+            TextItem(tt.text, TextTokens(st.ids, st.offsets), TextTokens(tt.ids, tt.offsets), st.topk_ids, st.topk_logp, -st.ce, st.text, t.text_id if recall else None)
         )
     k = max(1, chunk[0].source.topk_ids.shape[1]) if chunk else 1
     done = transferer.run_texts(items, k, perfect_logp(chunk[0].source.topk_ids.shape[1]) if chunk else (0.0, 0.0))
@@ -90,7 +92,8 @@ def bytespan_candidates(
             stats.positions += m
             counted = carried[:m]
             stats.carried += int(counted.sum())
-            stats.recalled += int(hits[lo : lo + m].sum())
+            if hits is not None:
+                stats.recalled += int(hits[lo : lo + m].sum())
             if not counted.any():
                 stats.empty_windows += 1
             rows = res.source_row[lo : lo + m][counted]
@@ -110,11 +113,12 @@ def transfer_whole_texts(
     target_info: VocabInfo,
     stats: SourceStats,
     on_chunk: Callable[[int], None] | None = None,
+    recall: bool = True,
 ) -> None:
     """`bytespan_candidates` over `texts` in chunks of `TEXT_CHUNK` texts. `on_chunk(n)`: called after each
     chunk with its number of target tokens (progress)."""
     for lo in range(0, len(texts), TEXT_CHUNK):
         chunk = texts[lo : lo + TEXT_CHUNK]
-        bytespan_candidates(chunk, transferer, out, target_info, stats)
+        bytespan_candidates(chunk, transferer, out, target_info, stats, recall)
         if on_chunk is not None:
             on_chunk(sum(len(t.target.ids) for t in chunk))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -35,7 +35,8 @@ from fusekit.align.vocab_cache import VocabMap
 from fusekit.store.aligned_store import shard_metadata, stream_shard, windows_frame
 from fusekit.store.atomic import atomic_file, write_bytes_atomic
 from fusekit.store.shards import record_shard, sha256_file, shard_filename, shard_slice
-from fusekit.store.types import AlignedWindow
+from fusekit.store.types import AlignedWindow, Window
+from fusekit.vocab.info import VocabInfo
 
 
 @dataclass
@@ -74,6 +75,20 @@ def text_batches(texts: Iterator[JoinedText], rows: int) -> Iterator[list[Joined
         yield batch
 
 
+@dataclass
+class SourceSide:
+    """What aligning one source needs besides its windows: its k, vocabulary description and method;
+    `table` (its DTW token table) and `vmap` for the 1:1 carry (`fusellm`, `fusechat`); `transferer`
+    for `bytespan`."""
+
+    k: int
+    info: VocabInfo
+    method: Method
+    table: TokenTable | None = None
+    vmap: VocabMap | None = None
+    transferer: Transferer | None = None
+
+
 class ShardContext:
     """What every shard of a job shares, prepared once per process: the opened stores, each source's
     method, the DTW tables of the 1:1 carry and the byte-span transfer's vocabulary pairs (with large
@@ -83,27 +98,37 @@ class ShardContext:
         self.job = job
         self.target = open_extract(job.target, "target", job.workers)
         self.sources = [open_extract(ref, f"source {i + 1}", job.workers) for i, ref in enumerate(job.sources)]
-        self.methods = [Method(m) for m in job.settings.get("methods", [Method.FUSELLM.value] * len(self.sources))]
+        methods = [Method(m) for m in job.settings.get("methods", [Method.FUSELLM.value] * len(self.sources))]
         self.target_info = info_of(self.target)
-        carry = any(m is not Method.BYTESPAN for m in self.methods)
+        carry = any(m is not Method.BYTESPAN for m in methods)
         self.tgt_table = TokenTable(list(self.target.vocab)) if carry else None
-        self.src_tables = [None if m is Method.BYTESPAN else TokenTable(list(s.vocab)) for s, m in zip(self.sources, self.methods)]
-        self.transferers = [
-            Transferer(info_of(s), self.target_info, Method.BYTESPAN, threads=job.workers) if m is Method.BYTESPAN else None
-            for s, m in zip(self.sources, self.methods)
+        self.sides = [
+            SourceSide(int(s.k), info_of(s), m, vmap=v, transferer=Transferer(info_of(s), self.target_info, Method.BYTESPAN, threads=job.workers))
+            if m is Method.BYTESPAN
+            else SourceSide(int(s.k), info_of(s), m, table=TokenTable(list(s.vocab)), vmap=v)
+            for s, m, v in zip(self.sources, methods, job.vmaps)
         ]
 
 
-class _ShardAligner:
-    """One shard's batches: the context's stores and tables, this shard's counts and progress."""
+class TextAligner:
+    """Aligns batches of whole texts (each: its target windows and every source's windows of that text)
+    with every source by its method, adding up each source's counts and seconds. The one code path of
+    `fusekit align` (windows read from stores) and of online distillation (windows computed in memory)."""
 
-    def __init__(self, context: ShardContext, on_progress: Callable[[int, int], None] | None):
-        self.job, self.on_progress = context.job, on_progress
-        self.target, self.sources, self.methods = context.target, context.sources, context.methods
-        self.target_info, self.tgt_table, self.src_tables = context.target_info, context.tgt_table, context.src_tables
-        self.transferers = context.transferers
-        self.stats = [SourceStats() for _ in self.sources]
-        self.source_seconds = [0.0] * len(self.sources)
+    def __init__(
+        self,
+        target_k: int,
+        sides: Sequence[SourceSide],
+        target_info: VocabInfo,
+        tgt_table: TokenTable | None = None,
+        workers: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        recall: bool = True,
+    ):
+        self.target_k, self.sides, self.target_info, self.tgt_table = target_k, list(sides), target_info, tgt_table
+        self.workers, self.on_progress, self.recall = workers, on_progress, recall
+        self.stats = [SourceStats() for _ in self.sides]
+        self.source_seconds = [0.0] * len(self.sides)
         self.rows = self.tokens = 0
         self.done = 0
         self.total = 0  # (target token, source) pairs of the batches seen so far
@@ -113,33 +138,17 @@ class _ShardAligner:
         if self.on_progress is not None:
             self.on_progress(self.done, self.total)
 
-    def frames(self, texts: range, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
-        """The shard's rows, one frame per row group, built from the windows of batches of whole texts
-        holding at least `batch_rows` windows each (default: a row group's)."""
-        rows = int(self.job.settings["row_group_rows"])
-        held: list[AlignedWindow] = []
-        spans: list[tuple[int, int]] = []
-        for batch in text_batches(joined_texts(self.target, self.sources, texts), batch_rows or rows):
-            out, out_spans = self.align_batch(batch)
-            held += out
-            spans += out_spans
-            while len(held) >= rows:
-                yield windows_frame(held[:rows], self.job.settings["ks"], spans[:rows])
-                held, spans = held[rows:], spans[rows:]
-        if held:
-            yield windows_frame(held, self.job.settings["ks"], spans)
-
     def align_batch(self, batch: list[JoinedText]) -> tuple[list[AlignedWindow], list[tuple[int, int]]]:
         """Align the texts of `batch` with every source: their windows with all candidates, and each
         window's (char_start, char_end)."""
-        sources, methods = self.sources, self.methods
+        sides = self.sides
         out: list[AlignedWindow] = []
         spans: list[tuple[int, int]] = []
         # Per source, what its method works on: target windows (the 1:1 carry) or whole texts (bytespan).
-        pending: list[list[PendingWindow]] = [[] for _ in sources]
-        whole: list[list[WholeText]] = [[] for _ in sources]
+        pending: list[list[PendingWindow]] = [[] for _ in sides]
+        whole: list[list[WholeText]] = [[] for _ in sides]
         for text_id, windows, src_windows in batch:
-            per_source = [ExtractedText.of(sw, int(s.k)) for sw, s in zip(src_windows, sources)]
+            per_source = [ExtractedText.of(sw, side.k) for sw, side in zip(src_windows, sides)]
             first = len(out)
             for w, own in zip(windows, target_candidates(windows)):
                 slot = len(out)
@@ -148,24 +157,24 @@ class _ShardAligner:
                 out.append(AlignedWindow(text_id=text_id, window=int(w.window), input_ids=tgt_ids, candidates=[own], loss_mask=mask))
                 spans.append((int(w.char_start), int(w.char_end)))
                 for s_i, tt in enumerate(per_source):
-                    if methods[s_i] is not Method.BYTESPAN:
+                    if sides[s_i].method is not Method.BYTESPAN:
                         pending[s_i].append(PendingWindow(slot, tgt_ids, tt, tt.span(int(w.char_start), int(w.char_end))))
-            tgt_tt = ExtractedText.of(windows, int(self.target.k))
+            tgt_tt = ExtractedText.of(windows, self.target_k)
             for s_i, tt in enumerate(per_source):
-                if methods[s_i] is Method.BYTESPAN:
+                if sides[s_i].method is Method.BYTESPAN:
                     whole[s_i].append(WholeText(text_id, first, [len(w.input_ids) for w in windows], tgt_tt, tt))
 
         tokens = sum(len(w.input_ids) for w in out)
-        self.total += tokens * len(sources)
-        for s_i in range(len(sources)):
+        self.total += tokens * len(sides)
+        for s_i, side in enumerate(sides):
             t_src = time.perf_counter()
-            if methods[s_i] is Method.BYTESPAN:
-                transfer_whole_texts(whole[s_i], self.transferers[s_i], out, self.target_info, self.stats[s_i], self.advance)
+            if side.method is Method.BYTESPAN:
+                transfer_whole_texts(whole[s_i], side.transferer, out, self.target_info, self.stats[s_i], self.advance, self.recall)
             else:
                 items = pending[s_i]
-                one_to_one = methods[s_i] is Method.FUSECHAT
+                one_to_one = side.method is Method.FUSECHAT
                 cands = carry_candidates(
-                    items, self.src_tables[s_i], self.tgt_table, self.job.vmaps[s_i], self.stats[s_i], self.target_info, one_to_one, self.job.workers, self.advance
+                    items, side.table, self.tgt_table, side.vmap, self.stats[s_i], self.target_info, one_to_one, self.workers, self.advance
                 )
                 for p, cand in zip(items, cands):
                     out[p.slot].candidates.append(cand)
@@ -173,6 +182,52 @@ class _ShardAligner:
         self.rows += len(out)
         self.tokens += tokens
         return out, spans
+
+
+class _ShardAligner(TextAligner):
+    """One shard's batches: the context's stores and tables, read text by text, a row group at a time."""
+
+    def __init__(self, context: ShardContext, on_progress: Callable[[int, int], None] | None):
+        super().__init__(int(context.target.k), context.sides, context.target_info, context.tgt_table, context.job.workers, on_progress)
+        self.context, self.settings = context, context.job.settings
+
+    def frames(self, texts: range, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
+        """The shard's rows, one frame per row group, built from the windows of batches of whole texts
+        holding at least `batch_rows` windows each (default: a row group's)."""
+        rows = int(self.settings["row_group_rows"])
+        held: list[AlignedWindow] = []
+        spans: list[tuple[int, int]] = []
+        for batch in text_batches(joined_texts(self.context.target, self.context.sources, texts), batch_rows or rows):
+            out, out_spans = self.align_batch(batch)
+            held += out
+            spans += out_spans
+            while len(held) >= rows:
+                yield windows_frame(held[:rows], self.settings["ks"], spans[:rows])
+                held, spans = held[rows:], spans[rows:]
+        if held:
+            yield windows_frame(held, self.settings["ks"], spans)
+
+
+
+def align_texts(
+    texts: Sequence[int],
+    tgt_texts: dict[int, list[Window]],
+    src_texts: Sequence[dict[int, list[Window]]],
+    target_k: int,
+    sides: Sequence[SourceSide],
+    target_info: VocabInfo,
+    tgt_table: TokenTable | None = None,
+    workers: int | None = None,
+    recall: bool = True,
+) -> tuple[list[AlignedWindow], list[tuple[int, int]], list[SourceStats], list[float]]:
+    """The aligned windows of `texts` (text ids, in order) from each model's windows by text id, computed
+    in memory (online distillation): (windows, their (char_start, char_end), per-source counts, per-source
+    seconds). Candidate [0] is the target's own, then one per source by its method; `tgt_table` is needed
+    by the 1:1 carry only; `recall=False` skips the byte-span transfer's perfect-source check."""
+    aligner = TextAligner(target_k, sides, target_info, tgt_table, workers, recall=recall)
+    batch = [(int(t), tgt_texts[t], [st.get(t, []) for st in src_texts]) for t in texts if tgt_texts.get(t)]
+    out, spans = aligner.align_batch(batch)
+    return out, spans, aligner.stats, aligner.source_seconds
 
 
 def align_shard_to(

@@ -8,6 +8,7 @@ from fusekit.cli import extract  # noqa: F401
 from fusekit.cli import inspect  # noqa: F401, A004  (the `fusekit inspect` command)
 from fusekit.cli import align  # noqa: F401
 from fusekit.cli import train  # noqa: F401
+from fusekit.cli import distill  # noqa: F401
 from fusekit.cli import eval  # noqa: F401, A004  (the `fusekit eval` command)
 from fusekit.cli import merge  # noqa: F401
 from fusekit.cli import align_text  # noqa: F401

@@ -58,6 +58,9 @@ class Objective(Protocol):
     def report(self, sums: list[float], units: float, step: int) -> dict[str, Any]:
         """The metrics of optimizer step `step` (0-based) from the step's sums over all ranks: at least `loss`."""
 
+    # Optional: `prepare(model, batches, step, device)` → the batches to train on, called in the training
+    # thread before `units` with the weights of the step (on-policy distillation samples there).
+
 
 @dataclass
 class EngineSettings:
@@ -168,6 +171,8 @@ def run(
             batches = pending.result()
             if step + 1 < total_steps:
                 pending = pool.submit(objective.micro_batches, step + 1, d.rank)
+            if hasattr(objective, "prepare"):
+                batches = objective.prepare(model, batches, step, device)
             units = d.sum([sum(objective.units(b) for b in batches)], device)[0]
             # Sum over units / units in the whole step; DDP averages over ranks, hence × world size.
             scale = d.world_size / max(units, 1.0)

@@ -93,7 +93,11 @@ def train(
     return _train(str(model), aligned, Path(out), cfg, resume, progress, device, init_distributed())
 
 
-def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist) -> Path:
+def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist, source_factory=None,
+           make_objective=None) -> Path:
+    """`source_factory(device, dist)`: the windows come from it instead of `aligned` (online distillation,
+    `online.py`: teachers run beside the target); it is called before the target is loaded.
+    `make_objective(plan, cfg, step_module)`: another objective than `FusionObjective` (on-policy)."""
     fsdp = cfg.fsdp and d.grouped
     if cfg.fsdp and not under_torchrun():
         raise TrainConfigError(
@@ -115,8 +119,11 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     global_batch = d.world_size * cfg.batch_size * cfg.grad_accum
     if start_ckpt is not None:
         _check_resumable(start_ckpt, model_ref, identity, global_batch, cfg, d)
-    source = open_source(aligned)
-    check_target(source, tokenizer, config, model_ref)
+    if source_factory is None:
+        source = open_source(aligned)
+        check_target(source, tokenizer, config, model_ref)
+    else:
+        source = source_factory(dev, d)
     _seed_everything(cfg.seed)
     net, step_module = _build(model_ref, start_ckpt, cfg, dev, d, use_bf16)
     step_module.fused = _fused_head(step_module, cfg, dev, d)
@@ -153,7 +160,8 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
             model_card.write_fusion_card(out, model_ref, aligned, cfg, plan.total_steps, last, d.world_size)
 
     try:
-        engine.run(net, FusionObjective(plan, cfg), out, settings, d, dev, step_module=step_module,
+        objective = make_objective(plan, cfg, step_module) if make_objective else FusionObjective(plan, cfg)
+        engine.run(net, objective, out, settings, d, dev, step_module=step_module,
                    start=start_ckpt, progress=progress, export=export)
     except ckpt.CheckpointError as exc:
         raise TrainError(str(exc)) from None
