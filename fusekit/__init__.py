@@ -6,7 +6,7 @@ run_fusechat / run_plan / run_demo`, returning a `StageResult` (fusekit/api.py).
 API below is importable with the light core install; the stages import torch/transformers when called.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from fusekit._version import __version__
 from fusekit.align import (
@@ -54,7 +54,7 @@ _DEPRECATED = {
     "implicit_fusion": ("fusekit.implicit.run", "implicit_fusion", "fusekit.run_implicit (returns a StageResult)"),
 }
 
-if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names
+if _TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names
     from fusekit.align.text_transfer import transfer
     from fusekit.plan import plan_recipe
 

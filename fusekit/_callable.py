@@ -8,6 +8,7 @@ and each call warns (DeprecationWarning) naming the new function; the other old 
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 import warnings
@@ -30,11 +31,14 @@ def deprecated(old: str, new: str, fn: Callable) -> Callable:
 def make_module_callable(module_name: str, fn: Callable, new: str) -> None:
     """Let `fusekit.<stage>(...)` (the package called) keep working for one release, warning to use `new`."""
     module = sys.modules[module_name]
-    call = deprecated(f"calling the {module_name} package", new, fn)
+    message = f"calling the {module_name} package is deprecated and goes in the next release: use {new}"
 
     class _CallableModule(types.ModuleType):
         def __call__(self, *args, **kwargs):
-            return call(*args, **kwargs)
+            # stacklevel 2 is the caller's line: Python shows a DeprecationWarning raised from __main__ by default.
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            return fn(*args, **kwargs)
 
-    _CallableModule.__call__.__doc__ = call.__doc__
+    _CallableModule.__call__.__doc__ = f"Deprecated: {message}.\n\n{fn.__doc__ or ''}"
     module.__class__ = _CallableModule
+    module.__signature__ = inspect.signature(fn)  # what inspect.signature(fusekit.<stage>) shows

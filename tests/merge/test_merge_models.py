@@ -287,6 +287,20 @@ def test_mergekit_style_config_gives_the_same_merge(family, tmp_path):
         load_config(bad)
 
 
+def test_a_merge_does_not_inherit_the_base_models_card_or_training_logs(family, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(family["base"], base)
+    # What `fusekit train` leaves beside the weights: true of the base run, not of a merge of it.
+    records = {"README.md": "---\nbase_model: x\n---\n# a trained model\n", "metrics.jsonl": "{}\n", "fusekit_train.json": "{}", "tracking.json": "{}"}
+    for name, text in records.items():
+        (base / name).write_text(text)
+    out = fusekit.run_merge(base, [family["trained"], family["noisy"]], tmp_path / "m", method="linear", progress=False, plot=False).out
+    assert not any((out / name).exists() for name in records)
+    assert (out / "config.json").is_file()  # the side files a model needs are still copied
+
+
 def _cli(*args) -> subprocess.CompletedProcess:
     code = "import sys; from fusekit.cli import main; sys.argv = ['fusekit', *sys.argv[1:]]; main()"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
