@@ -62,7 +62,7 @@ def build_stores(root: Path, quick: bool) -> dict[str, Path]:
 
 def count_pass(target: Path, sources: list[Path], root: Path) -> None:
     """Build time of the `fusechat` alignment counts (a DTW pass over both stores), cold cache each time."""
-    from fusekit.align.statmap import corpus_counts
+    from fusekit.align.corpus_statmap import corpus_counts
     from fusekit.align.inputs import open_extract
 
     tgt = open_extract(target, "target")

@@ -4,7 +4,7 @@
 
 A synthetic aligned store — windows of 2,048 target tokens, the target and 3 sources with top-10 each,
 ids over a 32k vocabulary, float16 probabilities, per-position CE with fallbacks — is written with the
-store's own writer (`aligned_store.write_windows`: `windows_frame` → `encode_shard` → atomic shard →
+store's own writer (`aligned_format.write_windows`: `windows_frame` → `encode_shard` → atomic shard →
 sidecar), once at ≥ 2M target tokens and once 20× smaller.
 
 * Throughput: one epoch of the trainer's loader (`DataPlan.micro_batch` for every micro-batch of one
@@ -35,7 +35,8 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import print_table  # noqa: E402
 
-from fusekit.store.aligned_store import WINDOW_COLUMNS, AlignedStore, candidate_columns, write_windows  # noqa: E402
+from fusekit.store.aligned_format import WINDOW_COLUMNS, candidate_columns, write_windows  # noqa: E402
+from fusekit.store.aligned_store import AlignedStore  # noqa: E402
 from fusekit.store.types import AlignedWindow, Candidate  # noqa: E402
 from fusekit.train.data import DataPlan  # noqa: E402
 from fusekit.train.examples import window_example  # noqa: E402

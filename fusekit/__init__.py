@@ -27,6 +27,7 @@ from fusekit.align import (
 )
 
 # The public API. fusekit/api.py imports the stages inside its functions, so this stays light (no torch).
+from fusekit.api import __all__ as _API_NAMES
 from fusekit.api import (
     StageResult,
     run_align,
@@ -79,18 +80,7 @@ def __getattr__(name: str):
 
 __all__ = [
     *_LAZY,
-    "StageResult",
-    "run_align",
-    "run_demo",
-    "run_distill",
-    "run_eval",
-    "run_extract",
-    "run_fusechat",
-    "run_implicit",
-    "run_merge",
-    "run_plan",
-    "run_recipe",
-    "run_train",
+    *_API_NAMES,
 
     "AlignedTopk",
     "Scheme",

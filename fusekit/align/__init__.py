@@ -10,7 +10,8 @@ The modules, lowest first (each imports only modules above it in this list):
 * `transfer` the three methods' engine (`Transferer`: bytespan, fusellm, fusechat).
 * `recall` perfect-source recall.
 * `inputs` the extraction stores `fusekit align` reads, and one model's tokens of a whole text.
-* `statmap` FuseChat's statistical vocabulary map (counted over texts or over the stores' corpus).
+* `statmap` FuseChat's statistical vocabulary map (counts and the map); `corpus_statmap` the map of a
+  store pair over its corpus (counted in parts, one shared, locked cache entry).
 * `text_transfer` the text-level API `fusekit.transfer`.
 * `candidates` the target's own candidate and what every method's candidates share; `carry` the 1:1
   carry (`fusellm`, `fusechat`); `bytespan` the byte-span transfer of whole texts.

@@ -6,7 +6,7 @@ inputs (`ShardJob`), so a resumed, a sharded (`--shard I/N`) or a Ray run writes
 A shard is aligned in batches of whole texts holding at least one row group of windows
 (`settings.row_group_rows`): the extraction stores are read text by text as the batches need them, and
 the windows go to the Parquet writer a row group at a time as soon as they are aligned
-(`aligned_store.stream_shard`), so a shard job holds about one row group of windows and one batch of
+(`aligned_format.stream_shard`), so a shard job holds about one row group of windows and one batch of
 texts, whatever the shard's size. Every text is aligned on its own, each row group is built from its own
 windows, and the counts of the report add up in text order, so the file and its sidecar do not depend on
 where the batches are cut. `align_shard_to` writes a shard's file; `align_shard` returns its bytes (a
@@ -32,7 +32,7 @@ from fusekit.align.inputs import ExtractedText, JoinedText, StoreRef, info_of, j
 from fusekit.align.tokens import TokenTable
 from fusekit.align.transfer import Method, Transferer
 from fusekit.align.vocab_cache import VocabMap
-from fusekit.store.aligned_store import shard_metadata, stream_shard, windows_frame
+from fusekit.store.aligned_format import shard_metadata, stream_shard, windows_frame
 from fusekit.store.atomic import atomic_file, write_bytes_atomic
 from fusekit.store.shards import record_shard, sha256_file, shard_filename, shard_slice
 from fusekit.store.types import AlignedWindow, Window

@@ -27,11 +27,11 @@ from fusekit.align.inputs import StoreRef, check_stores, describe, info_of, open
 from fusekit.align.ray_runner import run_on_ray
 from fusekit.align.report import TIMINGS, build_report, print_report, split_timings
 from fusekit.align.shard import ShardContext, ShardJob, ShardResult, align_and_write_shard, write_shard
-from fusekit.align.statmap import statistical_map
+from fusekit.align.corpus_statmap import statistical_map
 from fusekit.align.transfer import DEFAULT_METHOD, Method
 from fusekit.align.vocab_cache import VocabMap, default_cache_dir, exact_map, vocab_map
 from fusekit.progress import task_progress
-from fusekit.store.aligned_store import COUNTS_DIR, FORMAT, FORMAT_VERSION, REPORT, row_group_rows
+from fusekit.store.aligned_format import COUNTS_DIR, FORMAT, FORMAT_VERSION, REPORT, row_group_rows
 from fusekit.store.atomic import clean_temporaries, write_json_atomic
 from fusekit.store.errors import StoreError
 from fusekit.store.shards import (

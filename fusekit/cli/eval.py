@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fusekit.cli.app import app
-from fusekit.cli.errors import handle_errors
+from fusekit.cli.errors import fail, handle_errors
 
 
 def model_labels(models: list[str]) -> list[str]:
@@ -66,7 +66,7 @@ def eval_command(
     from fusekit.models.load import load_model, load_tokenizer
 
     if not data and not tasks:
-        raise typer.BadParameter("give --data (perplexity) and/or --tasks (lm-eval)", param_hint="--data / --tasks")
+        fail("nothing to evaluate: give --data (perplexity) and/or --tasks (lm-eval)")
     options = resolved = None
     if tasks:
         options = TaskOptions(

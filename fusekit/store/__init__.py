@@ -11,7 +11,8 @@ This package owns the on-disk formats and nothing that computes them. From the b
     extract_codec.py   one extraction shard: windows ⇄ rows and metadata (the Rust codec)
     extract_store.py   ExtractStore, the extraction store's reader
     extract_summary.py totals over an extraction store's sidecars (CE quantiles, KL, bytes/token)
-    aligned_store.py   the aligned store's rows and AlignedStore, its reader
+    aligned_format.py  the aligned store's rows, columns and writer
+    aligned_store.py   AlignedStore, its reader
 
 The stages that fill the stores (`fusekit.extract`, `fusekit.align`) sit above this package.
 """

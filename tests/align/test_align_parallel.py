@@ -218,7 +218,7 @@ def test_the_file_does_not_depend_on_where_batches_are_cut(real_pair_stores, tmp
 
 
 def test_a_streamed_shard_holds_its_rows_and_one_row_group_is_todays_bytes():
-    from fusekit.store.aligned_store import encode_shard, stream_shard
+    from fusekit.store.aligned_format import encode_shard, stream_shard
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(0, 40_000, 20)  # several data pages per row group
@@ -272,7 +272,8 @@ def test_shard_jobs_share_one_count_pass(real_pair_stores, tmp_path):
 def test_a_job_counts_free_parts_and_waits_for_the_others(real_pair_stores, tmp_path):
     """Another job holds part 0: this one counts part 1, waits, and takes part 0 as published."""
     from fusekit.align.inputs import info_of
-    from fusekit.align.statmap import AlignmentCounts, _corpus_identity, _window_pairs, corpus_counts, count_alignments, count_parts, counts_cache_key
+    from fusekit.align.corpus_statmap import _corpus_identity, _window_pairs, corpus_counts, count_parts, counts_cache_key
+    from fusekit.align.statmap import AlignmentCounts, count_alignments
     from fusekit.align.tokens import TokenTable
     from fusekit.align.vocab_cache import pair_digest
     from fusekit.store.lock import ShardLock

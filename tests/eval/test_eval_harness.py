@@ -145,8 +145,8 @@ def test_bad_task_input_is_one_clear_line(setup, tmp_path, monkeypatch):
     run = runner.invoke(app, [*base, "--tasks", "tiny_next_line", "--include-path", str(tmp_path / "nowhere")])
     assert run.exit_code == 1 and "no such folder" in run.output
 
-    run = runner.invoke(app, base)
-    assert run.exit_code == 2 and "--data" in run.output
+    run = runner.invoke(app, base)  # nothing to evaluate: one `error:` line like every other mistake
+    assert run.exit_code == 1 and "error: nothing to evaluate" in run.output and "--data" in run.output
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     run = runner.invoke(app, [*base, "--tasks", "tiny_next_line", "--include-path", str(setup["tasks"])])

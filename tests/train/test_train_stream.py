@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fusekit.store.aligned_store as aligned_store
-from fusekit.store.aligned_store import AlignedStore, write_windows
+from fusekit.store.aligned_format import write_windows
+from fusekit.store.aligned_store import AlignedStore
 from fusekit.store.errors import StoreError
 from fusekit.train.data import DataPlan
 from fusekit.train.examples import IGNORE, window_example
