@@ -40,6 +40,28 @@ def chunk_rows(n: int, v: int, device: torch.device, elements: int | None = None
     return max(1, min(n, budget // max(v, 1)))
 
 
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[str, torch.dtype]:
+    """(device kind, dtype the chunk matmuls run in): autocast's dtype when autocast is on (bf16 on GPU),
+    else the inputs' promoted dtype."""
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return kind, torch.get_autocast_dtype(kind)
+    return kind, torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _save_grads(ctx, hidden, weight, bias, grad_h, grad_w, grad_b) -> None:
+    """Keep the gradients computed in forward for backward (an empty tensor where none was needed)."""
+    ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+    ctx.has = (grad_h is not None, grad_w is not None, grad_b is not None)
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+
+def _saved_grads(ctx, grad_total) -> list:
+    """The gradients of hidden, weight and bias, scaled by the upstream gradient of the loss (None where
+    not needed)."""
+    return [(t * grad_total).to(dtype) if has else None for t, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes)]
+
+
 class _LinearFusionCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ids, probs, lam: float, rows: int):
@@ -56,14 +78,8 @@ class _LinearFusionCE(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         clm = torch.zeros((), dtype=torch.float32, device=hidden.device)
         fusion = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # The matmuls run in autocast's dtype when autocast is on (bf16 on GPU), else in the inputs' dtype;
-        # the weight is cast once here, not once per chunk.
-        kind = hidden.device.type
-        if torch.is_autocast_enabled(kind):
-            mm_dtype = torch.get_autocast_dtype(kind)
-        else:
-            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        w = weight.to(mm_dtype)
+        kind, mm_dtype = _matmul_dtype(hidden, weight)
+        w = weight.to(mm_dtype)  # cast once here, not once per chunk
         with torch.autocast(kind, enabled=False):
             for lo in range(0, n, rows):
                 hi = min(n, lo + rows)
@@ -98,19 +114,13 @@ class _LinearFusionCE(torch.autograd.Function):
                     else:
                         grad_w += (gm.t() @ h).float()
         total = lam * clm + (1.0 - lam) * fusion
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.has = (need_h, need_w, need_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        _save_grads(ctx, hidden, weight, bias, grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(clm, fusion)
         return total, clm, fusion
 
     @staticmethod
     def backward(ctx, grad_total, _grad_clm, _grad_fusion):
-        saved = ctx.saved_tensors
-        out = []
-        for t, has, dtype in zip(saved, ctx.has, ctx.dtypes):
-            out.append((t * grad_total).to(dtype) if has else None)
-        return out[0], out[1], out[2], None, None, None, None, None
+        return (*_saved_grads(ctx, grad_total), None, None, None, None, None)
 
 
 class _LinearDivergence(torch.autograd.Function):
@@ -121,11 +131,7 @@ class _LinearDivergence(torch.autograd.Function):
         n = hidden.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         need = need_h or need_w or need_b
-        kind = hidden.device.type
-        if torch.is_autocast_enabled(kind):
-            mm_dtype = torch.get_autocast_dtype(kind)
-        else:
-            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        kind, mm_dtype = _matmul_dtype(hidden, weight)
         acc = torch.promote_types(mm_dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (tests)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -153,16 +159,13 @@ class _LinearDivergence(torch.autograd.Function):
                 if need_w:
                     grad_w += (gm.t() @ h).to(acc)
         total = lam * clm + (1.0 - lam) * fusion
-        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
-        ctx.has = (need_h, need_w, need_b)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        _save_grads(ctx, hidden, weight, bias, grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(clm, fusion)
         return total, clm, fusion
 
     @staticmethod
     def backward(ctx, grad_total, _grad_clm, _grad_fusion):
-        out = [(t * grad_total).to(dtype) if has else None for t, has, dtype in zip(ctx.saved_tensors, ctx.has, ctx.dtypes)]
-        return out[0], out[1], out[2], None, None, None, None, None, None, None
+        return (*_saved_grads(ctx, grad_total), None, None, None, None, None, None, None)
 
 
 def linear_fusion_loss(
@@ -222,8 +225,7 @@ class _LinearTokenLogp(torch.autograd.Function):
         n = hidden.shape[0]
         valid = labels != IGNORE
         safe = labels.clamp(min=0)
-        kind = hidden.device.type
-        mm_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.promote_types(hidden.dtype, weight.dtype)
+        kind, mm_dtype = _matmul_dtype(hidden, weight)
         w = weight.to(mm_dtype)
         logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
