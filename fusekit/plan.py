@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from fusekit.models.load import parameter_count
 from fusekit.recipe import ModelSpec, Recipe
 
 
@@ -37,21 +38,6 @@ def _files_bytes(folder: Path) -> tuple[int, int]:
             else:
                 other += p.stat().st_size
     return shards, other
-
-
-def _count_params(model: str) -> int:
-    """Parameters from the config alone (a model built on the meta device allocates nothing)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from fusekit.models.load import load_config
-
-    config = load_config(model, False)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in net.parameters())
 
 
 @dataclass
@@ -161,7 +147,7 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False, e
             all_seconds = time.perf_counter() - started
             seconds = max(all_seconds - one_seconds, 1e-3) * part["tokens"] / max(part["tokens"] - one, 1)
             shard_bytes, fixed = _files_bytes(store)
-            params = _count_params(spec.model)
+            params = parameter_count(spec.model)
             per_token = shard_bytes / max(part["tokens"], 1)
             plan["models"][spec.name] = {
                 **full,

@@ -229,3 +229,17 @@ def load_config(model: str | Path, trust_remote_code: bool):
         if isinstance(exc, ModelLoadError):
             raise
         raise ModelLoadError(f"cannot read the model config of {model}: {str(exc).splitlines()[0]}") from None
+
+
+def parameter_count(model: str | Path, trust_remote_code: bool = False) -> int:
+    """The model's parameters from its config alone: built on the meta device, so nothing is allocated
+    (tied embeddings count once). A GGUF's dequantised config is built as the plain model it loads as."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model, trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"), quiet_transformers():
+        net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in net.parameters())

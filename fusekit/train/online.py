@@ -58,15 +58,9 @@ class OnlineModel:
 def param_bytes_of(model_ref: str, dtype_bytes: int, trust_remote_code: bool = False) -> int:
     """Bytes of the model's parameters in a dtype of `dtype_bytes` bytes, counted on the meta device
     (nothing is allocated). Tied embeddings count once."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    from fusekit.models.load import parameter_count
 
-    from fusekit.models.load import load_config, quiet_transformers
-
-    config = load_config(model_ref, trust_remote_code)
-    with torch.device("meta"), quiet_transformers():
-        net = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in net.parameters()) * dtype_bytes
+    return parameter_count(model_ref, trust_remote_code) * dtype_bytes
 
 
 def free_memory(device) -> int:
