@@ -15,17 +15,17 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def align_command(
     target: Path = typer.Option(..., "--target", "-t", help="The target model's extraction store (from `fusekit extract`)."),
-    source: List[Path] = typer.Option(..., "--source", "-s", help="A source model's extraction store; repeat for each source, in order."),
+    source: List[Path] = typer.Option(..., "--source", "-s", metavar="STORE", help="A source model's extraction store; repeat for each source, in order."),
     out: Path = typer.Option(..., "--out", "-o", help="The aligned store folder to write (resumed if it exists)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Do only shard I of N (0-based), e.g. 0/8: N independent jobs fill one store."),
-    shards: Optional[int] = typer.Option(None, "--shards", help="Number of shards N of a whole run (default: the existing store's, else the target store's)."),
+    shards: Optional[int] = typer.Option(None, "--shards", "--num-shards", help="Number of shards N of a whole run (default: the existing store's, else the target store's)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="DTW threads (default: all cores)."),
     vocab_map_cache: Optional[Path] = typer.Option(
         None, "--vocab-map-cache", help="Folder of cached vocabulary maps and fusechat alignment counts (default ~/.cache/fusekit/vocab-maps)."
     ),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the shards as Ray tasks: 'auto' (the running cluster), an address, or 'local'."),
     method: List[str] = typer.Option(
-        ["bytespan"], "--method", "-M",
+        ["bytespan"], "--method", "-M", metavar="METHOD",
         help="How a source reaches the target's tokens: 'bytespan' (chain-rule transfer on byte spans, every position), "
         "'fusellm' (the paper's 1:1 carry) or 'fusechat' (the 1:1 carry through FuseChat's statistical vocabulary map, "
         "counted over this corpus). Once for all sources, or once per --source, in order.",

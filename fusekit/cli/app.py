@@ -19,3 +19,19 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None if _NARROW else "rich",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from fusekit._version import __version__
+
+        typer.echo(f"fusekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print fusekit's version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    # Only the --version flag lives here; the application's help is `app`'s.
+    del version

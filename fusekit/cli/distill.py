@@ -17,7 +17,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def distill_command(
     model: str = typer.Option(..., "--model", "-m", help="Target model: a model folder or a hub id (fast tokenizer)."),
-    teacher: List[str] = typer.Option(..., "--teacher", "-t", help="A teacher model (repeat for several); fused in this order."),
+    teacher: List[str] = typer.Option(..., "--teacher", "-t", metavar="MODEL", help="A teacher model (repeat for several); fused in this order."),
     data: Path = typer.Option(..., "--data", "-d", help="Corpus: a text file, a folder of them, JSONL or Parquet."),
     out: Path = typer.Option(..., "--out", "-o", help="Where checkpoints, metrics.jsonl and the trained model go."),
     field: str = typer.Option("text", help="JSONL/Parquet field holding the text."),

@@ -34,12 +34,12 @@ def model_labels(models: list[str]) -> list[str]:
 @app.command("eval")
 @handle_errors
 def eval_command(
-    model: List[str] = typer.Option(..., "--model", "-m", help="Model folder, .gguf file or hub id; repeat for one table of several models."),
-    data: List[Path] = typer.Option([], "--data", "-d", help="Text file, folder, JSONL (text or messages) or Parquet: mean CE / perplexity; repeatable."),
+    model: List[str] = typer.Option(..., "--model", "-m", metavar="MODEL", help="Model folder, .gguf file or hub id; repeat for one table of several models."),
+    data: List[Path] = typer.Option([], "--data", "-d", metavar="DATA", help="Text file, folder, JSONL (text or messages) or Parquet: mean CE / perplexity; repeatable."),
     tasks: List[str] = typer.Option(
-        [], "--tasks", "-t", help="lm-evaluation-harness tasks (names, groups, tags; comma-separated or repeated). Needs pip install 'fusekit[eval]'."
+        [], "--tasks", "-t", metavar="TASKS", help="lm-evaluation-harness tasks (names, groups, tags; comma-separated or repeated). Needs pip install 'fusekit[eval]'."
     ),
-    include_path: List[Path] = typer.Option([], "--include-path", help="Folder of local task YAMLs (a task whose dataset is a local JSON/JSONL file)."),
+    include_path: List[Path] = typer.Option([], "--include-path", metavar="FOLDER", help="Folder of local task YAMLs (a task whose dataset is a local JSON/JSONL file)."),
     num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own)."),
     limit: Optional[float] = typer.Option(None, help="Examples per task (a value below 1 is a share): for quick checks."),
     chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template", help="Wrap task prompts in the tokenizer's chat template."),

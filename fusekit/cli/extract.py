@@ -22,7 +22,7 @@ def extract_command(
     max_length: int = typer.Option(2048, help="Window length in tokens (capped by the model's context)."),
     batch_size: int = typer.Option(8, help="Rows of --max-length tokens per forward pass (windows packed into rows)."),
     shard: Optional[str] = typer.Option(None, help="Do only shard I of N (0-based, e.g. 0/4), so N jobs can share a corpus."),
-    num_shards: Optional[int] = typer.Option(None, help="Shards of the whole run (default: about 1M tokens each)."),
+    num_shards: Optional[int] = typer.Option(None, "--num-shards", "--shards", help="Shards of the whole run (default: about 1M tokens each)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when present)."),
     dtype: Optional[str] = typer.Option(None, help="bf16, fp16 or fp32 (default: fp32 on CPU, bf16 on GPU)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),

@@ -64,7 +64,7 @@ def _print_varm(console: Console, result, full: bool) -> None:
 @handle_errors
 def merge_command(
     base: Optional[str] = typer.Option(None, "--base", "-b", help="The base (FuseChat: the pivot) the models were fine-tuned from; an HF folder."),
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="A model to merge (HF folder); repeat for each."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="MODEL", help="A model to merge (HF folder); repeat for each."),
     method: Optional[str] = typer.Option(None, "--method", help="varm (default), sce, linear, task_arithmetic, ties, dare_ties, dare_linear, della, della_linear, breadcrumbs, breadcrumbs_ties, model_stock, slerp or nuslerp (--list-methods)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (HF model: safetensors + the base's config and tokenizer)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML merge config: a mergekit configuration as-is (gradients, filters, slices) or fusekit's spelling; flags override it."),

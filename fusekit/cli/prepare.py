@@ -15,7 +15,7 @@ from fusekit.cli.errors import handle_errors
 @handle_errors
 def prepare_command(
     data: Path = typer.Option(..., "--data", "-d", help="The corpus: text file, folder of text files, JSONL or Parquet."),
-    model: List[str] = typer.Option(..., "--model", "-m", help="Every model that will be extracted (folder, .gguf, hub id, or just its tokenizer.json); repeat."),
+    model: List[str] = typer.Option(..., "--model", "-m", metavar="MODEL", help="Every model that will be extracted (folder, .gguf, hub id, or just its tokenizer.json); repeat."),
     out: Path = typer.Option(..., "--out", "-o", help="The JSONL file to write (one piece per line)."),
     max_length: int = typer.Option(2048, help="Most tokens in a piece under any model's tokenizer (the extraction window)."),
     field: str = typer.Option("text", help="The text field of JSONL / column of Parquet records."),
