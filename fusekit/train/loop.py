@@ -49,8 +49,14 @@ def _context_length(config) -> int | None:
     return None
 
 
-def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); refuses to mix runs."""
+def _check_out(out: Path, identity: dict, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); refuses to mix runs.
+
+    `identity`: what the run must agree on with the one in OUT to continue it — `TrainConfig.identity()`,
+    plus, for `fusekit distill`, its teachers, corpus and policy (`online.run_identity`). It is compared
+    with the copy the finished run's `fusekit_train.json` or the last checkpoint holds; the first
+    difference stops the run before anything is loaded, naming each differing key, old → new.
+    """
     done = ckpt.read_done(out)
     found = ckpt.list_checkpoints(out)
     if not resume and (done or found):
@@ -63,7 +69,7 @@ def _check_out(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
             raise TrainError(str(exc)) from None
     if saved is not None:
         saved = {k: v for k, v in saved.items() if k not in TrainConfig.RESUMABLE_CHANGES}  # an earlier fusekit's
-        now = cfg.identity()
+        now = identity
         diff = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
         if diff:
             detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diff)
@@ -94,10 +100,13 @@ def train(
 
 
 def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, device, d: Dist, source_factory=None,
-           make_objective=None) -> Path:
+           make_objective=None, identity_extra: dict | None = None, write_card=None) -> Path:
     """`source_factory(device, dist)`: the windows come from it instead of `aligned` (online distillation,
     `online.py`: teachers run beside the target); it is called before the target is loaded.
-    `make_objective(plan, cfg, step_module)`: another objective than `FusionObjective` (on-policy)."""
+    `make_objective(plan, cfg, step_module)`: another objective than `FusionObjective` (on-policy).
+    `identity_extra`: more keys a resumed run must agree on, beside the config's (`_check_out`); they are
+    recorded with the config in every checkpoint and in `fusekit_train.json`.
+    `write_card(out, cfg, steps, last, world_size)`: the model card (default: `write_fusion_card`'s)."""
     fsdp = cfg.fsdp and d.grouped
     if cfg.fsdp and not under_torchrun():
         raise TrainConfigError(
@@ -106,7 +115,8 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         )
     if cfg.fsdp_offload and not cfg.fsdp:
         raise TrainConfigError("--fsdp-offload moves FSDP2's shards to host memory: use it with --fsdp under torchrun")
-    start_ckpt = _check_out(out, cfg, resume)
+    run_identity = {**cfg.identity(), **(identity_extra or {})}
+    start_ckpt = _check_out(out, run_identity, resume)
     if ckpt.read_done(out) is not None:
         return out  # finished earlier with the same options
     tracking.require(cfg.report_to)  # a missing tracking library fails now, not after loading the model
@@ -150,14 +160,17 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
         lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, warmup_ratio=cfg.warmup_ratio, clip=cfg.clip,
         bf16=use_bf16, fsdp=cfg.fsdp, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
         stop_after=cfg.stop_after, log_every=cfg.log_every, report_to=tuple(cfg.report_to),
-        meta={"config": cfg.identity(), "total_steps": plan.total_steps, "model": model_ref, "target": identity,
+        meta={"config": run_identity, "total_steps": plan.total_steps, "model": model_ref, "target": identity,
               "global_batch": global_batch},
     )
 
     def export(last: dict) -> None:
-        _export(out, net, step_module, tokenizer, cfg, plan, last, d, model_ref, fsdp)
+        _export(out, net, step_module, tokenizer, run_identity, plan, last, d, model_ref, fsdp)
         if d.is_main:
-            model_card.write_fusion_card(out, model_ref, aligned, cfg, plan.total_steps, last, d.world_size)
+            if write_card is not None:
+                write_card(out, cfg, plan.total_steps, last, d.world_size)
+            else:
+                model_card.write_fusion_card(out, model_ref, aligned, cfg, plan.total_steps, last, d.world_size)
 
     try:
         objective = make_objective(plan, cfg, step_module) if make_objective else FusionObjective(plan, cfg)
@@ -331,10 +344,11 @@ def _maybe_tokenizer(model_ref: str):
         return None
 
 
-def _export(out: Path, net, step_module, tokenizer, cfg: TrainConfig, plan: DataPlan, last: dict, d: Dist,
+def _export(out: Path, net, step_module, tokenizer, identity: dict, plan: DataPlan, last: dict, d: Dist,
             model_ref: str, sharded: bool) -> None:
     """The trained model as a Hugging Face folder in OUT (`export.write_hf_model`: no rank holds the whole
-    model under FSDP2), its tokenizer and `fusekit_train.json`."""
+    model under FSDP2), its tokenizer and `fusekit_train.json` (with the run's `identity`, which a later
+    `--resume` compares)."""
     write_hf_model(out, net, step_module, tokenizer, sharded, d)
     if d.is_main:
         ckpt.write_done(
@@ -344,7 +358,7 @@ def _export(out: Path, net, step_module, tokenizer, cfg: TrainConfig, plan: Data
                 "steps": plan.total_steps,
                 "world_size": d.world_size,
                 "final": last,
-                "config": cfg.identity(),
+                "config": identity,
             },
         )
     d.barrier()

@@ -127,6 +127,58 @@ def _training_figures(out: Path, last: dict, steps: int, world_size: int) -> str
     return "## Training\n\n" + _table(["", "value"], [r for r in rows if r[1] not in (None, "—")]) + "\n\nEvery step's figures: `metrics.jsonl`."
 
 
+# The fusion term of each `--loss`, as the card says it (train/divergence.py has the definitions).
+LOSS_TEXT = {
+    "ce": "cross-entropy to the fused distribution (FuseLLM)",
+    "kl": "forward KL(teacher‖student) on the teacher's top-k plus one rest bucket",
+    "reverse_kl": "reverse KL(student‖teacher) on the teacher's top-k plus one rest bucket (MiniLLM)",
+    "jsd": "generalized JSD (GKD), β = {beta}",
+    "uld": "sorted-probability L1, Universal Logit Distillation (Boizard et al. 2024)",
+    "gold": "GOLD's hybrid: JSD (β = {beta}) on the ids the transfer maps, ULD on the rest (TRL)",
+}
+
+
+def loss_text(cfg) -> str:
+    return f"`{cfg.loss}`: " + LOSS_TEXT.get(cfg.loss, cfg.loss).format(beta=cfg.loss_beta)
+
+
+def _objective(cfg) -> str:
+    if not cfg.uses_target:
+        return "CLM only (λ = 1: the continual-training baseline, no source distributions)"
+    schedule = f" ({cfg.lam_schedule} → {cfg.lam_end if cfg.lam_schedule == 'linear' else 1.0})" if cfg.lam_schedule != "constant" else ""
+    return f"λ·CLM + (1−λ)·fusion, λ = {cfg.lam}{schedule}"
+
+
+def _fusion_rule(cfg) -> str:
+    if cfg.fusion == "min_ce":
+        return "the candidate with the lowest cross-entropy (MinCE)"
+    if cfg.fusion == "avg_ce":
+        return "the CE-weighted average of the candidates (AvgCE)"
+    return f"the `{cfg.fusion}` fusion"
+
+
+def _method_table(cfg, extra: Sequence[tuple[str, Any]] = ()) -> str:
+    method = cfg.model_dump(mode="json")
+    rows = [(k, f"`{v}`") for k, v in method.items() if k not in ("save_every", "keep_checkpoints", "stop_after", "log_every", "report_to")]
+    return "## Method\n\n" + _table(["option", "value"], [*rows, *((k, f"`{v}`") for k, v in extra)])
+
+
+def _use(out: Path) -> str:
+    return (
+        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained(\"{out.name}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{out.name}\")\n```"
+    )
+
+
+def _card_metadata(base_model: str, tags: list[str]) -> dict:
+    return {
+        "base_model": base_model if looks_like_hub_id(base_model) else None,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": tags,
+    }
+
+
 def write_fusion_card(out: str | Path, base_model: str, aligned: Any, cfg, steps: int, last: dict, world_size: int = 1) -> Path:
     """The card of a `fusekit train` output (called once the model is exported).
 
@@ -136,21 +188,11 @@ def write_fusion_card(out: str | Path, base_model: str, aligned: Any, cfg, steps
     out = Path(out)
     sources, corpus = _aligned_facts(aligned)
     fused = cfg.uses_target
-    objective = (
-        f"λ·CLM + (1−λ)·fusion, λ = {cfg.lam}" + (f" ({cfg.lam_schedule} → {cfg.lam_end if cfg.lam_schedule == 'linear' else 1.0})" if cfg.lam_schedule != "constant" else "")
-        if fused else "CLM only (λ = 1: the continual-training baseline, no source distributions)"
-    )
     tags = ["fusekit", "knowledge-fusion", cfg.preset] + ([cfg.fusion.replace("_", "-")] if fused else ["clm-baseline"])
-    metadata = {
-        "base_model": base_model if looks_like_hub_id(base_model) else None,
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": tags,
-    }
     about = (
         f"`{out.name}` is `{base_model}` trained by fusekit with {cfg.preset}'s recipe "
-        f"({'FuseLLM' if cfg.preset == 'fusellm' else 'FuseChat'}): {objective}."
-        + (f" The fusion target at each {cfg.granularity} is the {'candidate with the lowest cross-entropy (MinCE)' if cfg.fusion == 'min_ce' else 'CE-weighted average of the candidates (AvgCE)' if cfg.fusion == 'avg_ce' else f'`{cfg.fusion}` fusion'} over the target and the sources below." if fused else "")
+        f"({'FuseLLM' if cfg.preset == 'fusellm' else 'FuseChat'}): {_objective(cfg)}."
+        + (f" The fusion target at each {cfg.granularity} is {_fusion_rule(cfg)} over the target and the sources below." if fused else "")
     )
     source_text = ""
     if sources:
@@ -161,18 +203,56 @@ def write_fusion_card(out: str | Path, base_model: str, aligned: Any, cfg, steps
     corpus_text = ""
     if corpus:
         corpus_text = "## Corpus\n\n" + _table(["", "value"], [("texts", corpus["texts"]), ("fingerprint", f"`{corpus['fingerprint']}`"), ("aligned store", f"`{corpus['aligned_store']}`")])
-    method = cfg.model_dump(mode="json")
-    method_text = "## Method\n\n" + _table(
-        ["option", "value"], [(k, f"`{v}`") for k, v in method.items() if k not in ("save_every", "keep_checkpoints", "stop_after", "log_every", "report_to")]
-    )
-    use = (
-        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"model = AutoModelForCausalLM.from_pretrained(\"{out.name}\")\ntokenizer = AutoTokenizer.from_pretrained(\"{out.name}\")\n```"
-    )
     return write_card(
-        out, metadata, out.name,
-        {"about": about, "sources": source_text, "corpus": corpus_text, "method": method_text,
-         "training": _training_figures(out, last, steps, world_size), "use": use},
+        out, _card_metadata(base_model, tags), out.name,
+        {"about": about, "sources": source_text, "corpus": corpus_text, "method": _method_table(cfg),
+         "training": _training_figures(out, last, steps, world_size), "use": _use(out)},
+    )
+
+
+def write_distill_card(out: str | Path, base_model: str, teachers: Sequence[dict], cfg, steps: int, last: dict,
+                       world_size: int = 1, *, top_k: int, transfer: str, policy: dict, corpus: dict) -> Path:
+    """The card of a `fusekit distill` output (teachers run online; called once the model is exported).
+
+    `teachers`: per teacher {"model" (path or hub id as given), "tokenizer_family", "vocab_size",
+    "weights" (fingerprint prefix)}, in candidate order; `policy`: {"on_policy_ratio", "prompt_share",
+    "sample_temperature"}; `corpus`: {"records", "fingerprint"}; `cfg` the run's TrainConfig.
+    """
+    out = Path(out)
+    fused = cfg.uses_target
+    ratio = float(policy.get("on_policy_ratio", 0.0))
+    regime = "on-policy" if ratio >= 1.0 else "mixed" if ratio > 0 else "off-policy"
+    tags = ["fusekit", "knowledge-distillation", "online-distillation", regime] + ([cfg.fusion.replace("_", "-")] if fused else ["clm-baseline"])
+    if ratio > 0:
+        policy_text = (
+            f"{ratio:.0%} of the micro-batches (GKD's mixing weight) train on the target's own samples — a text window's "
+            f"first {policy.get('prompt_share', 0.5):.0%} as the prompt, a chat's conversation before its last answer — drawn at "
+            f"temperature {policy.get('sample_temperature', 1.0)} and scored by the teachers; the rest on the corpus"
+        )
+    else:
+        policy_text = "off-policy: every micro-batch is the corpus's (as FuseLLM), scored by the teachers as it is read"
+    about = (
+        f"`{out.name}` is `{base_model}` distilled by fusekit from {len(teachers)} teacher{'s' if len(teachers) != 1 else ''} run online beside it "
+        f"(no extraction store): {_objective(cfg)}"
+        + (f", fusion term {loss_text(cfg)}. The fusion target at each {cfg.granularity} is {_fusion_rule(cfg)} over the "
+           f"target and the teachers below, each teacher's top-{top_k} carried onto the target's tokens by the `{transfer}` transfer."
+           if fused else ".")
+        + f" Policy: {policy_text}."
+    )
+    teacher_text = "## Teachers\n\n" + _table(
+        ["teacher", "tokenizer family", "vocabulary (logits)", "top-k", "transfer onto the target's tokens", "weights fingerprint"],
+        [(f"`{t['model']}`", t.get("tokenizer_family"), t.get("vocab_size"), top_k, transfer, f"`{t['weights']}`" if t.get("weights") else None)
+         for t in teachers],
+    )
+    corpus_text = "## Corpus\n\n" + _table(["", "value"], [("records", corpus.get("records")), ("fingerprint", f"`{corpus.get('fingerprint')}`")])
+    extra = [("teachers", ", ".join(str(t["model"]) for t in teachers)), ("top_k", top_k), ("transfer", transfer),
+             ("on_policy_ratio", ratio)]
+    if ratio > 0:
+        extra += [("prompt_share", policy.get("prompt_share")), ("sample_temperature", policy.get("sample_temperature"))]
+    return write_card(
+        out, _card_metadata(base_model, tags), out.name,
+        {"about": about, "sources": teacher_text, "corpus": corpus_text, "method": _method_table(cfg, extra),
+         "training": _training_figures(out, last, steps, world_size), "use": _use(out)},
     )
 
 

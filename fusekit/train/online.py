@@ -18,6 +18,10 @@ Differences from the offline path, on purpose:
   together (batched forwards) the first time one of its windows is needed, and kept until every window
   of it has been trained on (within a shuffle buffer of `BUFFER_GROUPS` groups).
 * The whole corpus is tokenised by the target once at the start (window lengths fix the plan).
+
+A run's identity (`run_identity`: teachers' paths and weight/tokenizer fingerprints, corpus fingerprint,
+top-k, transfer, policy) joins the training options in every checkpoint, so `--resume` refuses a changed
+run by `fusekit train`'s own check; the model card (`model_card.write_distill_card`) names the teachers.
 """
 
 from __future__ import annotations
@@ -75,20 +79,22 @@ def free_memory(device) -> int:
 
 
 def check_memory(target: str, teachers: Sequence[str], device, dtype_bytes: int, available: int | None = None,
-                 say: Callable[[str], None] | None = None) -> dict:
+                 say: Callable[[str], None] | None = None, shards: int = 1) -> dict:
     """Each teacher's parameter bytes (stated through `say`), and a refusal before anything is loaded when
     the teachers, the frozen target copy and the trained target's state do not fit in `available` bytes
-    (default: what is free on `device`). Returns the figures."""
+    (default: what is free on `device`). `shards`: ranks the trained target's state is split over (FSDP2);
+    every rank holds whole teachers and a whole frozen copy. Returns the figures."""
     sizes = {ref: param_bytes_of(ref, dtype_bytes) for ref in teachers}
     target_params = param_bytes_of(target, 1)
     frozen = target_params * dtype_bytes
-    training = target_params * _TRAIN_BYTES_PER_PARAM
+    training = target_params * _TRAIN_BYTES_PER_PARAM // max(1, shards)
     need = sum(sizes.values()) + frozen + training
     free = free_memory(device) if available is None else int(available)
     if say is not None:
         for ref, b in sizes.items():
             say(f"teacher {ref}: {b / 2**20:.1f} MiB of parameters ({dtype_bytes}-byte weights, eval mode, no gradients)")
-        say(f"frozen target copy (candidate 0): {frozen / 2**20:.1f} MiB; trained target with AdamW: ~{training / 2**20:.1f} MiB")
+        per = f" (its 1/{shards} shard under FSDP2)" if shards > 1 else ""
+        say(f"frozen target copy (candidate 0): {frozen / 2**20:.1f} MiB; trained target with AdamW: ~{training / 2**20:.1f} MiB{per}")
     if need > free:
         worst = max(sizes, key=sizes.get) if sizes else target
         raise TeacherMemoryError(
@@ -185,6 +191,10 @@ class OnlineWindows:
     def lengths(self) -> np.ndarray:
         return self._lengths
 
+    def text_of(self, window: int) -> int:
+        """The corpus record (its index in `records`) that window `window` (global index) comes from."""
+        return int(self._text_of[window])
+
     def groups(self) -> np.ndarray:
         return self._bounds
 
@@ -238,6 +248,80 @@ def read_corpus(data: str | Path | Sequence[str], field: str = "text") -> list[R
     return [Record(text=t) for t in data]
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a teacher is, for the resume identity and the model card: read from its config, weight files and
+    tokenizer (`models.identity`, the fingerprints `fusekit train` checks the target by); nothing is loaded
+    onto a device."""
+
+    ref: str  # as given
+    where: str  # the absolute path of a local model, else the hub id
+    weights: str  # model_fingerprint: sha256 of the config and the weight files' heads and tails
+    tokenizer: str  # tokenizer_fingerprint: sha256 of the fast tokenizer's JSON
+    tokenizer_family: str  # the tokenizer's model type and marker scheme, e.g. "BPE (byte-level)"
+    vocab_size: int  # logits of the model
+    chat_template: bool
+    tokenizer_object: Any = None  # the loaded tokenizer (for the chat-template check); not part of the identity
+
+    def identity(self) -> str:
+        """One line a resumed run must match: where the model is and what its weights and tokenizer are
+        (64-bit prefixes of the fingerprints: enough to tell an accidental change)."""
+        return f"{self.where} (weights {self.weights[:16]}, tokenizer {self.tokenizer[:16]})"
+
+
+def tokenizer_family(tokenizer) -> str:
+    """The fast tokenizer's model type and marker scheme, e.g. "BPE (byte-level)", "Unigram (sentencepiece)"."""
+    import json
+
+    from fusekit.vocab.normalize import token_scheme
+
+    kind = (json.loads(tokenizer.backend_tokenizer.to_str()).get("model") or {}).get("type") or "unknown"
+    return f"{kind} ({token_scheme(tokenizer).value.replace('_', '-')})"
+
+
+def model_facts(ref: str) -> ModelFacts:
+    """`ModelFacts` of the model at `ref` (a folder, .gguf file or hub id with a fast tokenizer)."""
+    from fusekit.models.identity import config_identity, logit_size, model_fingerprint, tokenizer_fingerprint
+    from fusekit.models.load import load_config, load_tokenizer, require_fast_tokenizer
+
+    tokenizer = require_fast_tokenizer(load_tokenizer(ref), ref)
+    config = load_config(ref, False)
+    local = Path(ref).expanduser()
+    return ModelFacts(
+        ref=ref,
+        where=str(local.resolve()) if local.exists() else ref,
+        weights=model_fingerprint(ref, config_identity(config)),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        tokenizer_family=tokenizer_family(tokenizer),
+        vocab_size=logit_size(config),
+        chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        tokenizer_object=tokenizer,
+    )
+
+
+def run_identity(teachers: Sequence[ModelFacts], records: Sequence[Record], *, top_k: int, append_eos: bool,
+                 texts_per_group: int, on_policy_ratio: float, prompt_share: float, sample_temperature: float) -> dict:
+    """What a resumed `fusekit distill` must agree on beside the training options (`TrainConfig.identity`,
+    which holds the loss, λ and the fusion rule): the teachers (where, weights, tokenizer), the corpus
+    (fingerprint of its records), top-k, the transfer method, what fixes the data order, and the policy
+    (GKD's mixing weight and, when it samples, the prompt share and temperature). Flat keys, so that
+    `loop._check_out` names each one that differs."""
+    from fusekit.corpus import corpus_fingerprint
+
+    identity: dict[str, Any] = {f"teacher_{i}": t.identity() for i, t in enumerate(teachers, 1)}
+    identity.update(
+        corpus=f"{len(records)} records, fingerprint {corpus_fingerprint(records)[:16]}",
+        top_k=int(top_k),
+        transfer="bytespan",
+        append_eos=bool(append_eos),
+        texts_per_group=int(texts_per_group),
+        on_policy_ratio=float(on_policy_ratio),
+    )
+    if on_policy_ratio > 0:
+        identity.update(prompt_share=float(prompt_share), sample_temperature=float(sample_temperature))
+    return identity
+
+
 def distill(
     model: str | Path,
     teachers: Sequence[str | Path],
@@ -251,6 +335,7 @@ def distill(
     texts_per_group: int = TEXTS_PER_GROUP,
     on_policy_ratio: float = 0.0,
     prompt_share: float = 0.5,
+    sample_temperature: float = 1.0,
     config: Any = None,
     resume: bool = False,
     progress: bool = True,
@@ -264,13 +349,21 @@ def distill(
     MODEL, TEACHERS: model folders (or hub ids) with fast tokenizers; DATA: a corpus path as `fusekit
     extract` reads it, or a list of texts. `top_k`: entries kept per position of every model's
     distribution (extraction's --top-k). `options` are TrainConfig fields (`lam`, `fusion`,
-    `granularity`, `max_length`, `max_steps`, `lr`, …) as for `fusekit train`; `max_length` also cuts the
-    texts into windows, as `fusekit extract --max-length` does. Each teacher's parameter memory is printed
-    at the start; `memory_available` (bytes; default: free on the device) caps what the teachers, the
-    frozen target copy and the trained target's state may take — beyond it TeacherMemoryError is raised
-    before any model is loaded. `on_policy_ratio`: GKD's mixing weight, the share of micro-batches
-    trained on the target's own continuations of corpus prompts (the first `prompt_share` of each
-    window) scored by the teachers (`on_policy.py`; 0: off-policy only). `windows_hook`: see `OnlineWindows`.
+    `granularity`, `loss`, `max_length`, `max_steps`, `lr`, `fsdp`, …) as for `fusekit train`; `max_length`
+    also cuts the texts into windows, as `fusekit extract --max-length` does. Each teacher's parameter
+    memory is printed at the start; `memory_available` (bytes; default: free on the device) caps what the
+    teachers, the frozen target copy and the trained target's state may take — beyond it
+    TeacherMemoryError is raised before any model is loaded. `on_policy_ratio`: GKD's mixing weight, the
+    share of micro-batches trained on the target's own continuations of corpus prompts (the first
+    `prompt_share` of each window; a chat's conversation before its last answer), sampled at
+    `sample_temperature` and scored by the teachers (`on_policy.py`; 0: off-policy only). On-policy chat
+    data needs a chat template in every model (TrainDataError otherwise, before any step).
+    `windows_hook`: see `OnlineWindows`.
+
+    Resuming (`resume=True`) continues the run in OUT only with the same training options, teachers
+    (weights and tokenizers), corpus, top-k and policy (`run_identity`); anything else stops with
+    TrainError naming what differs, before any model is loaded. OUT/README.md (the model card) lists the
+    teachers, the loss, λ, the fusion rule and the policy.
     """
     from fusekit.models.device import resolve_dtype
     from fusekit.train.config import TrainConfigError, build_config
@@ -282,19 +375,30 @@ def distill(
         raise TrainConfigError(f"--on-policy-ratio must lie in [0, 1], got {on_policy_ratio}")
     if not 0.0 < prompt_share < 1.0:
         raise TrainConfigError(f"--prompt-share must lie in (0, 1), got {prompt_share}")
+    if not sample_temperature > 0.0:
+        raise TrainConfigError(f"--sample-temperature must be above 0, got {sample_temperature}")
     if on_policy_ratio > 0 and cfg.fsdp:
         raise TrainConfigError("on-policy sampling runs the whole target on each rank: use DDP (leave out --fsdp)")
     if not teachers:
         raise TrainDataError("give at least one teacher (--teacher)")
     refs = [str(t) for t in teachers]
     records = read_corpus(data, field)
+    facts = [model_facts(ref) for ref in refs]
+    if on_policy_ratio > 0 and any(r.messages is not None for r in records):
+        from fusekit.models.load import load_tokenizer
+        from fusekit.train.on_policy import require_chat_templates
+
+        require_chat_templates([(str(model), load_tokenizer(str(model))), *((f.ref, f.tokenizer_object) for f in facts)])
+    identity = run_identity(facts, records, top_k=top_k, append_eos=append_eos, texts_per_group=texts_per_group,
+                            on_policy_ratio=on_policy_ratio, prompt_share=prompt_share, sample_temperature=sample_temperature)
     d = init_distributed()
     made: list[OnlineWindows] = []
 
     def source(dev, d) -> OnlineWindows:
         dtype = resolve_dtype("bf16" if dev.type == "cuda" else "fp32", dev)
         say = (lambda line: print(line, file=sys.stderr, flush=True)) if d.is_main else None
-        check_memory(str(model), refs, dev, 2 if dtype == "bfloat16" else 4, memory_available, say)
+        shards = d.world_size if cfg.fsdp and d.grouped else 1
+        check_memory(str(model), refs, dev, 2 if dtype == "bfloat16" else 4, memory_available, say, shards=shards)
         frozen = load_online_model(str(model), dtype, dev, cfg.max_length)
         loaded = [load_online_model(ref, dtype, dev, cfg.max_length) for ref in refs]
         made.append(OnlineWindows(records, frozen, loaded, top_k=top_k, append_eos=append_eos, batch_size=teacher_batch_size,
@@ -304,7 +408,17 @@ def distill(
     def objective(plan, cfg, step_module):
         from fusekit.train.on_policy import OnPolicyObjective
 
-        return OnPolicyObjective(plan, cfg, step_module, made[-1], on_policy_ratio, prompt_share)
+        return OnPolicyObjective(plan, cfg, step_module, made[-1], on_policy_ratio, prompt_share, sample_temperature)
+
+    def card(out_dir: Path, cfg, steps: int, last: dict, world_size: int) -> None:
+        from fusekit.train.model_card import write_distill_card
+
+        teachers_card = [{"model": f.ref, "tokenizer_family": f.tokenizer_family, "vocab_size": f.vocab_size,
+                          "weights": f.weights[:16]} for f in facts]
+        policy = {"on_policy_ratio": on_policy_ratio, "prompt_share": prompt_share, "sample_temperature": sample_temperature}
+        corpus = {"records": len(records), "fingerprint": identity["corpus"].rsplit(" ", 1)[-1]}
+        write_distill_card(out_dir, str(model), teachers_card, cfg, steps, last, world_size, top_k=top_k,
+                           transfer=identity["transfer"], policy=policy, corpus=corpus)
 
     return _train(str(model), None, Path(out), cfg, resume, progress, device, d, source_factory=source,
-                  make_objective=objective if on_policy_ratio > 0 else None)
+                  make_objective=objective if on_policy_ratio > 0 else None, identity_extra=identity, write_card=card)

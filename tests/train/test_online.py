@@ -9,26 +9,21 @@ import numpy as np
 import pytest
 
 import fusekit
-from fusekit import zoo
 from fusekit.train.online import TeacherMemoryError, distill
 
 OPTS = dict(max_length=32, batch_size=2, shuffle=False, lr=1e-3, progress=False)
 
 
 @pytest.fixture(scope="module")
-def setup(tokenizers_by_kind, corpus_texts, tmp_path_factory):
-    """A Llama target (byte-level BPE), two teachers with other tokenizers (Unigram, WordPiece), a corpus of
-    six short texts, and the offline pipeline's aligned store over it (top-4, windows of 32 tokens)."""
+def setup(online_models, tmp_path_factory):
+    """The tiny target and teachers of `online_models` (conftest.py) and the offline pipeline's aligned store
+    over their corpus (top-4, windows of 32 tokens)."""
     root = tmp_path_factory.mktemp("online")
-    target = zoo.build_tiny_model("llama", tokenizers_by_kind["bpe"], root / "target", hidden=32, context=64, seed=0)
-    t1 = zoo.build_tiny_model("llama", tokenizers_by_kind["unigram"], root / "t1", hidden=32, context=64, seed=1)
-    t2 = zoo.build_tiny_model("gpt2", tokenizers_by_kind["wordpiece"], root / "t2", hidden=32, context=64, seed=2)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(t.replace("\n", " ")[:200] for t in corpus_texts[:6]) + "\n")
-    x = {name: fusekit.run_extract(m, corpus, root / f"x-{name}", top_k=4, max_length=32, progress=False)
-         for name, m in (("target", target), ("t1", t1), ("t2", t2))}
+    m = online_models
+    x = {name: fusekit.run_extract(model, m["corpus"], root / f"x-{name}", top_k=4, max_length=32, progress=False)
+         for name, model in (("target", m["target"]), ("t1", m["teachers"][0]), ("t2", m["teachers"][1]))}
     aligned = fusekit.run_align(x["target"], [x["t1"], x["t2"]], root / "aligned", vocab_map_cache=root / "cache", progress=False)
-    return {"target": target, "teachers": [t1, t2], "corpus": corpus, "aligned": aligned.out, "root": root}
+    return {**m, "aligned": aligned.out, "root": root}
 
 
 def store_values(k: int, vocab_sizes: list[int]):
