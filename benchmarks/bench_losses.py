@@ -9,8 +9,10 @@ trained with each loss — ce (FuseLLM's), kl, reverse_kl, jsd (β = --jsd-beta)
 MinCE at the same λ, and with CLM-only (λ = 1); same data order, steps and seed. Prints each variant's
 held-out CE (nats/token on the target's tokenizer, per domain and averaged) and its paired gap to
 CLM-only, and what the store says about the mass GOLD's ULD half would see: the fused teacher's mass left
-outside its ids (0 up to rounding: the store renormalises each candidate's top-k), each source's share of
-positions the transfer fell back on, and the mass each source's extracted top-k leaves out.
+outside its ids (its rest, 1 − the fused `mass`: each candidate's top-k mass before renormalising, kept
+by the aligned store since format version 3; 0 on an older store), each candidate's mean rest, each
+source's share of positions the transfer fell back on, and the mass each source's extracted top-k leaves
+out.
 """
 
 from __future__ import annotations
@@ -28,20 +30,31 @@ LOSSES = ("ce", "kl", "reverse_kl", "jsd", "uld", "gold")
 
 
 def store_shares(root: Path, aligned: Path) -> dict:
-    """The unmapped shares: fused rest mass, fallback share per candidate, top-k missing mass per source."""
+    """The unmapped shares: the fused (window MinCE) teacher's rest mass and each candidate's, the fallback
+    share per candidate, the top-k missing mass per extracted model. A rest is 1 − mass (`SparseTarget.mass`,
+    `Candidate.mass`), over predicted positions; a format-2 store records no mass, so its rests read 0."""
     from fusekit.fuse import fuse_window
     from fusekit.store.aligned_store import AlignedStore
     from fusekit.store.extract_store import ExtractStore
+    from fusekit.store.types import row_mass
 
     store = AlignedStore(aligned)
-    rest, fallback, positions = [], None, 0
+    rest, own_rest, fallback, positions = [], None, None, 0
     for window in store.iter_windows():
         fused = fuse_window(window, "min_ce", "window")
-        rest.append(np.clip(1.0 - fused.probs[:-1].astype(np.float64).sum(-1), 0.0, None))
+        rest.append(1.0 - fused.mass[:-1].astype(np.float64))
+        own = np.stack([1.0 - row_mass(c)[:-1].astype(np.float64) for c in window.candidates], axis=1).sum(0)
+        own_rest = own if own_rest is None else own_rest + own
         ce = np.stack([c.ce[:-1] for c in window.candidates], axis=1)
         fallback = np.isnan(ce).sum(0) if fallback is None else fallback + np.isnan(ce).sum(0)
         positions += ce.shape[0]
-    out = {"fused_rest_mass_mean": float(np.concatenate(rest).mean()), "fallback_share": (fallback / positions).tolist(), "topk_missing_mass": {}}
+    out = {
+        "format_version": store.settings.get("format_version"),
+        "fused_rest_mass_mean": float(np.concatenate(rest).mean()),
+        "candidate_rest_mass_mean": (own_rest / positions).tolist(),
+        "fallback_share": (fallback / positions).tolist(),
+        "topk_missing_mass": {},
+    }
     for folder in sorted((root / "extract").iterdir()):
         missing = [1.0 - np.exp(w.topk_logp[:-1].astype(np.float64)).sum(-1) for w in ExtractStore(folder).iter_windows()]
         out["topk_missing_mass"][folder.name] = float(np.concatenate(missing).mean())
@@ -98,7 +111,8 @@ def main() -> None:
     )
     shares = store_shares(out / "run", out / "run" / "aligned")
     names = ["target", *sources]
-    print(f"fused teacher's mass outside its ids (GOLD's unmapped part, mean over positions): {shares['fused_rest_mass_mean']:.2e}")
+    print(f"fused teacher's mass outside its ids (its rest, GOLD's unmapped part; mean over positions): {shares['fused_rest_mass_mean']:.4f}")
+    print("each candidate's rest: " + ", ".join(f"{n} {r:.4f}" for n, r in zip(names, shares["candidate_rest_mass_mean"])))
     print("transfer fallback share per candidate: " + ", ".join(f"{n} {s:.4f}" for n, s in zip(names, shares["fallback_share"])))
     print("mass each extracted top-k leaves out (before renormalisation): "
           + ", ".join(f"{n} {m:.4f}" for n, m in shares["topk_missing_mass"].items()))
