@@ -18,7 +18,8 @@ off-policy and on-policy (GKD mixing weight 0.5), on the same corpus, λ, steps 
 Prints, per variant, the held-out CE (nats/token on the target's tokenizer) per domain and averaged
 (mean over seeds), the paired gap to CLM-only of the same seed (mean ± standard deviation, and on how
 many seeds it was below), the demo's downstream tasks where lm-eval is installed, and what the store
-says about the mass GOLD's ULD half sees (`store_shares`). Writes OUT/bench_losses.json, the plot and,
+says about the mass GOLD's ULD half sees (`store_shares`: the fused teacher's rest, 1 − its top-k mass,
+which the aligned store keeps since format version 3, and each candidate's; the fallback shares). Writes OUT/bench_losses.json, the plot and,
 with --markdown, the table.
 """
 
@@ -40,20 +41,31 @@ ONLINE = {"ce online (off-policy)": 0.0, "ce online (on-policy 0.5)": 0.5}
 
 
 def store_shares(workdir: Path, aligned: Path) -> dict:
-    """The unmapped shares: fused rest mass, fallback share per candidate, top-k missing mass per source."""
+    """The unmapped shares: the fused (window MinCE) teacher's rest mass and each candidate's, the fallback
+    share per candidate, the top-k missing mass per extracted model. A rest is 1 − mass (`SparseTarget.mass`,
+    `Candidate.mass`), over predicted positions; a format-2 store records no mass, so its rests read 0."""
     from fusekit.fuse import fuse_window
     from fusekit.store.aligned_store import AlignedStore
     from fusekit.store.extract_store import ExtractStore
+    from fusekit.store.types import row_mass
 
     store = AlignedStore(aligned)
-    rest, fallback, positions = [], None, 0
+    rest, own_rest, fallback, positions = [], None, None, 0
     for window in store.iter_windows():
         fused = fuse_window(window, "min_ce", "window")
-        rest.append(np.clip(1.0 - fused.probs[:-1].astype(np.float64).sum(-1), 0.0, None))
+        rest.append(1.0 - fused.mass[:-1].astype(np.float64))
+        own = np.stack([1.0 - row_mass(c)[:-1].astype(np.float64) for c in window.candidates], axis=1).sum(0)
+        own_rest = own if own_rest is None else own_rest + own
         ce = np.stack([c.ce[:-1] for c in window.candidates], axis=1)
         fallback = np.isnan(ce).sum(0) if fallback is None else fallback + np.isnan(ce).sum(0)
         positions += ce.shape[0]
-    out = {"fused_rest_mass_mean": float(np.concatenate(rest).mean()), "fallback_share": (fallback / positions).tolist(), "topk_missing_mass": {}}
+    out = {
+        "format_version": store.settings.get("format_version"),
+        "fused_rest_mass_mean": float(np.concatenate(rest).mean()),
+        "candidate_rest_mass_mean": (own_rest / positions).tolist(),
+        "fallback_share": (fallback / positions).tolist(),
+        "topk_missing_mass": {},
+    }
     for folder in sorted((workdir / "extract").iterdir()):
         missing = [1.0 - np.exp(w.topk_logp[:-1].astype(np.float64)).sum(-1) for w in ExtractStore(folder).iter_windows()]
         out["topk_missing_mass"][folder.name] = float(np.concatenate(missing).mean())
@@ -219,7 +231,8 @@ def main() -> None:
 
     shares = store_shares(layout.root, layout.aligned)
     all_names = ["target", *sources]
-    print(f"fused teacher's mass outside its ids (GOLD's unmapped part, mean over positions): {shares['fused_rest_mass_mean']:.4f}")
+    print(f"fused teacher's mass outside its ids (its rest, GOLD's unmapped part; mean over positions): {shares['fused_rest_mass_mean']:.4f}")
+    print("each candidate's rest: " + ", ".join(f"{n} {r:.4f}" for n, r in zip(all_names, shares["candidate_rest_mass_mean"])))
     print("transfer fallback share per candidate: " + ", ".join(f"{n} {s:.4f}" for n, s in zip(all_names, shares["fallback_share"])))
     print("mass each extracted top-k leaves out: " + ", ".join(f"{n} {m:.4f}" for n, m in shares["topk_missing_mass"].items()))
     before = ce.get("target (before)", {}).get("average", math.nan)

@@ -54,12 +54,13 @@ def transfer_texts(
     out_k: int,
     threads: Optional[int] = None,
     perfect_logp: tuple[float, float] = (0.0, 0.0),
-) -> list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int32], Optional[npt.NDArray[np.bool_]]]]:
+) -> list[tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.int32], Optional[npt.NDArray[np.bool_]], npt.NDArray[np.float32]]]:
     """Per text (target text, source text or None, src ids, src character starts or byte spans [m, 2], tgt ids,
     tgt starts or spans, top-k ids [m, k], log-probs [m, k], true-token log-probs or None, perfect-source seed
     or None), in parallel over texts with the GIL released: (ids [n, out_k], probs [n, out_k], carried [n],
-    true-token mass [n], kind [n], source row [n], recalled [n - 1] or None). Independent of `threads`;
-    ValueError naming the text on bad input."""
+    true-token mass [n], kind [n], source row [n], recalled [n - 1] or None, kept mass [n]: each row's mass
+    before its renormalisation, NaN where not carried). Independent of `threads`; ValueError naming the
+    text on bad input."""
 
 def remap_spans(src_text: bytes, tgt_text: bytes, spans: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """int64 [m, 2]: byte spans of `src_text` carried into `tgt_text` through difflib's matching blocks."""

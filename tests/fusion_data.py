@@ -32,7 +32,8 @@ def random_window(
 
 
 def model_candidate(model, input_ids: np.ndarray, k: int) -> Candidate:
-    """A real model's top-k (renormalised over the k) and CE of the true next token on one window."""
+    """A real model's top-k (renormalised over the k, with the mass the k held) and CE of the true next
+    token on one window."""
     import torch
 
     with torch.no_grad():
@@ -42,8 +43,9 @@ def model_candidate(model, input_ids: np.ndarray, k: int) -> Candidate:
     probs = torch.softmax(top.values, -1)
     ce = np.full(len(input_ids), np.nan, dtype=np.float32)
     ce[:-1] = (-logp[:-1].gather(1, torch.as_tensor(input_ids[1:])[:, None])[:, 0]).numpy()
+    mass = top.values.double().exp().sum(-1).clamp(max=1.0).numpy().astype(np.float32)  # what the k held
     return Candidate(
-        ids=top.indices.numpy().astype(np.int32), probs=probs.numpy(), ce=ce, mean_ce=float(np.nanmean(ce))
+        ids=top.indices.numpy().astype(np.int32), probs=probs.numpy(), ce=ce, mean_ce=float(np.nanmean(ce)), mass=mass
     )
 
 

@@ -8,6 +8,19 @@ into the target's text through the bytes both share. Perfect-source recall is me
 (report.json). All of that runs in Rust, in parallel over the texts of a chunk with the GIL released
 (`Transferer.run_texts`, `rust/src/whole_text.rs`; `spans.py` and `remap.py` are the Python references it
 is tested against); only the cutting into windows and the counts stay here.
+
+**Mass.** Each candidate row also records the mass it held before the transfer renormalised it
+(`Transfer.mass`, Rust's `kept_mass`): the source's probability of the kept target pieces, i.e. the
+aggregated chain-rule mass of the row's top k entries. So `probs · mass` is the transferred row itself —
+at a 1:1 row the source row's top-k mass (plus its true token's exact probability where that fell out
+of the top-k), at an n:1 row the true path's mass times the next rows' top-k mass (what the chain rule
+could not score is left out), at a row that starts inside a source token (the later pieces of a 1:n
+split) the conditional over the consistent top-k, which the transfer normalises by that top-k's mass (its
+mass is ~1: the stored top-k cannot say how much of the source's full distribution the condition keeps)
+— and 1 − mass is exactly what the transfer could not place. That choice, rather than
+the source's top-k mass at the span's first source token, keeps `probs · mass` equal to the rows the
+like-for-like CE reads (`true_prob` = probs[truth] · mass), so the divergence losses see the distribution
+the fusion metric scored. Fallback rows (one-hot) have mass 1, each window's empty last row 0.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fusekit.align.candidates import SourceStats, bad_target_ids, mean_or_nan
+from fusekit.align.candidates import SourceStats, bad_target_ids, kept_mass, mean_or_nan
 from fusekit.align.inputs import ExtractedText
 from fusekit.align.recall import perfect_logp
 from fusekit.align.transfer import TextItem, TextTokens, Transferer
@@ -74,6 +87,7 @@ def bytespan_candidates(
         # Each window's last row predicts the next window's first token: empty (training never uses it).
         # The text's arrays are changed in place, and each window's candidate is a view of them.
         res.ids[last], res.probs[last], res.carried[last], res_ce[last] = -1, 0.0, False, np.nan
+        res_mass = kept_mass(res.carried, res.mass, res.probs)
         lo = 0
         for w_i, n in enumerate(t.lengths):
             hi, m = lo + n, max(n - 1, 0)  # m: the window's predicted positions
@@ -87,7 +101,7 @@ def bytespan_candidates(
             # one NaN would make the whole window's mean unknown and hand the window to the target (MinCE).
             used = carried[:m] & pred & np.isfinite(ce[:m])
             mean_ce = mean_or_nan(ce[:m][used].astype(np.float64))
-            window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce))
+            window.candidates.append(Candidate(ids=ids, probs=probs, ce=ce, mean_ce=mean_ce, mass=res_mass[lo:hi]))
             stats.windows += 1
             stats.positions += m
             counted = carried[:m]

@@ -21,7 +21,9 @@ each target window, through DTW and a vocabulary map (FuseLLM's, or FuseChat's s
 * **The candidate**, per source and target window: CE at a carried position = the source's own CE at
   the aligned source position (−log p of *its* next token; NaN where it fell back, or where the source
   has no CE, i.e. at the end of a source window) and mean CE = the source's mean CE over the source
-  tokens of the span (its metric on the same text, as the reference's per-sequence metric).
+  tokens of the span (its metric on the same text, as the reference's per-sequence metric). Its mass
+  at a carried position is the source row's top-k mass that the carry kept (the entries whose id maps
+  to a target id: `tokens.carried_mass`), 1 on a one-hot fallback, 0 on the empty last row.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fusekit.align.candidates import SourceStats, bad_target_ids, mean_or_nan
+from fusekit.align.candidates import SourceStats, bad_target_ids, kept_mass, mean_or_nan
 from fusekit.align.inputs import ExtractedText
 from fusekit.align.recall import recalled_rows
-from fusekit.align.tokens import DTW_CHUNK, TokenTable, align_ids_batch, align_topk
+from fusekit.align.tokens import DTW_CHUNK, TokenTable, align_ids_batch, align_topk, carried_mass
 from fusekit.align.vocab_cache import VocabMap
 from fusekit.store.types import Candidate
 from fusekit.vocab.info import VocabInfo
@@ -69,7 +71,8 @@ def source_candidate(
         probs = np.zeros((n, k), dtype=np.float32)
         ids[:-1, 0] = tgt_ids[1:]
         probs[:-1, 0] = 1.0
-        return Candidate(ids=ids, probs=probs, ce=np.full(n, np.nan, dtype=np.float32), mean_ce=math.nan)
+        mass = kept_mass(np.zeros(n, bool), np.zeros(n), probs)
+        return Candidate(ids=ids, probs=probs, ce=np.full(n, np.nan, dtype=np.float32), mean_ce=math.nan, mass=mass)
     s = p.src
     src_ids, topk_ids, topk_logp = s.ids[p.sel], s.topk_ids[p.sel], s.topk_logp[p.sel]
     out = align_topk(path, src_ids, tgt_ids, vmap.ids, topk_ids, topk_logp, one_to_one=one_to_one)
@@ -96,7 +99,8 @@ def source_candidate(
         chk = align_topk(path, src_ids, tgt_ids, vmap.ids, pk_ids[p.sel], pk_lp[p.sel], one_to_one=one_to_one)
         stats.recalled += int(recalled_rows(chk.ids, chk.probs, chk.carried, tgt_ids).sum())
     metric = s.metric[p.sel]
-    return Candidate(ids=out.ids, probs=out.probs, ce=ce, mean_ce=mean_or_nan(ce_src[metric].astype(np.float64)))
+    mass = kept_mass(carried, carried_mass(carried, pos, topk_ids, topk_logp, vmap.ids), out.probs)
+    return Candidate(ids=out.ids, probs=out.probs, ce=ce, mean_ce=mean_or_nan(ce_src[metric].astype(np.float64)), mass=mass)
 
 
 def carry_candidates(

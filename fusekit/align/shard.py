@@ -32,7 +32,7 @@ from fusekit.align.inputs import ExtractedText, JoinedText, StoreRef, info_of, j
 from fusekit.align.tokens import TokenTable
 from fusekit.align.transfer import Method, Transferer
 from fusekit.align.vocab_cache import VocabMap
-from fusekit.store.aligned_format import shard_metadata, stream_shard, windows_frame
+from fusekit.store.aligned_format import has_mass, shard_metadata, stream_shard, windows_frame
 from fusekit.store.atomic import atomic_file, write_bytes_atomic
 from fusekit.store.shards import record_shard, sha256_file, shard_filename, shard_slice
 from fusekit.store.types import AlignedWindow, Window
@@ -195,6 +195,7 @@ class _ShardAligner(TextAligner):
         """The shard's rows, one frame per row group, built from the windows of batches of whole texts
         holding at least `batch_rows` windows each (default: a row group's)."""
         rows = int(self.settings["row_group_rows"])
+        mass = has_mass(self.settings.get("format_version"))
         held: list[AlignedWindow] = []
         spans: list[tuple[int, int]] = []
         for batch in text_batches(joined_texts(self.context.target, self.context.sources, texts), batch_rows or rows):
@@ -202,10 +203,10 @@ class _ShardAligner(TextAligner):
             held += out
             spans += out_spans
             while len(held) >= rows:
-                yield windows_frame(held[:rows], self.settings["ks"], spans[:rows])
+                yield windows_frame(held[:rows], self.settings["ks"], spans[:rows], with_mass=mass)
                 held, spans = held[rows:], spans[rows:]
         if held:
-            yield windows_frame(held, self.settings["ks"], spans)
+            yield windows_frame(held, self.settings["ks"], spans, with_mass=mass)
 
 
 
@@ -249,7 +250,7 @@ def align_shard_to(
     settings = job.settings
     texts = shard_slice(int(settings["n_texts"]), index, int(settings["num_shards"]))
     aligner = _ShardAligner(context or ShardContext(job), on_progress)
-    schema = windows_frame([], settings["ks"]).schema
+    schema = windows_frame([], settings["ks"], with_mass=has_mass(settings.get("format_version"))).schema
     stream_shard(aligner.frames(texts, batch_rows), schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
     info = {
         "rows": aligner.rows,

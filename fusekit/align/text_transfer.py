@@ -92,7 +92,7 @@ folder, a tokenizer.json, a .gguf file, a hub id) loaded with `fusekit.models.lo
         raise ValueError(f"out_k must be a positive integer, got {out_k!r}")
     if not len(tgt.ids):
         z = np.zeros(0, np.float32)
-        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32), np.zeros(0, np.uint8))
+        return Transfer(np.zeros((0, out_k), np.int32), np.zeros((0, out_k), np.float32), np.zeros(0, bool), z, np.zeros(0, np.int32), np.zeros(0, np.uint8), z.copy())
     return t.run([(text, src, tgt, topk_ids, topk_logp)], int(out_k))[0]
 
 

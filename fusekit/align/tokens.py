@@ -147,3 +147,26 @@ def align_topk(
             ids[inner, 0], probs[inner, 0] = tgt[inner + 1], 1.0
             carried[wide], src_pos[wide] = False, -1
     return AlignedTopk(ids=ids, probs=probs, carried=carried, src_pos=src_pos)
+
+
+def carried_mass(carried: np.ndarray, src_pos: np.ndarray, src_topk_ids: np.ndarray, src_topk_logp: np.ndarray, vocab_map: np.ndarray) -> np.ndarray:
+    """float64 [n]: at each carried target position, the probability mass of the source's top-k entries
+    that `align_topk` kept there — Σ exp(log-prob) over the source row's entries whose id maps to a target
+    id (`vocab_map` ≥ 0; an unmapped id's mass is dropped before renormalising) — and 0 elsewhere.
+
+    `carried` bool [n] and `src_pos` int [n] as `align_topk` returns them; top-k ids int [m, k] (−1 empty)
+    and full-softmax log-probs float [m, k] of the source. This is what the carried row's probabilities
+    were renormalised from: 1 − it is the mass the source put outside what the row holds.
+    """
+    carried = np.asarray(carried, dtype=bool)
+    out = np.zeros(len(carried), dtype=np.float64)
+    rows = np.asarray(src_pos)[carried]
+    if not rows.size:
+        return out
+    ids = np.asarray(src_topk_ids)[rows]
+    lp = np.asarray(src_topk_logp, dtype=np.float64)[rows]
+    vmap = np.asarray(vocab_map)
+    kept = (ids >= 0) & np.isfinite(lp)
+    kept &= vmap[np.where(kept, ids, 0)] >= 0
+    out[carried] = np.where(kept, np.exp(np.where(kept, lp, 0.0)), 0.0).sum(axis=1)
+    return out

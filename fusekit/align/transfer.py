@@ -29,7 +29,7 @@ import numpy as np
 
 import fusekit._core as _core
 from fusekit.align.spans import byte_spans
-from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk
+from fusekit.align.tokens import TokenTable, align_ids_batch, align_topk, carried_mass
 from fusekit.align.vocab_cache import exact_map, fusellm_vocab_map, pair_digest
 from fusekit.vocab.info import VocabInfo
 
@@ -57,7 +57,10 @@ class Transfer:
     the like-for-like CE; with `fusellm` the paper's metric, the source's probability of *its own* next
     token at the aligned position. `source_row` int32 [n]: the source row the transfer started from, −1
     on fallback. `kind` uint8 [n]: how the row was reached, an index into `KIND_NAMES` (the paper's rules
-    carry 1:1 rows only).
+    carry 1:1 rows only). `mass` float32 [n], NaN where not carried: the probability mass the row held
+    before its renormalisation — the source's probability of the kept target pieces (`probs · mass` is the
+    row as transferred; with `bytespan` `true_prob` = probs[truth] · mass where the truth is kept) — and
+    1 − mass what the source's top-k could not place there (`rust/src/transfer.rs`, `kept_mass`).
     """
 
     ids: np.ndarray
@@ -66,6 +69,7 @@ class Transfer:
     true_prob: np.ndarray
     source_row: np.ndarray
     kind: np.ndarray
+    mass: np.ndarray
 
     @property
     def ce(self) -> np.ndarray:
@@ -200,8 +204,8 @@ class Transferer:
             ))
         raw = _core.transfer_texts(self._src, self._tgt, batch, out_k, self.threads, perfect_logp=perfect_logp)
         return [
-            (Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r, kind=kind), hits)
-            for i, p, c, t, kind, r, hits in raw
+            (Transfer(ids=i, probs=p, carried=c, true_prob=t, source_row=r, kind=kind, mass=kept), hits)
+            for i, p, c, t, kind, r, hits, kept in raw
         ]
 
     def spans(self, text: str, tokens: TextTokens, table: Sequence[bytes]) -> np.ndarray:
@@ -227,7 +231,8 @@ class Transferer:
                 ids[:-1, 0], probs[:-1, 0] = tgt.ids[1:], 1.0
             kind = np.zeros(n, np.uint8)
             kind[-1:] = KIND_NAMES.index("last")
-            return Transfer(ids, probs, np.zeros(n, bool), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32), kind)
+            nan = np.full(n, np.nan, np.float32)
+            return Transfer(ids, probs, np.zeros(n, bool), nan, np.full(n, -1, np.int32), kind, nan.copy())
         (path,) = align_ids_batch(self.src_table, self.tgt_table, [(src.ids, tgt.ids)], threads=self.threads)
         out = align_topk(path, src.ids, tgt.ids, self.vocab_map, topk_ids, topk_logp, one_to_one=self.method is Method.FUSECHAT)
         out.carried[-1] = False  # the last row predicts nothing: empty, as with bytespan
@@ -238,6 +243,10 @@ class Transferer:
         w = min(k, out_k)
         ids[:, :w], probs[:, :w] = out.ids[:, :w], out.probs[:, :w]
         total = probs.sum(axis=1, keepdims=True)
+        # The carried rows' mass before renormalising: the source row's usable top-k mass (`carried_mass`),
+        # times the share of it the first out_k entries keep.
+        kept = carried_mass(out.carried, out.src_pos, np.asarray(topk_ids), np.asarray(topk_logp), self.vocab_map)
+        mass = np.where(out.carried, kept * total[:, 0], np.nan).astype(np.float32)
         probs = np.divide(probs, total, out=probs, where=total > 0)
         true = np.full(n, np.nan, np.float32)
         rows = np.flatnonzero(out.carried[:-1])
@@ -250,4 +259,4 @@ class Transferer:
             true[rows] = np.exp(lp)
         kind = out.carried.astype(np.uint8)  # 1 = KIND_NAMES' "1:1"
         kind[-1:] = KIND_NAMES.index("last")
-        return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32), kind)
+        return Transfer(ids, probs, out.carried.copy(), true, out.src_pos.astype(np.int32), kind, mass)

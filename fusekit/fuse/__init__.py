@@ -13,7 +13,7 @@ import numpy as np
 from fusekit.fuse import rules as _rules  # noqa: F401  (registers the built-in rules)
 from fusekit.fuse.registry import FUSION_RULES, FusionError, FusionRule, get_fusion, register_fusion
 from fusekit.fuse.sparse import SparseTarget, merge_weighted
-from fusekit.store.types import AlignedWindow
+from fusekit.store.types import AlignedWindow, row_mass
 
 Granularity = Literal["window", "token"]
 GRANULARITIES = ("window", "token")
@@ -39,16 +39,27 @@ def fusion_weights(window: AlignedWindow, fusion: str = "min_ce", granularity: G
 
 
 def fuse_window(window: AlignedWindow, fusion: str = "min_ce", granularity: Granularity = "window") -> SparseTarget:
-    """The fused sparse distribution on the window's positions (≤ Σ k_c non-zeros each)."""
+    """The fused sparse distribution on the window's positions (≤ Σ k_c non-zeros each), with its mass.
+
+    probs: the rule's blend Σ_c w_c · probs_c of the candidates' renormalised rows (FuseLLM's target,
+    what `ce` trains on). mass float32 [n]: Σ_c w_c · mass_c, the blend's own mass before renormalising
+    (`store.types.row_mass`: 1 where a candidate recorded none) — MinCE: the chosen candidate's mass;
+    AvgCE: the weighted mean. The divergence losses take the teacher as probs scaled to sum to that mass,
+    and 1 − mass as its rest (`fusekit.train.divergence`).
+    """
     weights = fusion_weights(window, fusion, granularity)
     n = len(window.input_ids)
     for c in window.candidates:
-        if c.ids.shape[0] != n or c.probs.shape != c.ids.shape or c.ce.shape != (n,):
+        bad_mass = c.mass is not None and np.shape(c.mass) != (n,)
+        if c.ids.shape[0] != n or c.probs.shape != c.ids.shape or c.ce.shape != (n,) or bad_mass:
             raise FusionError(
                 f"window (text {window.text_id}, window {window.window}): candidate shapes ids {c.ids.shape}, "
-                f"probs {c.probs.shape}, ce {c.ce.shape} do not match {n} positions"
+                f"probs {c.probs.shape}, ce {c.ce.shape}{f', mass {np.shape(c.mass)}' if bad_mass else ''} do not match {n} positions"
             )
-    return merge_weighted([c.ids for c in window.candidates], [c.probs for c in window.candidates], weights)
+    fused = merge_weighted([c.ids for c in window.candidates], [c.probs for c in window.candidates], weights)
+    masses = np.stack([row_mass(c).astype(np.float64) for c in window.candidates], axis=1)
+    fused.mass = (weights * masses).sum(axis=1).astype(np.float32)
+    return fused
 
 
 __all__ = [

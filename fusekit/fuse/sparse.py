@@ -11,10 +11,16 @@ _EMPTY = np.iinfo(np.int32).max  # sorts after every real id, so empty slots gat
 
 @dataclass
 class SparseTarget:
-    """A sparse next-token distribution per position: ids int32 [n, m] (−1 = empty), probs float32 [n, m]."""
+    """A sparse next-token distribution per position: ids int32 [n, m] (−1 = empty), probs float32 [n, m].
+
+    `mass` float32 [n] (None: not known): the teacher's probability mass on these ids before its
+    candidates' rows were renormalised — Σ_c w_c · mass_c (`fuse_window`); 1 − mass is what the teacher
+    puts outside them. `probs` stay FuseLLM's blend of renormalised rows whatever the mass.
+    """
 
     ids: np.ndarray
     probs: np.ndarray
+    mass: np.ndarray | None = None
 
 
 def merge_weighted(ids: list[np.ndarray], probs: list[np.ndarray], weights: np.ndarray) -> SparseTarget:

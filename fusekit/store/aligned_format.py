@@ -15,6 +15,16 @@ One row per target window, in (text_id, window) order. Columns:
     c{c}_probs  List(Float16) its probabilities [n, k_c] (renormalised to sum 1 per row on reading)
     c{c}_ce     List(Float32) its CE per position [n]; NaN where a source fell back (and at the end)
     c{c}_mean_ce Float64      its mean CE over the window (the window-level fusion metric)
+    c{c}_mass   List(Float32) per position [n], the mass the row's kept entries held before they were
+                              renormalised (`Candidate.mass`: 1 on a one-hot fallback, 0 on an empty row);
+                              format version 3 on. Float32, not Float16: the divergence losses take the
+                              teacher's rest as 1 − mass, and online distillation computes the same value
+                              unquantised.
+
+Version 2 stores (no `c{c}_mass`) are still read: their candidates have no mass (`Candidate.mass` None,
+read as 1 on every row that holds probability: nothing outside the kept ids). `write_windows` writes the
+version its settings name (`format_version`, default `FORMAT_VERSION`), so a version-2 store can still be
+written for older readers.
 
 Candidate 0 is the target itself, then the sources in the order given to `fusekit align`; k_c is in
 the manifest (`settings.ks`). Row groups hold `settings.row_group_rows` windows, so a random read
@@ -38,16 +48,23 @@ import polars as pl
 from fusekit.store.atomic import PARQUET_OPTIONS, write_bytes_atomic
 from fusekit.store.errors import StoreError
 from fusekit.store.shards import open_store, record_shard, shard_filename
-from fusekit.store.types import AlignedWindow
+from fusekit.store.types import AlignedWindow, row_mass
 
 FORMAT = "fusekit-aligned"
-FORMAT_VERSION = 2  # 2: settings name each source's method; byte-span candidates
+FORMAT_VERSION = 3  # 2: settings name each source's method; byte-span candidates. 3: c{c}_mass
+MASS_VERSION = 3  # the first version with the c{c}_mass columns
 REPORT = "report.json"
 COUNTS_DIR = "fusechat-counts"  # the `fusechat` method's alignment counts, shared by the store's jobs
 CODEC_NOTE = (
     "one row per target window; c{c}_ids/probs are row-major [n, k_c] (int32 target ids, -1 empty; "
     "float16 probabilities), c{c}_ce per position (NaN = fell back), c0 = the target, then the sources"
 )
+CODEC_NOTE_MASS = CODEC_NOTE + "; c{c}_mass per position: the kept entries' mass before renormalising (float32)"
+
+
+def has_mass(format_version: int | str | None) -> bool:
+    """Whether a store of `format_version` (None: before versions were recorded) has the c{c}_mass columns."""
+    return format_version is not None and int(format_version) >= MASS_VERSION
 
 
 def row_group_rows(max_length: int) -> int:
@@ -61,8 +78,11 @@ def _list(name: str, arrays: Sequence[np.ndarray], dtype: pl.DataType) -> pl.Ser
     return pl.Series(name, list(arrays), dtype=pl.List(dtype)).cast(pl.List(dtype)) if arrays else pl.Series(name, [], dtype=pl.List(dtype))
 
 
-def windows_frame(windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Sequence[tuple[int, int]] | None = None) -> pl.DataFrame:
-    """The rows of one shard; `spans` are the windows' (char_start, char_end) in their texts."""
+def windows_frame(
+    windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Sequence[tuple[int, int]] | None = None, with_mass: bool = True
+) -> pl.DataFrame:
+    """The rows of one shard; `spans` are the windows' (char_start, char_end) in their texts. `with_mass`:
+    write the c{c}_mass columns (format version 3; a candidate without a mass writes `row_mass`'s)."""
     spans = list(spans) if spans is not None else [(0, 0)] * len(windows)
     for w in windows:
         if len(w.candidates) != len(ks):
@@ -90,6 +110,11 @@ def windows_frame(windows: Sequence[AlignedWindow], ks: Sequence[int], spans: Se
         cols[f"c{c}_probs"] = _list(f"c{c}_probs", [np.asarray(x.probs, dtype=np.float16).ravel() for x in cands], pl.Float16)
         cols[f"c{c}_ce"] = _list(f"c{c}_ce", [np.asarray(x.ce, dtype=np.float32) for x in cands], pl.Float32)
         cols[f"c{c}_mean_ce"] = pl.Series(f"c{c}_mean_ce", [float(x.mean_ce) for x in cands], dtype=pl.Float64)
+        if with_mass:
+            for cand, w in zip(cands, windows):
+                if cand.mass is not None and np.shape(cand.mass) != (len(w.input_ids),):
+                    raise StoreError(f"candidate {c} of (text {w.text_id}, window {w.window}) has mass of shape {np.shape(cand.mass)}, expected ({len(w.input_ids)},)")
+            cols[f"c{c}_mass"] = _list(f"c{c}_mass", [row_mass(x) for x in cands], pl.Float32)
     return pl.DataFrame(list(cols.values()))
 
 
@@ -126,10 +151,11 @@ def stream_shard(frames: Iterable[pl.DataFrame], schema: pl.Schema, fh: BinaryIO
 
 
 def shard_metadata(settings: dict) -> dict[str, str]:
+    version = settings.get("format_version", FORMAT_VERSION)
     return {
         "fusekit.format": FORMAT,
-        "fusekit.format_version": str(FORMAT_VERSION),
-        "fusekit.codec": CODEC_NOTE,
+        "fusekit.format_version": str(version),
+        "fusekit.codec": CODEC_NOTE_MASS if has_mass(version) else CODEC_NOTE,
         "fusekit.ks": json.dumps(list(settings["ks"])),
     }
 
@@ -137,8 +163,9 @@ def shard_metadata(settings: dict) -> dict[str, str]:
 WINDOW_COLUMNS = ["text_id", "window", "has_mask", "input_ids", "loss_mask"]
 
 
-def candidate_columns(ks: Sequence[int]) -> list[str]:
-    return [f"c{c}_{part}" for c in range(len(ks)) for part in ("ids", "probs", "ce", "mean_ce")]
+def candidate_columns(ks: Sequence[int], with_mass: bool = True) -> list[str]:
+    parts = ("ids", "probs", "ce", "mean_ce", *(("mass",) if with_mass else ()))
+    return [f"c{c}_{part}" for c in range(len(ks)) for part in parts]
 
 
 def write_windows(
@@ -168,7 +195,8 @@ def write_windows(
     bounds = np.linspace(0, len(windows), int(num_shards) + 1).round().astype(int)
     for i in range(int(num_shards)):
         part = list(windows[bounds[i] : bounds[i + 1]])
-        data = encode_shard(windows_frame(part, full["ks"]), int(full["row_group_rows"]), shard_metadata(full))
+        frame = windows_frame(part, full["ks"], with_mass=has_mass(full["format_version"]))
+        data = encode_shard(frame, int(full["row_group_rows"]), shard_metadata(full))
         name = shard_filename(i, int(num_shards))
         write_bytes_atomic(data, folder / name)
         info = {"rows": len(part), "tokens": int(sum(len(w.input_ids) for w in part)), "sha256": hashlib.sha256(data).hexdigest()}

@@ -1,5 +1,8 @@
 """The aligned store's reader: windows by index, row groups, or in order (the layout: `aligned_format.py`).
 
+Format versions 2 and 3 are read alike; a version-2 store's candidates have no mass (`Candidate.mass`
+None, `has_mass` False): fusion reads that as 1 on every row that holds probability.
+
 Opening a store does not hash it: each shard's sha256 was checked when it was written (or by
 `fusekit inspect`), and a shard edited since then is newer than its sidecar, which the reader sees from
 file times alone and answers by hashing that shard (`shards.shard_is_stamped`): start-up costs the same
@@ -28,7 +31,7 @@ from fusekit.store.shards import (
     shard_is_stamped,
     stamp_shard,
 )
-from fusekit.store.aligned_format import FORMAT, REPORT, WINDOW_COLUMNS, candidate_columns
+from fusekit.store.aligned_format import FORMAT, REPORT, WINDOW_COLUMNS, candidate_columns, has_mass
 from fusekit.store.types import AlignedWindow, Candidate
 
 
@@ -81,6 +84,10 @@ class _Decoded:
             (_Flat.of(df[f"c{c}_ids"]), _normalised(_Flat.of(df[f"c{c}_probs"]).values, k), _Flat.of(df[f"c{c}_ce"]), df[f"c{c}_mean_ce"].to_numpy())
             for c, k in enumerate(self.ks)
         ] if with_candidates else []
+        # Version 3: each candidate's kept mass per position; a version-2 store has none (Candidate.mass None).
+        self.masses = [
+            _Flat.of(df[f"c{c}_mass"]) if f"c{c}_mass" in df.columns else None for c in range(len(self.ks))
+        ] if with_candidates else []
 
     def __len__(self) -> int:
         return len(self.text_id)
@@ -90,13 +97,14 @@ class _Decoded:
         n = len(ids)
         at = int(self.input_ids.starts[i])  # the window's first position; candidates hold n positions each too
         cands = []
-        for k, (c_ids, c_probs, c_ce, c_mean) in zip(self.ks, self.cands):
+        for k, (c_ids, c_probs, c_ce, c_mean), c_mass in zip(self.ks, self.cands, self.masses):
             cands.append(
                 Candidate(
                     ids=c_ids.row(i).reshape(n, k).copy(),
                     probs=c_probs[at : at + n].copy(),
                     ce=c_ce.row(i).copy(),
                     mean_ce=float(c_mean[i]),
+                    mass=None if c_mass is None else c_mass.row(i).copy(),
                 )
             )
         mask = self.mask.row(i).astype(bool) if self.has_mask[i] else None
@@ -125,6 +133,8 @@ class AlignedStore:
             self.rows_per_group = int(self.settings["row_group_rows"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{self.folder / 'manifest.json'} lacks a valid setting {exc}; the store is damaged") from None
+        # Version 3 on: each candidate's kept mass per position (`c{c}_mass`); see `has_mass`.
+        self.has_mass = has_mass(self.settings.get("format_version"))
         self.num_shards = shard_count(self.folder, self.settings)
         done = complete_shards(self.folder)
         names = [shard_filename(i, self.num_shards) for i in range(self.num_shards)]
@@ -215,7 +225,7 @@ class AlignedStore:
         """
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         local = start - int(self._starts[shard])
-        columns = WINDOW_COLUMNS + (candidate_columns(self.ks) if candidates else [])
+        columns = WINDOW_COLUMNS + (candidate_columns(self.ks, self.has_mass) if candidates else [])
         df = self._shard(shard, offset=local, length=stop - start, columns=columns)
         self.groups_read += 1
         return _Decoded(df, self.ks)

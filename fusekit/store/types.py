@@ -34,12 +34,32 @@ class Window:
 
 @dataclass
 class Candidate:
-    """One fusion candidate (the target itself or one source) on the target's positions."""
+    """One fusion candidate (the target itself or one source) on the target's positions.
+
+    `probs` are renormalised over each row's kept entries; `mass` is what those entries held before,
+    under the candidate's own full distribution, so `probs · mass` is the candidate's probability of each
+    id and 1 − mass the probability it puts on every other id together (the divergence losses' "rest",
+    `fusekit.train.divergence`). Per row: the kept top-k mass where the row carries a distribution
+    (target: Σ exp(topk_logp); a 1:1-carried source: its source row's usable top-k; `bytespan`: the
+    transferred row before its renormalisation — docs/ALIGN.md), 1 where the row is the one-hot
+    fallback on the next token (exact by construction), 0 where the row is empty. None: not recorded
+    (a version-2 aligned store, a hand-made candidate) — read as 1 on every row that holds probability
+    (`row_mass`), i.e. a teacher with nothing outside its kept ids, as before version 3.
+    """
 
     ids: np.ndarray  # int32 [n, k], target-vocabulary ids, −1 = empty slot
     probs: np.ndarray  # float32 [n, k], rows sum to 1 where non-empty
     ce: np.ndarray  # float32 [n]: the candidate's CE at that position; NaN where it fell back
     mean_ce: float  # the candidate's mean CE over the window (window-level fusion metric)
+    mass: np.ndarray | None = None  # float32 [n] in [0, 1]: the kept entries' mass before renormalising
+
+
+def row_mass(candidate: Candidate) -> np.ndarray:
+    """float32 [n]: the candidate's `mass`, or where it has none, 1 on each row that holds probability
+    and 0 on an empty row."""
+    if candidate.mass is not None:
+        return np.asarray(candidate.mass, dtype=np.float32)
+    return (np.asarray(candidate.probs).sum(axis=1) > 0).astype(np.float32)
 
 
 @dataclass

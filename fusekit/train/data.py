@@ -152,7 +152,8 @@ class DataPlan:
         t_ids = np.full((1, 1, 1), -1, dtype=np.int32) if self.with_target else None
         t_p = np.zeros((1, 1, 1), dtype=np.float32) if self.with_target else None
         mask = None if self.pack else np.ones((1, 1), dtype=np.int64)
-        return Batch(z, z.copy(), np.full((1, 1), IGNORE, dtype=np.int64), t_ids, t_p, mask, real_tokens=0)
+        t_mass = np.zeros((1, 1), dtype=np.float32) if self.with_target else None
+        return Batch(z, z.copy(), np.full((1, 1), IGNORE, dtype=np.int64), t_ids, t_p, mask, real_tokens=0, target_mass=t_mass)
 
     @property
     def groups_read(self) -> int:

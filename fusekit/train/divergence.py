@@ -6,11 +6,20 @@ p > 0 (equal ids summed); the mass outside — the teacher's p_rest = max(0, 1 �
 q_rest = Σ_{v ∉ S} q(v) — is one more bucket, so each divergence is taken between two distributions on
 |S| + 1 outcomes: finite, and exact when S holds everything either side puts mass on.
 
-    kl          KL(p‖q) = Σ p·log(p/q) on S ∪ {rest} (forward KL; Hinton et al. 2015, GKD β = 0).
-    reverse_kl  KL(q‖p) (Gu et al. 2024, MiniLLM; GKD β = 1). The aligned store keeps each source's top-k
-                renormalised, so the teacher's rest is 0 and KL(q‖p) would be infinite for any student with
-                mass outside S: the teacher's rest is floored at `REVERSE_KL_REST_FLOOR` (its top-k scaled
-                to sum 1 − floor) for this loss alone.
+Where the teacher's p comes from: the aligned store keeps each candidate's top-k renormalised, and since
+format version 3 also the mass those k entries held before (`c{c}_mass`: for the target Σ exp(topk_logp),
+for a 1:1-carried source its source row's, for the byte-span transfer the transferred row's mass before
+its renormalisation; docs/ALIGN.md). Fusion blends that mass with the rows (`fuse.SparseTarget.mass`), and
+the loss entry points scale each fused row to sum to it (`scale_to_mass`), so Σ p = mass and
+p_rest = 1 − mass: the mass the teachers' top-k left out (≈ 0.23 per position for SmolLM2-135M at k = 10).
+A version-2 store records no mass: there p_rest is 0, as before (the trainer warns once).
+
+    kl          KL(p‖q) = Σ p·log(p/q) on S ∪ {rest} (forward KL; Hinton et al. 2015, GKD β = 0). With
+                p_rest = 0 its gradient is `ce`'s; with the mass it differs wherever the teacher's rest > 0.
+    reverse_kl  KL(q‖p) (Gu et al. 2024, MiniLLM; GKD β = 1). Where the teacher's rest is 0 (a one-hot
+                fallback, a top-k that held everything, a version-2 store) KL(q‖p) would be infinite for any
+                student with mass outside S: the teacher's rest is floored at `REVERSE_KL_REST_FLOOR` (its
+                top-k scaled to sum 1 − floor) there, for this loss alone; a rest above the floor is kept.
     jsd         generalized JSD of GKD (Agarwal et al. 2024, arXiv 2306.13649, eq. 1) in TRL's convention
                 (`GKDTrainer.generalized_jsd_loss`): M = β·p + (1−β)·q, JSD_β = β·KL(p‖M) + (1−β)·KL(q‖M);
                 it tends to KL(p‖q)·β and KL(q‖p)·(1−β) at the ends, which is why β lies in (0, 1) here.
@@ -73,8 +82,23 @@ def merge_equal_ids(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tenso
     return out_ids, torch.where(out_ids >= 0, out_p, 0)
 
 
+def scale_to_mass(probs: torch.Tensor, mass: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's probabilities on its ids: each row of `probs` [c, m] scaled to sum to `mass` [c].
+
+    The fused target's rows are renormalised (they sum to 1, or 0 where there is no target); `mass` is
+    what the teacher held on those ids before (`fuse.SparseTarget.mass`), so the rest bucket below is
+    1 − mass. None: the rows as given (a teacher whole on its ids, or probs already scaled by the caller).
+    """
+    if mass is None:
+        return probs
+    total = probs.sum(-1)
+    scale = torch.where(total > 0, mass.to(probs.dtype) / torch.where(total > 0, total, 1.0), 0.0)
+    return probs * scale[:, None]
+
+
 def teacher_buckets(probs: torch.Tensor, loss: str, rest_exists: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p on the support [c, m], p_rest [c]) for `loss`: p_rest = max(0, 1 − Σp), floored for reverse_kl.
+    """(p on the support [c, m], p_rest [c]) for `loss`: p_rest = max(0, 1 − Σp) (Σp = the teacher's mass,
+    `scale_to_mass`), raised to `REVERSE_KL_REST_FLOOR` for reverse_kl where it is below.
 
     rest_exists bool [c]: whether any id lies outside the support. Where none does (the support is the
     whole vocabulary) the teacher's rest can only be rounding, and is 0: every loss is then exact.

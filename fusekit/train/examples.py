@@ -28,6 +28,7 @@ class Example:
     labels: np.ndarray  # int64 [n]
     target_ids: np.ndarray | None  # int32 [n, m], −1 empty
     target_probs: np.ndarray | None  # float32 [n, m]
+    target_mass: np.ndarray | None = None  # float32 [n]: the fused teacher's mass on its ids (`SparseTarget.mass`)
 
 
 def position_mask(window: AlignedWindow) -> np.ndarray:
@@ -99,7 +100,9 @@ def window_example(
         return Example(ids, labels, None, None)
     fused = fuse_window(window, fusion, granularity)
     probs = np.where(keep[:, None], fused.probs, 0.0).astype(np.float32)
-    return Example(ids, labels, fused.ids, with_temperature(probs, temperature))
+    # The temperature reshapes the teacher on its ids and keeps their mass, so the rest (1 − mass) stays.
+    mass = np.where(keep, fused.mass, 0.0).astype(np.float32)
+    return Example(ids, labels, fused.ids, with_temperature(probs, temperature), mass)
 
 
 @dataclass(frozen=True)

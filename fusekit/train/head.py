@@ -68,9 +68,11 @@ class loss_at_head(capture_head_input):
 
 
 class FusionStep(nn.Module):
-    """`forward(batch tensors, lam, attention_mask)` → (total, clm, fusion) sums; `fused` picks the chunked head.
+    """`forward(batch tensors, lam, attention_mask, target_mass)` → (total, clm, fusion) sums; `fused` picks
+    the chunked head.
 
-    `loss` names the fusion term (`divergence.LOSSES`: "ce" is FuseLLM's), `beta` jsd's and gold's β.
+    `loss` names the fusion term (`divergence.LOSSES`: "ce" is FuseLLM's), `beta` jsd's and gold's β;
+    `target_mass` [B, L] (None: 1) the teacher's mass on its ids, which the divergences read (`ce` does not).
     The LM is this module's only child (`.lm`), so wrapping FusionStep in DDP/FSDP wraps the LM and the
     loss's use of the output weight happens inside the wrapped forward.
     """
@@ -82,20 +84,20 @@ class FusionStep(nn.Module):
         self.loss, self.beta = loss, beta
         self._probe_fn = None  # set while a probe runs through this module's own call
 
-    def forward(self, input_ids, position_ids, labels, target_ids, target_probs, lam: float, attention_mask=None):
+    def forward(self, input_ids, position_ids, labels, target_ids, target_probs, lam: float, attention_mask=None, target_mass=None):
         if self._probe_fn is not None:
             return self._probe_fn(self.lm)
         # attention_mask: unpacked, right-padded rows (models that cannot pack); None for packed rows.
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
         if not self.fused:
             logits = self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
-            sums = fused_loss(logits, labels, target_ids, target_probs, lam, self.loss, self.beta)
+            sums = fused_loss(logits, labels, target_ids, target_probs, lam, self.loss, self.beta, target_mass)
         else:
             head = output_layer(self.lm)
 
             def loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
                 return linear_fusion_loss(hidden, weight, bias, labels, target_ids, target_probs, lam,
-                                          loss=self.loss, beta=self.beta)
+                                          loss=self.loss, beta=self.beta, target_mass=target_mass)
 
             with loss_at_head(head, loss) as found:
                 self.lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from fusekit.train.divergence import chunk_loss_and_grad
+from fusekit.train.divergence import chunk_loss_and_grad, scale_to_mass
 from fusekit.train.loss import IGNORE, LossSums, check_loss
 
 CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}  # logits per chunk: 128 MiB / 1 GiB in fp32
@@ -179,6 +179,7 @@ def linear_fusion_loss(
     chunk_elements: int | None = None,
     loss: str = "ce",
     beta: float | None = None,
+    target_mass: torch.Tensor | None = None,
 ) -> LossSums:
     """Sums over positions of λ·CLM + (1−λ)·fusion, from hidden states through the output layer.
 
@@ -188,7 +189,8 @@ def linear_fusion_loss(
     or both None with λ = 1. Equals `fused_loss(hidden @ weight.T + bias, …)` in value and gradient (to
     fp32 rounding) without building [N, V]. Returns `LossSums` (differentiable total, detached parts).
     `loss`: the fusion term, "ce" (FuseLLM's) or a divergence of `divergence.LOSSES`; `beta`: jsd's and
-    gold's β. Raises ValueError for an unknown loss, λ outside [0, 1] or a missing target with λ < 1.
+    gold's β; `target_mass` [...] the teacher's mass on its ids, read by the divergences only (as in
+    `loss.fused_loss`). Raises ValueError for an unknown loss, λ outside [0, 1] or a missing target with λ < 1.
     """
     check_loss(loss, lam)
     if target_ids is None and lam != 1.0:
@@ -202,6 +204,8 @@ def linear_fusion_loss(
         # The fusion term counts exactly where the CLM term does: positions with a next token.
         wide = torch.float32 if loss == "ce" else torch.promote_types(hidden.dtype, torch.float32)  # fp64 in tests
         probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
+        if loss != "ce":
+            probs = scale_to_mass(probs, None if target_mass is None else target_mass.reshape(-1))
     rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
     if loss != "ce" and ids is not None:
         rows = max(1, rows // 2)  # two [c, V] working buffers a chunk

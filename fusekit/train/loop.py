@@ -25,7 +25,7 @@ import fusekit.train.tracking as tracking
 from fusekit.train.config import TrainConfig, TrainConfigError, build_config
 from fusekit.train.export import write_hf_model
 from fusekit.train.data import DataPlan
-from fusekit.train.source import check_target, default_workers, open_source
+from fusekit.train.source import check_target, default_workers, missing_mass, open_source
 from fusekit.train.ddp import Dist, init_distributed, shard, under_torchrun
 from fusekit.train.head import FusionStep
 from fusekit.train.meta_init import build_sharded
@@ -132,6 +132,9 @@ def _train(model_ref, aligned, out: Path, cfg: TrainConfig, resume, progress, de
     if source_factory is None:
         source = open_source(aligned)
         check_target(source, tokenizer, config, model_ref)
+        without_mass = missing_mass(source, cfg.loss, cfg.uses_target)
+        if without_mass and d.is_main:
+            warnings.warn(without_mass, stacklevel=2)
     else:
         source = source_factory(dev, d)
     _seed_everything(cfg.seed)
@@ -296,6 +299,7 @@ class FusionObjective:
             None if batch.target_probs is None else torch.as_tensor(batch.target_probs, device=dev),
             self.cfg.lam_at(step, self.total_steps),
             None if batch.attention_mask is None else torch.as_tensor(batch.attention_mask, device=dev),
+            None if batch.target_mass is None else torch.as_tensor(batch.target_mass, device=dev),
         )
         return total, torch.stack([total.detach(), clm, fusion])
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusekit.train.divergence import LOSSES, chunk_loss_and_grad
+from fusekit.train.divergence import LOSSES, chunk_loss_and_grad, scale_to_mass
 
 IGNORE = -100
 _CHUNK_ELEMENTS = 1 << 26  # fp32 working set per chunk when logits are bf16/fp16 (256 MiB)
@@ -135,7 +135,7 @@ def check_loss(loss: str, lam: float) -> None:
 
 def fused_loss(
     logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Tensor | None, target_probs: torch.Tensor | None,
-    lam: float, loss: str = "ce", beta: float | None = None,
+    lam: float, loss: str = "ce", beta: float | None = None, target_mass: torch.Tensor | None = None,
 ) -> LossSums:
     """Sums of λ·CLM + (1−λ)·fusion over positions.
 
@@ -143,7 +143,10 @@ def fused_loss(
     (−1 empty) and target_probs [..., m] (0 at empty slots and at positions without a label). λ = 1 is
     plain cross-entropy, with the fusion target not even read. `loss`: the fusion term — "ce"
     (FuseLLM's −Σ p·log q) or a divergence of `divergence.LOSSES` (`beta`: jsd's and gold's β).
-    Raises ValueError for an unknown loss, λ outside [0, 1] or a missing target with λ < 1.
+    `target_mass` [...] (None: the rows as given): the teacher's mass on its ids; a divergence takes the
+    teacher as target_probs scaled to sum to it, with 1 − mass in the rest bucket (`divergence.scale_to_mass`).
+    `ce` ignores it: FuseLLM's CE is to the renormalised target. Raises ValueError for an unknown loss,
+    λ outside [0, 1] or a missing target with λ < 1.
     """
     check_loss(loss, lam)
     if lam == 1.0 or target_ids is None:
@@ -158,6 +161,7 @@ def fused_loss(
     if loss != "ce":
         wide = torch.promote_types(logits.dtype, torch.float32)  # fp64 logits (tests) keep fp64 targets
         probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
+        probs = scale_to_mass(probs, None if target_mass is None else target_mass.reshape(-1))
         total, clm, fusion = _SparseDivergence.apply(
             logits.reshape(-1, v), flat_labels.long(), target_ids.reshape(-1, m).long(), probs, float(lam), loss, beta
         )

@@ -27,6 +27,7 @@ class Batch:
     target_probs: np.ndarray | None  # float32 [B, L, m]
     attention_mask: np.ndarray | None = None  # int64 [B, L], 1 = a window's token (unpacked rows); None when packed
     real_tokens: int | None = None  # tokens of windows, padding excluded (None: every position)
+    target_mass: np.ndarray | None = None  # float32 [B, L]: the teacher's mass on its ids (with a target)
 
     @property
     def label_tokens(self) -> int:
@@ -83,6 +84,7 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool, packe
     labels = np.full((b, width), IGNORE, dtype=np.int64)
     t_ids = np.full((b, width, max(m, 1)), -1, dtype=np.int32) if with_target else None
     t_p = np.zeros((b, width, max(m, 1)), dtype=np.float32) if with_target else None
+    t_mass = np.zeros((b, width), dtype=np.float32) if with_target else None
     mask = None if packed else np.zeros((b, width), dtype=np.int64)
     real = 0
     for r, row in enumerate(rows):
@@ -96,9 +98,11 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool, packe
                 k = ex.target_ids.shape[1]
                 t_ids[r, at : at + n, :k] = ex.target_ids[s:e]
                 t_p[r, at : at + n, :k] = ex.target_probs[s:e]
+                # An example made without a mass (a hand-made one) has its teacher whole on its ids.
+                t_mass[r, at : at + n] = ex.target_mass[s:e] if ex.target_mass is not None else ex.target_probs[s:e].sum(-1) > 0
             at += n
         if mask is not None:
             mask[r, :at] = 1
         position_ids[r, at:] = np.arange(width - at)
         real += at
-    return Batch(input_ids, position_ids, labels, t_ids, t_p, mask, real_tokens=real)
+    return Batch(input_ids, position_ids, labels, t_ids, t_p, mask, real_tokens=real, target_mass=t_mass)

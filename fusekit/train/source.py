@@ -1,5 +1,6 @@
 """Where the trainer's windows come from: an aligned store folder, a store object or windows in memory,
-read by index (`WindowSource`), checked against the target model before any step (`check_target`)."""
+read by index (`WindowSource`), checked against the target model before any step (`check_target`) and
+against the loss (`missing_mass`)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,18 @@ def check_target(source: WindowSource, tokenizer, config, model_ref: str) -> Non
                 f"{folder} was aligned for {built_for}, whose tokenizer differs from {model_ref}'s (same vocabulary size, "
                 "other tokens): train the model whose extraction store was the --target of `fusekit align`, or align again for this one"
             )
+
+
+def missing_mass(source: WindowSource, loss: str, uses_target: bool) -> str | None:
+    """The warning for a divergence loss on an aligned store that records no teacher mass (format version 2,
+    before `c{c}_mass`), else None. Such a store trains as before version 3 — every teacher whole on its
+    kept ids, a rest bucket of 0 — so `kl` equals `ce` and `reverse_kl` leans on its floor."""
+    store = getattr(source, "_store", None)
+    if loss == "ce" or not uses_target or getattr(store, "has_mass", True):
+        return None
+    version = store.settings.get("format_version") if isinstance(getattr(store, "settings", None), dict) else None
+    return (
+        f"{getattr(store, 'folder', 'the aligned store')} (aligned store format {version}) records no teacher mass outside "
+        f"the top-k, so --loss {loss} takes every teacher's rest bucket as 0 (kl trains like ce): run `fusekit align` "
+        "again (same inputs, a new --out) to write format 3 with each candidate's kept mass"
+    )

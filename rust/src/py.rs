@@ -598,6 +598,7 @@ type TransferArrays<'py> = (
     Bound<'py, PyArray1<u8>>,
     Bound<'py, PyArray1<i32>>,
     Option<Bound<'py, PyArray1<bool>>>,
+    Bound<'py, PyArray1<f32>>,
 );
 
 /// Transfer many texts' source top-k onto their target tokens, in parallel over texts with the GIL
@@ -605,8 +606,9 @@ type TransferArrays<'py> = (
 /// target's text where the source rendered its own, the transfer, and where a text names a seed the
 /// perfect source's recall. Items: `TextArrays`. `perfect_logp`: (log p on the true token, on each
 /// other id) of the perfect source. Returns per item (ids [n, out_k] i32, probs [n, out_k] f32,
-/// carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32, recalled [n − 1] or None). The result
-/// does not depend on `threads`.
+/// carried [n], true_mass [n] f32, kind [n] u8, src_row [n] i32, recalled [n − 1] or None, kept_mass [n]
+/// f32: each row's mass before its renormalisation, NaN where nothing carried). The result does not
+/// depend on `threads`.
 #[pyfunction]
 #[pyo3(signature = (source, target, items, out_k, threads=None, perfect_logp=(0.0, 0.0)))]
 fn transfer_texts<'py>(
@@ -641,6 +643,7 @@ fn transfer_texts<'py>(
                 t.kind.into_pyarray(py),
                 t.src_row.into_pyarray(py),
                 r.recalled.map(|v| v.into_pyarray(py)),
+                t.kept_mass.into_pyarray(py),
             ))
         })
         .collect()

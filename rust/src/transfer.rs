@@ -28,7 +28,10 @@
 //!
 //! Rows are the aggregated mass per target id, highest first (ties: lower id), truncated to `out_k` and
 //! renormalised; `true_mass` keeps the unnormalised probability of the target's true next token (the
-//! source's probability of the same event the target's CE scores), NaN where nothing transferred. A row
+//! source's probability of the same event the target's CE scores), and `kept_mass` the row's whole
+//! unnormalised mass after truncation (what the renormalisation divided by: the source's probability of
+//! the kept target pieces, so probs · kept_mass is the row as transferred), both NaN where nothing
+//! transferred. A row
 //! with no transferred mass falls back to one-hot on the next target token, as in FuseLLM. The last row
 //! (no next token) is empty. When both tokenizers are the same, every row is the source's own row, with
 //! only twins and special ids merged as above. This is the tokenizer-transfer view of the distribution:
@@ -152,6 +155,9 @@ pub struct Transferred {
     pub carried: Vec<bool>,
     /// Unnormalised transferred probability of the target's true next token; NaN where nothing carried.
     pub true_mass: Vec<f32>,
+    /// Unnormalised mass of the row's kept `out_k` entries (the sum its probabilities were divided by);
+    /// NaN where nothing carried.
+    pub kept_mass: Vec<f32>,
     /// KIND_* per row.
     pub kind: Vec<u8>,
     /// Source row the transfer started from (−1 on fallback).
@@ -241,6 +247,7 @@ impl Transferred {
             probs: vec![0.0; rows * out_k],
             carried: vec![false; rows],
             true_mass: vec![f32::NAN; rows],
+            kept_mass: vec![f32::NAN; rows],
             kind: vec![KIND_FALLBACK; rows],
             src_row: vec![-1; rows],
         }
@@ -251,6 +258,7 @@ impl Transferred {
         self.probs.extend(other.probs);
         self.carried.extend(other.carried);
         self.true_mass.extend(other.true_mass);
+        self.kept_mass.extend(other.kept_mass);
         self.kind.extend(other.kind);
         self.src_row.extend(other.src_row);
     }
@@ -409,6 +417,7 @@ fn rows(x: &TransferInputs, src: &SourceVocab, tgt: &TargetVocab, lo: usize, hi:
         row.mass.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         row.mass.truncate(ok);
         let total: f64 = row.mass.iter().map(|e| e.1).sum();
+        out.kept_mass[r] = total as f32;
         for (slot, (id, p)) in row.mass.iter().enumerate() {
             r_ids[slot] = *id as i32;
             r_probs[slot] = (p / total) as f32;
@@ -507,6 +516,45 @@ mod tests {
         assert!((out.probs[0] - 0.4).abs() < 1e-6 && (out.probs[2] - 0.2).abs() < 1e-6);
         assert!((out.true_mass[0] - 0.4).abs() < 1e-6);
         assert_eq!(out.kind[0], KIND_MANY_TO_ONE);
+        assert!((out.kept_mass[0] - 1.0).abs() < 1e-6 && out.kept_mass[1].is_nan());
+    }
+
+    /// `kept_mass` is what each row held before its renormalisation: a 1:1 row keeps the source's top-k
+    /// mass, truncation to `out_k` drops the smallest entries' mass, and along an n:1 chain the true path's
+    /// mass is multiplied by the next row's top-k mass (the chain rule leaves out what it cannot score).
+    #[test]
+    fn kept_mass_is_each_row_before_renormalisation() {
+        let text = "abc";
+        let src_v = SourceVocab { tokens: vocab(&["a", "b", "c", "x"]), ends: Ends::default() };
+        // Row 0 → "b" .5, "x" .2 (0.3 outside the top-2); row 1 → "c" .4, "x" .4 (0.2 outside).
+        let topk_ids = [1, 3, 2, 3, 0, 0];
+        let lp = [0.5f32.ln(), 0.2f32.ln(), 0.4f32.ln(), 0.4f32.ln(), f32::NEG_INFINITY, f32::NEG_INFINITY];
+        let run = |tgt_pieces: &[&str], tgt_ids: &[u32], tgt_vocab: &[&str], out_k: usize| {
+            let x = TransferInputs {
+                text: text.as_bytes(),
+                src_ids: &[0, 1, 2],
+                src_spans: &spans(text, &["a", "b", "c"]),
+                tgt_ids,
+                tgt_spans: &spans(text, tgt_pieces),
+                src_topk_ids: &topk_ids,
+                src_topk_logp: &lp,
+                src_true_logp: &[],
+                k: 2,
+                out_k,
+            };
+            transfer(&x, &src_v, &target(tgt_vocab)).unwrap()
+        };
+        // The same pieces (1:1): each row keeps its source row's top-k mass.
+        let same = run(&["a", "b", "c"], &[0, 1, 2], &["a", "b", "c", "x"], 2);
+        assert!((same.kept_mass[0] - 0.7).abs() < 1e-6 && (same.kept_mass[1] - 0.8).abs() < 1e-6);
+        assert!((same.probs[0] - 0.5 / 0.7).abs() < 1e-6);
+        // Truncated to one entry: only the largest entry's mass is kept.
+        let one = run(&["a", "b", "c"], &[0, 1, 2], &["a", "b", "c", "x"], 1);
+        assert!((one.kept_mass[0] - 0.5).abs() < 1e-6 && (one.probs[0] - 1.0).abs() < 1e-6);
+        // n:1 onto "bc": "bc" .5·.4, "bx" .5·.4, "x" .2 → kept .6; true-token mass .2 = probs · kept.
+        let chain = run(&["a", "bc"], &[0, 1], &["a", "bc", "b", "bx", "x"], 4);
+        assert!((chain.kept_mass[0] - 0.6).abs() < 1e-6);
+        assert!((chain.true_mass[0] - chain.probs[0] * chain.kept_mass[0]).abs() < 1e-6);
     }
 
     #[test]

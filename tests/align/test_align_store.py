@@ -119,6 +119,17 @@ def test_hand_worked_text(hand_stores, tmp_path):
     np.testing.assert_array_equal(s2.ids, [[-1, -1]])
     assert np.isnan(s2.ce).all() and math.isnan(s2.mean_ce)
 
+    # Each candidate's mass before renormalising (format 3): the target's top-2 mass per row; a carried
+    # source row its source row's top-2 mass (W0: 0.5 + 0.3 after "the", 0.6 + 0.1 after " cat"); a one-hot
+    # fallback 1; an empty row 0.
+    np.testing.assert_allclose(t0.mass, [0.8, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(w1.candidates[0].mass, [0.4, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(w2.candidates[0].mass, [1.0], rtol=1e-6)
+    np.testing.assert_allclose(s0.mass, [0.8, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(s1.mass, [1.0, 0.0])
+    np.testing.assert_array_equal(s2.mass, [0.0])
+    assert store.has_mass and store.settings["format_version"] == 3
+
     (src,) = report["sources"]
     assert src["positions"] == 1 + 1 + 0 and src["carried"] == 1  # W0 pos 0 carried, W1 pos 0 fell back
     assert src["carried_share"] == pytest.approx(0.5) and src["fallback_share"] == pytest.approx(0.5)
@@ -227,18 +238,28 @@ def test_carried_and_fallback_match_a_reference(extracted):
                     assert got[t] == pytest.approx(p, abs=2e-3)
                 if carried:
                     assert cand.ce[j] == pytest.approx(full["ce"][sel][partners[j]], nan_ok=True)
+                    # Its mass: what the source row's top-k held on the ids the map sends somewhere, by hand
+                    # from the extraction store's log-probs; 1 − it is the source's mass outside the row.
+                    row_ids, row_lp = full["topk_ids"][sel][partners[j]], full["topk_logp"][sel][partners[j]].astype(np.float64)
+                    kept = sum(math.exp(lp) for i, lp in zip(row_ids.tolist(), row_lp.tolist()) if i >= 0 and mapping[i] >= 0)
+                    assert cand.mass[j] == pytest.approx(min(kept, 1.0), rel=1e-5)
                     checked_carried += 1
                 else:
                     assert np.isnan(cand.ce[j])
                     if j + 1 < len(tw.input_ids):
                         assert got == {int(tw.input_ids[j + 1]): 1.0}  # one-hot on the next target token
+                        assert cand.mass[j] == 1.0  # a one-hot is whole: nothing outside it
                         checked_fallback += 1
+                    else:
+                        assert cand.mass[j] == 0.0  # the window's last row: empty
             metric = full["ce"][sel]
             metric = metric[np.isfinite(metric)]
             assert cand.mean_ce == pytest.approx(float(metric.mean()), rel=1e-6)
-        # The target's own candidate: its stored top-k, renormalised over k.
+        # The target's own candidate: its stored top-k, renormalised over k, and the mass the k held before:
+        # 1 − the mass the target model put outside its top-k.
         p = np.exp(tw.topk_logp.astype(np.float64))
         np.testing.assert_allclose(aw.candidates[0].probs, p / p.sum(1, keepdims=True), atol=2e-3)
+        np.testing.assert_allclose(aw.candidates[0].mass, np.minimum(p.sum(1), 1.0), rtol=1e-6)
         np.testing.assert_array_equal(aw.candidates[0].ids, tw.topk_ids)
         np.testing.assert_allclose(aw.candidates[0].ce, tw.ce)
     assert checked_carried > 50 and checked_fallback > 50
@@ -280,15 +301,26 @@ def test_bytespan_reaches_the_positions_the_paper_rule_drops(extracted, tmp_path
         assert new["bad_mass"] == 0.0
     assert report["sources"][0]["perfect_source_recall"] > 0.9  # Unigram source: the same text, other pieces
     store = AlignedStore(out)
+    below_one = checked = 0
     for w in store.iter_windows():
         for c in w.candidates[1:]:
             rows = np.flatnonzero(np.isfinite(c.ce[:-1]))
             for j in rows[:5]:
                 # CE = −ln of the source's (unnormalised) probability of the target's next token: it can be
-                # no smaller than −ln of the renormalised probability the row puts on it.
+                # no smaller than −ln of the renormalised probability the row puts on it — and with the row's
+                # mass it is exactly −ln(probs · mass) there: the mass undoes the renormalisation.
                 p = c.probs[j][c.ids[j] == w.input_ids[j + 1]].sum()
                 if p > 0:  # (the true token may have been cut from the row's k entries)
                     assert c.ce[j] >= -np.log(p) - 2e-3  # probabilities are stored as float16
+                    if p > 1e-3:  # float16 keeps ~3 digits of a probability this large (not of a subnormal one)
+                        assert c.ce[j] == pytest.approx(-np.log(p * c.mass[j]), abs=2e-3)
+                        checked += 1
+            # The mass is a probability; a one-hot fallback is whole (1), the window's last row empty (0).
+            assert ((c.mass >= 0) & (c.mass <= 1)).all()
+            fallback = ~np.isfinite(c.ce[:-1]) & (c.ids[:-1, 0] == w.input_ids[1:]) & (c.probs[:-1, 0] == 1)
+            assert (c.mass[:-1][fallback] == 1).all() and c.mass[-1] == 0
+            below_one += int((c.mass[:-1] < 0.99).sum())
+    assert below_one > 0 and checked > 20  # these tiny models' top-4 leave mass out: the rest the losses see
     # A window's mean CE is the mean over its rows with a known CE (a row with none — a source window's last
     # row when the true token is outside the top-k — must not make the whole window's mean unknown).
     unknown = 0

@@ -32,9 +32,10 @@ def _random_topk(n: int, k: int, vocab_size: int, seed: int) -> tuple[np.ndarray
     return ids, logp.astype(np.float32)
 
 
-def _merged_expectation(info, ids_row, logp_row) -> dict[int, float]:
+def _merged_expectation(info, ids_row, logp_row, normalise: bool = True) -> dict[int, float]:
     """The source's own row as the transfer must give it back onto the same tokenizer: byte-fallback twins
-    onto their ordinary token, EOS kept, other specials and padded ids dropped, renormalised."""
+    onto their ordinary token, EOS kept, other specials and padded ids dropped, renormalised (or, with
+    `normalise=False`, the probabilities as the source gave them)."""
     preferred: dict[str, int] = {}
     for i, (s, ok) in enumerate(zip(info.strings, info.usable.tolist())):
         if ok:
@@ -50,7 +51,7 @@ def _merged_expectation(info, ids_row, logp_row) -> dict[int, float]:
             if t is None:
                 continue
         out[t] = out.get(t, 0.0) + math.exp(lp)
-    total = sum(out.values())
+    total = sum(out.values()) if normalise else 1.0
     return {t: p / total for t, p in out.items()}
 
 
@@ -79,6 +80,10 @@ def test_a_tokenizer_onto_itself_gives_its_own_distribution_back(name, tokenizer
         for t in want:
             assert got[t] == pytest.approx(want[t], abs=1e-5)
         assert out.true_prob[j] == pytest.approx(math.exp(logp[j, 0]), rel=1e-5)
+        # 1:1 everywhere: each row held the source row's top-k mass (< 1 here: the top-k leaves e^−0.05 of
+        # it out), less what it dropped (specials, padding) — the source's own probability of those ids.
+        assert out.mass[j] == pytest.approx(sum(_merged_expectation(info, ids[j], logp[j], normalise=False).values()), rel=1e-5)
+        assert out.mass[j] < 1.0
 
 
 @pytest.mark.parametrize("pair", [("gpt-2", "llama-spm"), ("llama-spm", "phi-3"), ("mpt", "llama-spm"), ("llama-spm", "gpt-2")])
@@ -109,6 +114,9 @@ def test_rust_transfer_equals_the_slow_reference(pair):
             assert row[i] == pytest.approx(w / total, abs=1e-5)
         truth = int(tgt.ids[j + 1])
         assert got.true_prob[j] == pytest.approx(mass.get(truth, 0.0), rel=1e-4, abs=1e-9)
+        # The row's mass before renormalising is the reference's unnormalised total (out_k 64 truncates nothing).
+        assert got.mass[j] == pytest.approx(total, rel=1e-4, abs=1e-9)
+        assert 0.0 < got.mass[j] <= 1.0 + 1e-6
 
 
 def _recall(src_tok, tgt_tok, texts, method="bytespan") -> float:
@@ -327,3 +335,20 @@ def test_paper_rule_never_carries_a_row_about_a_token_the_target_cannot_take(met
             assert not out.carried[j] and out.ids[j, 0] == nxt and out.probs[j, 0] == 1.0, j
         elif out.carried[j]:
             assert out.probs[j][out.ids[j] == nxt].sum() > 0.99, j  # what carries is the source's own row
+
+
+def test_the_paper_rule_records_each_carried_rows_mass_before_renormalising():
+    """`fusellm` on GPT-2 onto itself (every position 1:1): a carried row's mass is its source row's top-k
+    mass, and with out_k < k what the first out_k entries of it keep; NaN where nothing carried."""
+    tok = real_tokenizer("gpt-2")
+    src = encode_offsets(tok, HARD_TEXT)
+    ids, logp = _random_topk(len(src.ids), 6, len(tok), seed=3)
+    ids[:-1, 0] = src.ids[1:]
+    whole = fusekit.transfer(HARD_TEXT, tok, tok, ids, logp, method="fusellm")
+    cut = fusekit.transfer(HARD_TEXT, tok, tok, ids, logp, method="fusellm", out_k=2)
+    rows = np.flatnonzero(whole.carried)
+    assert len(rows) > 20 and np.isnan(whole.mass[~whole.carried]).all()
+    p = np.exp(logp.astype(np.float64))
+    np.testing.assert_allclose(whole.mass[rows], p[rows].sum(1), rtol=1e-5)  # < 1: the top-k leaves e^−0.05 out
+    top2 = np.sort(p[rows], axis=1)[:, -2:].sum(1)
+    np.testing.assert_allclose(cut.mass[rows], top2, rtol=1e-5)

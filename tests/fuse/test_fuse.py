@@ -77,6 +77,29 @@ def test_avg_ce_window_weights_by_formula():
         assert got[key] == pytest.approx(want[key], rel=1e-6)
 
 
+def test_fused_mass_is_the_chosen_or_blended_candidates_mass():
+    """MinCE takes the chosen candidate's kept mass; AvgCE the weighted mean of the candidates' masses; a
+    candidate that records none (a version-2 store) counts 1 on each row with probability, 0 on an empty one."""
+    masses = [np.array([0.8, 0.7, 0.9], np.float32), np.array([0.6, 1.0, 0.5], np.float32), None]
+    cands = [Candidate(c.ids, c.probs, c.ce, c.mean_ce, m) for c, m in zip((TARGET, SRC_A, SRC_B), masses)]
+    window = AlignedWindow(0, 0, np.array([10, 11, 12]), cands)
+    # MinCE passes the chosen candidate's float32 mass through exactly.
+    np.testing.assert_array_equal(fuse_window(window, "min_ce", "window").mass, np.float32([0.6, 1.0, 0.5]))  # SRC_A
+    # token MinCE: A, then B (no mass recorded: 1), then the target.
+    np.testing.assert_array_equal(fuse_window(window, "min_ce", "token").mass, np.float32([0.6, 1.0, 0.9]))
+    scores = [math.exp(math.exp(-c)) for c in (1.5, 1.0, 2.0)]
+    wt, wa, wb = (x / sum(scores) for x in scores)
+    want = [0.8 * wt + 0.6 * wa + 1.0 * wb, 0.7 * wt + 1.0 * wa + 1.0 * wb, 0.9 * wt + 0.5 * wa + 1.0 * wb]
+    fused = fuse_window(window, "avg_ce", "window")
+    np.testing.assert_allclose(fused.mass, want, rtol=1e-6)
+    # The probabilities are FuseLLM's blend of renormalised rows, whatever the masses.
+    np.testing.assert_array_equal(fused.probs, fuse_window(WINDOW, "avg_ce", "window").probs)
+    empty = Candidate(np.array([[3], [-1]], np.int32), np.array([[1.0], [0.0]], np.float32), np.array([1.0, NAN], np.float32), 1.0)
+    np.testing.assert_array_equal(fuse_window(AlignedWindow(0, 0, np.array([1, 3]), [empty])).mass, [1.0, 0.0])
+    with pytest.raises(FusionError, match="mass"):
+        fuse_window(AlignedWindow(0, 0, np.array([1, 3]), [Candidate(empty.ids, empty.probs, empty.ce, 1.0, np.ones(3, np.float32))]))
+
+
 def test_avg_ce_token_leaves_fallbacks_out():
     weights = fusion_weights(WINDOW, "avg_ce", "token")
     s = [math.exp(math.exp(-c)) for c in (2.0, 1.0, 3.0)]

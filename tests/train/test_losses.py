@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,6 +264,82 @@ def test_ce_is_unchanged(lam):
     torch.testing.assert_close(a.grad, c.grad, rtol=1e-5, atol=1e-6)
 
 
+def teacher_with_mass(seed: int):
+    """A batch whose teacher rows are renormalised (as the aligned store keeps them) and carry the mass
+    their top-k held before, 0.35–0.95 per position (as `c{c}_mass` records it)."""
+    logits, labels, ids, probs = make_batch(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    mass = torch.rand(probs.shape[:-1], generator=g, dtype=torch.float64) * 0.6 + 0.35
+    return logits, labels, ids, probs, mass
+
+
+@pytest.mark.parametrize("fused_head", [False, True])
+@pytest.mark.parametrize("loss", DIVERGENCES)
+def test_a_teacher_mass_below_one_is_the_rest_bucket_in_value_and_gradient(loss, fused_head):
+    """Renormalised rows plus their mass: the dense reference sees the teacher as probs · mass on its ids and
+    1 − mass outside them, over the full vocabulary."""
+    logits, labels, ids, probs, mass = teacher_with_mass(11)
+    beta, lam = beta_for(loss), 0.3
+    b = logits.clone().requires_grad_()
+    want = dense_reference(loss, beta, b, labels, ids, probs * mass[..., None], lam)
+    want.backward()
+    if fused_head:
+        g = torch.Generator().manual_seed(12)
+        hidden = torch.randn(*logits.shape[:2], 8, generator=g, dtype=torch.float64)
+        weight = torch.randn(logits.shape[-1], 8, generator=g, dtype=torch.float64)
+        # The same logits through the output layer: the reference is re-run on them.
+        hb, wb = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        want = dense_reference(loss, beta, hb @ wb.t(), labels, ids, probs * mass[..., None], lam)
+        want.backward()
+        ha, wa = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        got = linear_fusion_loss(ha, wa, None, labels, ids, probs, lam, chunk_elements=6 * logits.shape[-1], loss=loss,
+                                 beta=beta, target_mass=mass)
+        torch.testing.assert_close(got.total, want, rtol=1e-9, atol=1e-10)
+        got.total.backward()
+        torch.testing.assert_close(ha.grad, hb.grad, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(wa.grad, wb.grad, rtol=1e-8, atol=1e-10)
+        return
+    a = logits.clone().requires_grad_()
+    got = fused_loss(a, labels, ids, probs, lam, loss, beta, target_mass=mass)
+    torch.testing.assert_close(got.total, want, rtol=1e-9, atol=1e-10)
+    got.total.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_kl_equals_ce_only_when_the_teacher_is_whole_on_its_ids():
+    """KL(p‖q) = CE(p, q) − H(p): with mass 1 the gradients of kl and ce agree; with the teacher's real mass
+    (< 1) kl also pulls the student's mass outside the ids towards the teacher's rest, and they differ."""
+    logits, labels, ids, probs, mass = teacher_with_mass(13)
+
+    def grad(loss, m):
+        z = logits.clone().requires_grad_()
+        fused_loss(z, labels, ids, probs, 0.0, loss, None, target_mass=m).total.backward()
+        return z.grad
+
+    ce = grad("ce", None)
+    torch.testing.assert_close(grad("kl", torch.ones_like(mass)), ce, rtol=1e-5, atol=1e-6)  # ce runs in fp32
+    assert (grad("kl", mass) - ce).abs().max() > 1e-2
+    # `ce` reads no mass: FuseLLM's CE to the renormalised target, bit for bit.
+    assert torch.equal(grad("ce", mass), ce)
+
+
+def test_reverse_kl_keeps_a_real_rest_and_floors_only_a_missing_one():
+    """A teacher rest of 0.1 is taken as it is; a mass of 1 (no rest) gets the floor, as before."""
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0, -1.0]], dtype=torch.float64)
+    ids, p, labels = torch.tensor([[0, 1]]), torch.tensor([[0.75, 0.25]], dtype=torch.float64), torch.tensor([0])
+    q = torch.softmax(z[0], 0)
+    q_rest = float(q[2:].sum())
+
+    def closed_form(p_top, p_rest):
+        return sum(float(q[i]) * math.log(float(q[i]) / pt) for i, pt in enumerate(p_top)) + q_rest * math.log(q_rest / p_rest)
+
+    got = fused_loss(z, labels, ids, p, 0.0, "reverse_kl", target_mass=torch.tensor([0.9], dtype=torch.float64)).total
+    assert got.item() == pytest.approx(closed_form([0.675, 0.225], 0.1), rel=1e-12)
+    whole = fused_loss(z, labels, ids, p, 0.0, "reverse_kl", target_mass=torch.tensor([1.0], dtype=torch.float64)).total
+    f = 1 - REVERSE_KL_REST_FLOOR
+    assert whole.item() == pytest.approx(closed_form([0.75 * f, 0.25 * f], REVERSE_KL_REST_FLOOR), rel=1e-12)
+
+
 def test_loss_errors_in_the_kernels():
     logits, labels, ids, probs = make_batch(8)
     with pytest.raises(ValueError, match="unknown loss 'l2': choose one of ce, kl, reverse_kl, jsd, uld, gold"):
@@ -331,6 +408,42 @@ def test_run_train_with_jsd_through_the_fused_head(tiny_run, tmp_path):
     with pytest.raises(TrainError, match="loss: 'jsd' → 'kl'"):
         fusekit.run_train(target, windows, out, loss="kl", max_steps=2, lam=0.5, resume=True, lr=1e-3, batch_size=2,
                           max_length=32, progress=False)
+
+
+def test_a_version_2_store_still_trains_and_a_divergence_on_it_warns(tiny_run, tmp_path):
+    """A store written before the c{c}_mass columns reads with no mass (every teacher whole on its ids): `ce`
+    trains on it as on a version-3 store, bit for bit; a divergence trains too, with one warning naming what
+    to re-run, and without the teacher's rest its `kl` is not the version-3 store's."""
+    import json
+    import warnings
+
+    import fusekit
+    from fusekit.store.aligned_format import write_windows
+    from fusekit.store.aligned_store import AlignedStore
+
+    target, windows = tiny_run
+    old = write_windows(tmp_path / "v2", windows, [4, 4], settings={"format_version": 2})
+    new = write_windows(tmp_path / "v3", windows, [4, 4])
+    assert not AlignedStore(old).has_mass and AlignedStore(new).has_mass
+    w2, w3 = AlignedStore(old)[0], AlignedStore(new)[0]
+    assert w2.candidates[1].mass is None and (w3.candidates[1].mass < 1).all()
+    np.testing.assert_array_equal(w2.candidates[1].probs, w3.candidates[1].probs)
+    opts = dict(max_steps=1, lam=0.5, lr=1e-3, batch_size=2, max_length=32, progress=False, shuffle=False)
+
+    def first(store, name, loss, **extra):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fusekit.run_train(target, store, tmp_path / name, loss=loss, **opts, **extra)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return rows[0], [str(w.message) for w in seen if "records no teacher mass" in str(w.message)]
+
+    ce2, said = first(old, "ce2", "ce")
+    ce3, _ = first(new, "ce3", "ce")
+    assert said == [] and ce2["loss"] == ce3["loss"] and ce2["fusion"] == ce3["fusion"]
+    kl2, said = first(old, "kl2", "kl")
+    assert len(said) == 1 and "run `fusekit align` again" in said[0] and "format 2" in said[0] and "\n" not in said[0]
+    kl3, said3 = first(new, "kl3", "kl")
+    assert said3 == [] and math.isfinite(kl2["fusion"]) and kl2["fusion"] != pytest.approx(kl3["fusion"], rel=1e-3)
 
 
 def test_cli_and_recipe_refuse_bad_loss_options_in_one_line(tmp_path):

@@ -69,9 +69,28 @@ def test_online_equals_offline_on_the_first_batch(setup, tmp_path, fusion, granu
     assert raw["fusion"] == pytest.approx(offline["fusion"], rel=0.02)
 
 
+@pytest.mark.parametrize("loss, fusion, granularity", [
+    ("kl", "min_ce", "window"), ("kl", "avg_ce", "token"), ("reverse_kl", "min_ce", "window"),
+    ("jsd", "avg_ce", "window"), ("uld", "min_ce", "token"), ("gold", "min_ce", "window"),
+])
+def test_every_loss_is_the_same_online_and_offline(setup, tmp_path, loss, fusion, granularity):
+    """The divergences read each teacher's kept mass (the rest bucket): the store's c{c}_mass offline, the
+    same mass computed in memory online — so they agree too, once the online top-k goes through the codec."""
+    s = setup
+    beta = {"jsd": 0.3, "gold": 0.5}.get(loss)
+    opts = dict(OPTS, max_steps=1, fusion=fusion, granularity=granularity, lam=0.5, loss=loss,
+                **({"jsd_beta": beta} if beta else {}))
+    offline = first_loss(fusekit.run_train(s["target"], s["aligned"], tmp_path / "off", **opts).out)
+    sizes = [vocab(m) for m in (s["target"], *s["teachers"])]
+    online = first_loss(distill(s["target"], s["teachers"], s["corpus"], tmp_path / "on", top_k=4,
+                                windows_hook=store_values(4, sizes), **opts))
+    for key in ("loss", "clm", "fusion"):
+        assert online[key] == pytest.approx(offline[key], rel=1e-5, abs=1e-6), key
+
+
 def test_online_aligned_windows_equal_the_aligned_store(setup):
     """Window by window, every candidate (target first, then each teacher) equals the aligned store's:
-    ids exactly, CE to float rounding (the online top-k through the extraction store's codec), and
+    ids exactly, CE and mass to float rounding (the online top-k through the extraction store's codec), and
     probabilities to the aligned store's float16 (relative step 2⁻¹¹, rows renormalised on reading)."""
     from fusekit.store.aligned_store import AlignedStore
     from fusekit.train.online import OnlineWindows, load_online_model, read_corpus
@@ -91,6 +110,8 @@ def test_online_aligned_windows_equal_the_aligned_store(setup):
             np.testing.assert_array_equal(np.where(live, x.ids, -1), np.where(live, y.ids, -1), err_msg=f"window {i} cand {c}")
             np.testing.assert_allclose(x.probs, y.probs, rtol=2e-3, atol=1e-5, err_msg=f"window {i} cand {c}")
             np.testing.assert_allclose(x.ce, y.ce, rtol=1e-4, atol=1e-5, equal_nan=True)
+            # The mass each row held before renormalising: float32 in the store, the same value online.
+            np.testing.assert_allclose(x.mass, y.mass, rtol=1e-5, atol=1e-6, err_msg=f"window {i} cand {c}")
             assert x.mean_ce == pytest.approx(y.mean_ce, rel=1e-4, nan_ok=True)
 
 
