@@ -95,7 +95,9 @@ def summary_rows(ce: dict, variants: list[str], seeds: dict[str, list[int]], dom
 
 
 def plot(figures: dict, path: Path, title: str) -> Path | None:
-    """Bars of each variant's paired gap to CLM-only (mean ± sd over seeds); None without matplotlib."""
+    """Bars of each variant's paired gap to CLM-only (mean ± sd over seeds, each seed a dot); a gap far
+    outside the others is cut at the axis and labelled, so the small differences stay readable. None
+    without matplotlib."""
     try:
         import matplotlib
 
@@ -103,19 +105,29 @@ def plot(figures: dict, path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    import textwrap
+
     names = [n for n in figures if n != "clm-only"]
     means = [figures[n]["gap_mean"] for n in names]
     sds = [0.0 if math.isnan(figures[n]["gap_sd"]) else figures[n]["gap_sd"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 4))
-    colors = ["tab:blue" if "online" not in n else "tab:orange" for n in names]
-    ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=colors)
+    spans = sorted(abs(m) + s for m, s in zip(means, sds))
+    # The axis covers every gap but one that is over 4× the next largest (ULD's, on a store of ids).
+    limit = spans[-1] if len(spans) < 2 or spans[-1] <= 4 * spans[-2] else 1.6 * spans[-2]
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 4.4))
+    colors = ["tab:orange" if "online" in n else "tab:blue" for n in names]
+    shown = [max(-limit, min(limit, m)) for m in means]
+    ax.bar(range(len(names)), shown, yerr=[s if abs(m) <= limit else 0 for m, s in zip(means, sds)], capsize=4, color=colors)
     for i, n in enumerate(names):
         for g in figures[n]["gaps"]:
-            ax.plot(i, g, "k.", markersize=4)
+            if abs(g) <= limit:
+                ax.plot(i, g, "k.", markersize=4)
+        label = f"{means[i]:+.4f}" + (" (cut)" if abs(means[i]) > limit else "")
+        ax.text(i, shown[i], label, ha="center", va="bottom" if shown[i] >= 0 else "top", fontsize=7)
+    ax.set_ylim(-1.15 * limit, 1.15 * limit)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("held-out CE − CLM-only (nats/token; < 0: better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("held-out CE − CLM-only\n(nats/token; below 0: better)")
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
