@@ -72,6 +72,13 @@ def store_shares(workdir: Path, aligned: Path) -> dict:
     return out
 
 
+def step_seconds(folder: Path) -> float:
+    """Seconds per optimizer step of a finished training run, from its metrics.jsonl (so a resumed
+    benchmark reports the run's own time, not the time it took to find the run done)."""
+    last = json.loads((Path(folder) / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    return float(last["elapsed_s"]) / max(1, int(last["step"]))
+
+
 def seed_name(variant: str, seed: int) -> str:
     return f"{variant} · seed {seed}"
 
@@ -202,7 +209,6 @@ def main() -> None:
         print(f"seed {seed}: {len(trained)} variants trained in {time.perf_counter() - t0:.0f} s", flush=True)
 
     teachers = [s["model"] for s in base["sources"]]
-    step_seconds: dict[str, float] = {}
     for name, ratio in ONLINE.items():
         seeds[name] = list(args.online_seeds)
         for seed in args.online_seeds:
@@ -214,8 +220,14 @@ def main() -> None:
                 max_length=cfg.window, warmup_ratio=0.05, seed=seed, progress=False, resume=True,
             )
             models[seed_name(name, seed)] = str(result.out)
-            step_seconds[seed_name(name, seed)] = time.perf_counter() - t0
-            print(f"{seed_name(name, seed)}: {step_seconds[seed_name(name, seed)]:.0f} s", flush=True)
+            print(f"{seed_name(name, seed)}: {time.perf_counter() - t0:.0f} s", flush=True)
+    per_step = {name: step_seconds(path) for name, path in models.items() if name != "target (before)"}
+    for name in ONLINE:
+        for seed in args.online_seeds:
+            offline = per_step.get(seed_name("ce", seed))
+            if offline:
+                print(f"{seed_name(name, seed)}: {per_step[seed_name(name, seed)]:.2f} s per step, offline ce of the same seed "
+                      f"{offline:.2f} s: {per_step[seed_name(name, seed)] / offline:.1f}x (steps timed as they ran, under this machine's load)")
 
     evaluation = evaluate_all(recipe, models, progress=False, layout=layout)
     ce: dict[str, dict[str, float]] = {}
@@ -261,7 +273,7 @@ def main() -> None:
             lines += ["", "| loss | " + " | ".join(task_cols) + " |", "|" + "---|" * (len(task_cols) + 1)]
             lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in task_rows]
         args.markdown.write_text("\n".join(lines) + "\n")
-    payload = {"ce_per_token": ce, "figures": figures, "downstream": tasks_table, "shares": shares, "online_seconds": step_seconds,
+    payload = {"ce_per_token": ce, "figures": figures, "downstream": tasks_table, "shares": shares, "seconds_per_step": per_step,
                "headline": {k: list(v) for k, v in HEADLINE.items()}, "args": {k: str(v) for k, v in vars(args).items()}}
     (out / "bench_losses.json").write_text(json.dumps(payload, indent=2) + "\n")
 
