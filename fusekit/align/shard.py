@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import numpy as np
 import polars as pl
 
+from fusekit._prefetch import prefetched
 from fusekit.align.bytespan import WholeText, transfer_whole_texts
 from fusekit.align.candidates import SourceStats, target_candidates
 from fusekit.align.carry import PendingWindow, carry_candidates
@@ -198,7 +199,10 @@ class _ShardAligner(TextAligner):
         mass = has_mass(self.settings.get("format_version"))
         held: list[AlignedWindow] = []
         spans: list[tuple[int, int]] = []
-        for batch in text_batches(joined_texts(self.context.target, self.context.sources, texts), batch_rows or rows):
+        batches = text_batches(joined_texts(self.context.target, self.context.sources, texts), batch_rows or rows)
+        if self.workers != 1:  # the next batch is read and decoded while this one is aligned
+            batches = prefetched(batches, name="fusekit-align-read")
+        for batch in batches:
             out, out_spans = self.align_batch(batch)
             held += out
             spans += out_spans
@@ -251,7 +255,10 @@ def align_shard_to(
     texts = shard_slice(int(settings["n_texts"]), index, int(settings["num_shards"]))
     aligner = _ShardAligner(context or ShardContext(job), on_progress)
     schema = windows_frame([], settings["ks"], with_mass=has_mass(settings.get("format_version"))).schema
-    stream_shard(aligner.frames(texts, batch_rows), schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
+    frames = aligner.frames(texts, batch_rows)
+    if job.workers != 1:  # a row group is aligned while the previous one is encoded
+        frames = prefetched(frames, name="fusekit-align")
+    stream_shard(frames, schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
     info = {
         "rows": aligner.rows,
         "tokens": int(aligner.tokens),
