@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fusekit.zoo import smollm2_gguf  # noqa: F401  (tests import it from here)
+from fusekit.zoo import smollm2_gguf
 
 # Two cores shared by everything: keep torch from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -117,7 +117,7 @@ def test_cli_table_json_and_errors(model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_real_smollm2_gguf_has_a_sane_perplexity(tmp_path):
-    from conftest import smollm2_gguf
+    from fusekit.zoo import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smollm2_gguf
+from fusekit.zoo import smollm2_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
