@@ -15,7 +15,15 @@ from fusekit.cli import align_text  # noqa: F401
 from fusekit.cli import implicit  # noqa: F401  (FuseChat-3.0 implicit fusion)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ARG001
+    # On the command line a warning is one line for the user, not a source location and a code line.
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    import warnings
+
+    warnings.formatwarning = _warning_line
     app()
 
 

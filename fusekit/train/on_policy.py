@@ -67,11 +67,13 @@ def require_chat_templates(models: Sequence[tuple[str, object]]) -> None:
     """Refuse on-policy sampling of chat data when a model (`(ref, tokenizer)` pairs: the target, then the
     teachers) has no chat template: its scores of the sampled answer would be of a rendering it was never
     trained on. Raises TrainDataError naming the first such model and the ways out."""
-    for ref, tokenizer in models:
+    for i, (ref, tokenizer) in enumerate(models):
         if not has_chat_template(tokenizer):
+            role = "the target" if i == 0 else f"teacher {i}"
+            leave_out = "" if i == 0 else ", leave this teacher out"
             raise TrainDataError(
-                f"{ref} has no chat template, and on-policy sampling of chat data renders each sampled answer through "
-                "every model's own template: give it one (`chat_template` in its tokenizer_config.json), leave it out, "
+                f"{ref} ({role}) has no chat template, and on-policy sampling of chat data renders each sampled answer "
+                f"through every model's own template: give it one (`chat_template` in its tokenizer_config.json){leave_out}, "
                 "or train off-policy (--on-policy-ratio 0), where a model without a template reads chats in the plain "
                 "'role: content' format"
             )

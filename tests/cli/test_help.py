@@ -34,3 +34,16 @@ def test_extract_and_align_take_the_shard_count_under_both_spellings():
     for command in ("extract", "align"):
         result = CliRunner().invoke(app, [command, "--help"], terminal_width=160)
         assert "--num-shards" in result.output and "--shards" in result.output, (command, result.output)
+
+
+def test_the_console_script_prints_a_warning_as_one_line():
+    # main() (the `fusekit` entry point) sets the format; a warning after it is one `warning:` line.
+    code = (
+        "import sys, warnings, fusekit.cli as c\n"
+        "sys.argv = ['fusekit', '--version']\n"
+        "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "warnings.warn('store of format 2')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("fusekit ")
+    assert out.stderr == "warning: store of format 2\n"

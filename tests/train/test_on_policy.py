@@ -137,8 +137,10 @@ def test_on_policy_chat_refuses_a_model_without_template_before_any_step(chats, 
         distill(models["target"], [models["t1"], models["t2"]], chats["corpus"], tmp_path / "x", top_k=4, max_length=64,
                 max_steps=1, on_policy_ratio=0.5, **OPTS)
     message = str(err.value)
-    assert f"{models[missing]} has no chat template" in message and "--on-policy-ratio 0" in message
+    role = "the target" if missing == "target" else "teacher 2"
+    assert f"{models[missing]} ({role}) has no chat template" in message and "--on-policy-ratio 0" in message
     assert "chat_template" in message  # the way out: give it one
+    assert ("leave this teacher out" in message) == (missing != "target")  # the target cannot be left out
     assert not (tmp_path / "x").exists()  # stopped before the output folder was made
 
 
