@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fusekit.store.types import Candidate, Window
+from fusekit.store.types import Candidate, Window, whole_mass
 from fusekit.vocab.info import EMPTY, SPECIAL, VocabInfo
 
 
@@ -45,9 +45,8 @@ def kept_mass(carried: np.ndarray, kept: np.ndarray, probs: np.ndarray) -> np.nd
     """A source candidate's `mass` per row, float32 [n]: `kept` (the carried row's mass before its
     renormalisation, clipped to [0, 1]) where `carried`; 1 on a one-hot fallback row (exact: nothing was
     cut from it); 0 on an empty row (no probability: a window's last row)."""
-    has = np.asarray(probs).sum(axis=1) > 0
     kept = np.clip(np.nan_to_num(np.asarray(kept, dtype=np.float64), nan=0.0), 0.0, 1.0)
-    return np.where(carried, kept, np.where(has, 1.0, 0.0)).astype(np.float32)
+    return np.where(carried, kept, whole_mass(probs)).astype(np.float32)
 
 
 def target_candidates(windows: Sequence[Window]) -> list[Candidate]:

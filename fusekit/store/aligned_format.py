@@ -106,14 +106,13 @@ def windows_frame(
         for cand, w in zip(cands, windows):
             if cand.ids.shape != (len(w.input_ids), k):
                 raise StoreError(f"candidate {c} of (text {w.text_id}, window {w.window}) has shape {cand.ids.shape}, expected ({len(w.input_ids)}, {k})")
+            if with_mass and cand.mass is not None and np.shape(cand.mass) != (len(w.input_ids),):
+                raise StoreError(f"candidate {c} of (text {w.text_id}, window {w.window}) has mass of shape {np.shape(cand.mass)}, expected ({len(w.input_ids)},)")
         cols[f"c{c}_ids"] = _list(f"c{c}_ids", [np.asarray(x.ids, dtype=np.int32).ravel() for x in cands], pl.Int32)
         cols[f"c{c}_probs"] = _list(f"c{c}_probs", [np.asarray(x.probs, dtype=np.float16).ravel() for x in cands], pl.Float16)
         cols[f"c{c}_ce"] = _list(f"c{c}_ce", [np.asarray(x.ce, dtype=np.float32) for x in cands], pl.Float32)
         cols[f"c{c}_mean_ce"] = pl.Series(f"c{c}_mean_ce", [float(x.mean_ce) for x in cands], dtype=pl.Float64)
         if with_mass:
-            for cand, w in zip(cands, windows):
-                if cand.mass is not None and np.shape(cand.mass) != (len(w.input_ids),):
-                    raise StoreError(f"candidate {c} of (text {w.text_id}, window {w.window}) has mass of shape {np.shape(cand.mass)}, expected ({len(w.input_ids)},)")
             cols[f"c{c}_mass"] = _list(f"c{c}_mass", [row_mass(x) for x in cands], pl.Float32)
     return pl.DataFrame(list(cols.values()))
 

@@ -54,12 +54,17 @@ class Candidate:
     mass: np.ndarray | None = None  # float32 [n] in [0, 1]: the kept entries' mass before renormalising
 
 
+def whole_mass(probs: np.ndarray) -> np.ndarray:
+    """float32 [n]: the mass of rows `probs` [n, k] known to be whole on their ids — 1 on each row that
+    holds probability (a one-hot fallback, a candidate that recorded no mass), 0 on an empty row."""
+    return (np.asarray(probs).sum(axis=-1) > 0).astype(np.float32)
+
+
 def row_mass(candidate: Candidate) -> np.ndarray:
-    """float32 [n]: the candidate's `mass`, or where it has none, 1 on each row that holds probability
-    and 0 on an empty row."""
+    """float32 [n]: the candidate's `mass`, or where it has none, `whole_mass` of its rows."""
     if candidate.mass is not None:
         return np.asarray(candidate.mass, dtype=np.float32)
-    return (np.asarray(candidate.probs).sum(axis=1) > 0).astype(np.float32)
+    return whole_mass(candidate.probs)
 
 
 @dataclass

@@ -83,7 +83,8 @@ def merge_equal_ids(ids: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tenso
 
 
 def scale_to_mass(probs: torch.Tensor, mass: torch.Tensor | None) -> torch.Tensor:
-    """The teacher's probabilities on its ids: each row of `probs` [c, m] scaled to sum to `mass` [c].
+    """The teacher's probabilities on its ids: each row of `probs` [c, m] scaled to sum to `mass` (c values,
+    in any shape: [B, L] from a batch).
 
     The fused target's rows are renormalised (they sum to 1, or 0 where there is no target); `mass` is
     what the teacher held on those ids before (`fuse.SparseTarget.mass`), so the rest bucket below is
@@ -92,6 +93,7 @@ def scale_to_mass(probs: torch.Tensor, mass: torch.Tensor | None) -> torch.Tenso
     if mass is None:
         return probs
     total = probs.sum(-1)
+    mass = mass.reshape(-1)
     scale = torch.where(total > 0, mass.to(probs.dtype) / torch.where(total > 0, total, 1.0), 0.0)
     return probs * scale[:, None]
 

@@ -205,7 +205,7 @@ def linear_fusion_loss(
         wide = torch.float32 if loss == "ce" else torch.promote_types(hidden.dtype, torch.float32)  # fp64 in tests
         probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
         if loss != "ce":
-            probs = scale_to_mass(probs, None if target_mass is None else target_mass.reshape(-1))
+            probs = scale_to_mass(probs, target_mass)
     rows = chunk_rows(h.shape[0], weight.shape[0], h.device, chunk_elements)
     if loss != "ce" and ids is not None:
         rows = max(1, rows // 2)  # two [c, V] working buffers a chunk

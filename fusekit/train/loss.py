@@ -161,7 +161,7 @@ def fused_loss(
     if loss != "ce":
         wide = torch.promote_types(logits.dtype, torch.float32)  # fp64 logits (tests) keep fp64 targets
         probs = target_probs.reshape(-1, m).to(wide) * (flat_labels != IGNORE)[:, None]
-        probs = scale_to_mass(probs, None if target_mass is None else target_mass.reshape(-1))
+        probs = scale_to_mass(probs, target_mass)
         total, clm, fusion = _SparseDivergence.apply(
             logits.reshape(-1, v), flat_labels.long(), target_ids.reshape(-1, m).long(), probs, float(lam), loss, beta
         )

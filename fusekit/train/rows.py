@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fusekit.store.types import whole_mass
 from fusekit.train.examples import IGNORE, Example
 
 
@@ -99,7 +100,7 @@ def collate(rows: list[list[tuple[Example, int, int]]], with_target: bool, packe
                 t_ids[r, at : at + n, :k] = ex.target_ids[s:e]
                 t_p[r, at : at + n, :k] = ex.target_probs[s:e]
                 # An example made without a mass (a hand-made one) has its teacher whole on its ids.
-                t_mass[r, at : at + n] = ex.target_mass[s:e] if ex.target_mass is not None else ex.target_probs[s:e].sum(-1) > 0
+                t_mass[r, at : at + n] = ex.target_mass[s:e] if ex.target_mass is not None else whole_mass(ex.target_probs[s:e])
             at += n
         if mask is not None:
             mask[r, :at] = 1
