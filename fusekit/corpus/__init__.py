@@ -8,10 +8,10 @@ Chat records become the model's chat template; only assistant tokens are scored 
 from fusekit.corpus.reader import CorpusIndex, RangeReader, open_source, read_range, read_records, scan
 from fusekit.corpus.records import CorpusError, CorpusStats, Record, corpus_fingerprint, record_key
 from fusekit.corpus.sources import TEXT_SUFFIXES, Source, resolve_source
-from fusekit.corpus.tokenize import TokenizedText, tokenize_record, tokenize_with_offsets, windows_of
+from fusekit.corpus.tokenize import TokenizedText, has_chat_template, tokenize_record, tokenize_with_offsets, windows_of
 
 __all__ = [
     "TEXT_SUFFIXES", "CorpusError", "CorpusIndex", "RangeReader", "CorpusStats", "Record", "Source", "TokenizedText", "corpus_fingerprint",
-    "open_source", "read_range", "read_records", "record_key", "resolve_source", "scan", "tokenize_record",
+    "has_chat_template", "open_source", "read_range", "read_records", "record_key", "resolve_source", "scan", "tokenize_record",
     "tokenize_with_offsets", "windows_of",
 ]

@@ -11,9 +11,15 @@ import numpy as np
 from fusekit.corpus.records import Record
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer renders chats through a template of its own (else chats are read as plain
+    `role: content` lines)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def _render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The conversation as text, and the character spans of the assistant turns."""
-    template = getattr(tokenizer, "chat_template", None)
+    template = has_chat_template(tokenizer)
 
     def render(msgs: list[dict]) -> str:
         if template:

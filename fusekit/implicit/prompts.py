@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fusekit.corpus import has_chat_template
 from fusekit.implicit.errors import ImplicitError
 
 PLAIN_ASSISTANT = "assistant: "
@@ -64,12 +65,8 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return out
 
 
-def has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def render_prompt(tokenizer, messages: list[dict]) -> str:
     """The conversation as the model reads it before answering (its template, generation prompt on)."""
-    if has_template(tokenizer):
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + PLAIN_ASSISTANT

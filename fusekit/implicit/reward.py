@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fusekit.corpus import has_chat_template
 from fusekit.implicit.errors import ImplicitError
 
 RewardFn = Callable[[list, str, Any], float]
@@ -141,7 +142,7 @@ class RewardModel:
 
     def render(self, messages: list, response: str) -> str:
         convo = [*messages, {"role": "assistant", "content": response}]
-        if getattr(self.tokenizer, "chat_template", None):
+        if has_chat_template(self.tokenizer):
             return self.tokenizer.apply_chat_template(convo, tokenize=False)
         return "".join(f"{m['role']}: {m['content']}\n" for m in convo)
 

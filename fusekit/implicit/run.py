@@ -17,11 +17,12 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
+from fusekit.corpus import has_chat_template
 from fusekit.implicit.build import build_sets, build_wrpo
 from fusekit.implicit.config import ImplicitConfig, load_implicit
 from fusekit.implicit.errors import ImplicitError
 from fusekit.implicit.evaluate import evaluate_model, plot_results
-from fusekit.implicit.prompts import Prompt, has_template, read_prompts
+from fusekit.implicit.prompts import Prompt, read_prompts
 from fusekit.implicit.sample import RESPONSE_SCHEMA, sample_model
 from fusekit.implicit.score import Scorer
 from fusekit.implicit.vllm_backend import resolve_backend
@@ -159,7 +160,7 @@ def _stages(config: ImplicitConfig, progress: bool, config_dir: Path | None, d, 
         for s in config.sources:
             frame, stats = sample_model(s.model, s.name, prompts, sampling, _source_parts(stages / "sample" / "parts" / s.name, s.model))
             frames.append(frame)
-            chat_format = "template" if has_template(load_tokenizer(s.model)) else "plain"
+            chat_format = "template" if has_chat_template(load_tokenizer(s.model)) else "plain"
             if chat_format == "plain":
                 note(f"sample: {s.name} has no chat template; it was prompted in the plain 'role: content' format (docs/IMPLICIT.md)")
             per_source[s.name] = {**stats, "tokens_per_s": stats["tokens"] / stats["seconds"] if stats["seconds"] else None, "chat_format": chat_format, "backend": backend}

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from fusekit.corpus import Record
+from fusekit.corpus import Record, has_chat_template
 from fusekit.train.examples import TrainDataError, window_example
 from fusekit.train.loop import FusionObjective
 from fusekit.train.rows import Batch, collate, pack_rows, single_rows
@@ -57,10 +57,6 @@ def is_on_policy(seed: int, index: int, ratio: float) -> bool:
 def _seed(seed: int, index: int, sequence: int) -> int:
     """The sampling seed of sequence `sequence` of global micro-batch `index`."""
     return int(np.random.SeedSequence([seed, index, sequence]).generate_state(1)[0])
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def require_chat_templates(models: Sequence[tuple[str, object]]) -> None:

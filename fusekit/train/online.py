@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fusekit.corpus import Record, read_records
+from fusekit.corpus import Record, corpus_fingerprint, read_records
 from fusekit.store.types import AlignedWindow, Window
 from fusekit.train.examples import TrainDataError
 
@@ -260,7 +260,6 @@ class ModelFacts:
     tokenizer: str  # tokenizer_fingerprint: sha256 of the fast tokenizer's JSON
     tokenizer_family: str  # the tokenizer's model type and marker scheme, e.g. "BPE (byte-level)"
     vocab_size: int  # logits of the model
-    chat_template: bool
     tokenizer_object: Any = None  # the loaded tokenizer (for the chat-template check); not part of the identity
 
     def identity(self) -> str:
@@ -269,20 +268,11 @@ class ModelFacts:
         return f"{self.where} (weights {self.weights[:16]}, tokenizer {self.tokenizer[:16]})"
 
 
-def tokenizer_family(tokenizer) -> str:
-    """The fast tokenizer's model type and marker scheme, e.g. "BPE (byte-level)", "Unigram (sentencepiece)"."""
-    import json
-
-    from fusekit.vocab.normalize import token_scheme
-
-    kind = (json.loads(tokenizer.backend_tokenizer.to_str()).get("model") or {}).get("type") or "unknown"
-    return f"{kind} ({token_scheme(tokenizer).value.replace('_', '-')})"
-
-
 def model_facts(ref: str) -> ModelFacts:
     """`ModelFacts` of the model at `ref` (a folder, .gguf file or hub id with a fast tokenizer)."""
     from fusekit.models.identity import config_identity, logit_size, model_fingerprint, tokenizer_fingerprint
     from fusekit.models.load import load_config, load_tokenizer, require_fast_tokenizer
+    from fusekit.vocab.normalize import tokenizer_family
 
     tokenizer = require_fast_tokenizer(load_tokenizer(ref), ref)
     config = load_config(ref, False)
@@ -294,23 +284,20 @@ def model_facts(ref: str) -> ModelFacts:
         tokenizer=tokenizer_fingerprint(tokenizer),
         tokenizer_family=tokenizer_family(tokenizer),
         vocab_size=logit_size(config),
-        chat_template=bool(getattr(tokenizer, "chat_template", None)),
         tokenizer_object=tokenizer,
     )
 
 
-def run_identity(teachers: Sequence[ModelFacts], records: Sequence[Record], *, top_k: int, append_eos: bool,
+def run_identity(teachers: Sequence[ModelFacts], records: int, corpus: str, *, top_k: int, append_eos: bool,
                  texts_per_group: int, on_policy_ratio: float, prompt_share: float, sample_temperature: float) -> dict:
     """What a resumed `fusekit distill` must agree on beside the training options (`TrainConfig.identity`,
     which holds the loss, λ and the fusion rule): the teachers (where, weights, tokenizer), the corpus
-    (fingerprint of its records), top-k, the transfer method, what fixes the data order, and the policy
-    (GKD's mixing weight and, when it samples, the prompt share and temperature). Flat keys, so that
-    `loop._check_out` names each one that differs."""
-    from fusekit.corpus import corpus_fingerprint
-
+    (`records` and the fingerprint `corpus` of them, `corpus.corpus_fingerprint`), top-k, the transfer
+    method, what fixes the data order, and the policy (GKD's mixing weight and, when it samples, the prompt
+    share and temperature). Flat keys, so that `loop._check_out` names each one that differs."""
     identity: dict[str, Any] = {f"teacher_{i}": t.identity() for i, t in enumerate(teachers, 1)}
     identity.update(
-        corpus=f"{len(records)} records, fingerprint {corpus_fingerprint(records)[:16]}",
+        corpus=f"{records} records, fingerprint {corpus[:16]}",
         top_k=int(top_k),
         transfer="bytespan",
         append_eos=bool(append_eos),
@@ -389,7 +376,8 @@ def distill(
         from fusekit.train.on_policy import require_chat_templates
 
         require_chat_templates([(str(model), load_tokenizer(str(model))), *((f.ref, f.tokenizer_object) for f in facts)])
-    identity = run_identity(facts, records, top_k=top_k, append_eos=append_eos, texts_per_group=texts_per_group,
+    fingerprint = corpus_fingerprint(records)
+    identity = run_identity(facts, len(records), fingerprint, top_k=top_k, append_eos=append_eos, texts_per_group=texts_per_group,
                             on_policy_ratio=on_policy_ratio, prompt_share=prompt_share, sample_temperature=sample_temperature)
     d = init_distributed()
     made: list[OnlineWindows] = []
@@ -416,7 +404,7 @@ def distill(
         teachers_card = [{"model": f.ref, "tokenizer_family": f.tokenizer_family, "vocab_size": f.vocab_size,
                           "weights": f.weights[:16]} for f in facts]
         policy = {"on_policy_ratio": on_policy_ratio, "prompt_share": prompt_share, "sample_temperature": sample_temperature}
-        corpus = {"records": len(records), "fingerprint": identity["corpus"].rsplit(" ", 1)[-1]}
+        corpus = {"records": len(records), "fingerprint": fingerprint[:16]}
         write_distill_card(out_dir, str(model), teachers_card, cfg, steps, last, world_size, top_k=top_k,
                            transfer=identity["transfer"], policy=policy, corpus=corpus)
 

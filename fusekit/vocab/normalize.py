@@ -111,7 +111,18 @@ def _types(node: Any) -> set[str]:
 
 def token_scheme(tokenizer: Any) -> Scheme:
     """Derive the marker scheme from a `tokenizers` / transformers (fast) tokenizer."""
+    return _scheme(_tokenizer_json(tokenizer))
+
+
+def tokenizer_family(tokenizer: Any) -> str:
+    """The fast tokenizer's model type and marker scheme, e.g. "BPE (byte-level)", "Unigram (sentencepiece)"."""
     spec = _tokenizer_json(tokenizer)
+    kind = (spec.get("model") or {}).get("type") or "unknown"
+    return f"{kind} ({_scheme(spec).value.replace('_', '-')})"
+
+
+def _scheme(spec: dict) -> Scheme:
+    """`token_scheme` of a tokenizer's JSON."""
     parts = _types(spec.get("pre_tokenizer")) | _types(spec.get("decoder"))
     model = spec.get("model") or {}
     if "ByteLevel" in parts:
