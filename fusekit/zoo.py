@@ -180,16 +180,12 @@ def gemma3_270m(cache: str | Path | None = None) -> Path | None:
     import importlib
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusekit.models.load import load_model, load_tokenizer
 
     gguf = Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):  # the GGUF's: the saved folder is plain safetensors
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+    tokenizer = load_tokenizer(gguf)
+    plain = load_model(gguf, dtype=torch.bfloat16)  # de-quantised into a model save_pretrained accepts
     partial = folder.with_name(folder.name + ".partial")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
