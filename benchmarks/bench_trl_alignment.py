@@ -54,7 +54,9 @@ def uld(uld_cls):
 
 def byte_offsets(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Character offsets → UTF-8 byte offsets (what TRL's `_maybe_add_completion_byte_offsets` stores)."""
-    ends = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])])
+    from fusekit.align.spans import char_to_byte
+
+    ends = char_to_byte(text)
     return [(int(ends[a]), int(ends[b])) for a, b in offsets]
 
 
