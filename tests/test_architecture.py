@@ -21,7 +21,7 @@ PACKAGE = ROOT / "fusekit"
 # rooms of one layer do not import each other.
 LAYERS: list[tuple[str, list[str]]] = [
     ("rust core", ["_core"]),
-    ("plumbing", ["_version", "progress", "_procmem", "_ray", "_callable", "_prefetch"]),
+    ("plumbing", ["_version", "progress", "_procmem", "_ray", "_callable", "_prefetch", "_parallel"]),
     ("inputs", ["vocab", "corpus", "models"]),
     ("shared specs and offline assets", ["specs", "zoo"]),
     ("stores", ["store"]),

@@ -192,15 +192,16 @@ class _ShardAligner(TextAligner):
         super().__init__(int(context.target.k), context.sides, context.target_info, context.tgt_table, context.job.workers, on_progress)
         self.context, self.settings = context, context.job.settings
 
-    def frames(self, texts: range, batch_rows: int | None = None) -> Iterator[pl.DataFrame]:
+    def frames(self, texts: range, batch_rows: int | None = None, prefetch: bool = False) -> Iterator[pl.DataFrame]:
         """The shard's rows, one frame per row group, built from the windows of batches of whole texts
-        holding at least `batch_rows` windows each (default: a row group's)."""
+        holding at least `batch_rows` windows each (default: a row group's); `prefetch`: the next batch
+        is read and decoded in another thread while this one is aligned."""
         rows = int(self.settings["row_group_rows"])
         mass = has_mass(self.settings.get("format_version"))
         held: list[AlignedWindow] = []
         spans: list[tuple[int, int]] = []
         batches = text_batches(joined_texts(self.context.target, self.context.sources, texts), batch_rows or rows)
-        if self.workers != 1:  # the next batch is read and decoded while this one is aligned
+        if prefetch:
             batches = prefetched(batches, name="fusekit-align-read")
         for batch in batches:
             out, out_spans = self.align_batch(batch)
@@ -242,6 +243,7 @@ def align_shard_to(
     on_progress: Callable[[int, int], None] | None = None,
     context: ShardContext | None = None,
     batch_rows: int | None = None,
+    prefetch: bool | None = None,
 ) -> ShardResult:
     """Align the texts of shard `index` and write its Parquet file into the open file `fh`, row group by
     row group. Returns the sidecar's contents but the file's sha256 (the caller has the file).
@@ -249,14 +251,16 @@ def align_shard_to(
     `on_progress(done, total)`: (target token, source) pairs aligned so far, of those read so far.
     `context`: the job's `ShardContext` when several shards share one (prepared here otherwise).
     `batch_rows`: the fewest windows a batch of texts holds (default: a row group's); the file does not
-    depend on it."""
+    depend on it. `prefetch`: read, align and encode in three threads, a batch apart (default: when
+    `job.workers` is not 1; worth it for a shard aligned alone, not for one of several at once)."""
     t0 = time.perf_counter()
     settings = job.settings
     texts = shard_slice(int(settings["n_texts"]), index, int(settings["num_shards"]))
     aligner = _ShardAligner(context or ShardContext(job), on_progress)
     schema = windows_frame([], settings["ks"], with_mass=has_mass(settings.get("format_version"))).schema
-    frames = aligner.frames(texts, batch_rows)
-    if job.workers != 1:  # a row group is aligned while the previous one is encoded
+    prefetch = job.workers != 1 if prefetch is None else prefetch
+    frames = aligner.frames(texts, batch_rows, prefetch)
+    if prefetch:  # a row group is aligned while the previous one is encoded
         frames = prefetched(frames, name="fusekit-align")
     stream_shard(frames, schema, fh, int(settings["row_group_rows"]), shard_metadata(settings))
     info = {
@@ -289,13 +293,18 @@ def write_shard(out: Path, count: int, result: ShardResult) -> None:
 
 
 def align_and_write_shard(
-    job: ShardJob, index: int, out: Path, on_progress: Callable[[int, int], None] | None = None, context: ShardContext | None = None
+    job: ShardJob,
+    index: int,
+    out: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+    context: ShardContext | None = None,
+    prefetch: bool | None = None,
 ) -> ShardResult:
     """Align shard `index` straight into its file in the store `out` (through a temporary name, published
     when complete), then write its sidecar: a serial or `--shard I/N` run never holds the shard's bytes."""
     count = int(job.settings["num_shards"])
     name = shard_filename(index, count)
     with atomic_file(out / name) as fh:
-        result = align_shard_to(job, index, fh, on_progress, context)
+        result = align_shard_to(job, index, fh, on_progress, context, prefetch=prefetch)
     record_shard(out, name, dict(result.info, sha256=sha256_file(out / name)))
     return result

@@ -19,10 +19,12 @@ inputs, so a resumed, a sharded (`--shard I/N`) or a Ray run writes byte-identic
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fusekit._parallel import in_parallel
 from fusekit.align.inputs import StoreRef, check_stores, describe, info_of, open_extract
 from fusekit.align.ray_runner import run_on_ray
 from fusekit.align.report import TIMINGS, build_report, print_report, split_timings
@@ -45,6 +47,10 @@ from fusekit.store.shards import (
     shard_slice,
     update_manifest,
 )
+
+
+class _Stopped(Exception):
+    """A shard ended early because another failed (that one's exception is raised)."""
 
 
 def _identity(store) -> dict:
@@ -130,7 +136,8 @@ def align_store(
     `target` and `sources` are extraction stores (folders, or objects with the ExtractStore interface) of
     the same corpus. `shard="I/N"` does only shard I of N (independent jobs fill one store with no
     coordinator); `num_shards` sets N for a whole run (default: the existing store's, else the target
-    store's). `workers` is the number of DTW threads (default: all cores). `vocab_map_cache` is the
+    store's). `workers`: threads (default: all cores), up to that many shards
+    aligned at once, their Rust kernels sharing a pool of that many threads. `vocab_map_cache` is the
     folder of cached vocabulary maps (default `~/.cache/fusekit/vocab-maps`). `ray` ("auto" or an
     address) runs the shards as Ray tasks; the files are the same. Shards already complete are kept.
     `method`: how each source reaches the target's tokens — "bytespan" (default: the chain-rule transfer
@@ -185,16 +192,28 @@ def align_store(
             result.data = None  # published: the report needs only its counts
             results.append(result)
     else:
+        # A shard per worker thread, their Rust kernels on one pool of `workers` threads: one shard's
+        # reading, Python steps and encoding run while another's kernels do, and the pool balances shards
+        # of unequal sizes (benchmarks/bench_align_store.py: 2 workers 1.5x -> 1.8x one worker). Memory:
+        # a batch of texts and a row group per shard at work.
+        at_once = min(len(todo), workers or os.cpu_count() or 1)
+        stop = threading.Event()
         context = ShardContext(job) if todo else None  # stores and vocabulary pairs prepared once for all shards
         with task_progress(progress) as bar:
-            for i in todo:
+
+            def one(i: int) -> ShardResult:
                 texts = shard_slice(int(settings["n_texts"]), i, count)
                 task = bar.add_task(f"align shard {i}/{count} ({len(texts)} texts)", total=None)
 
                 def tick(done: int, total: int, task=task) -> None:
+                    if stop.is_set():  # another shard failed or the run was interrupted: end at this batch
+                        raise _Stopped()
                     bar.update(task, completed=done, total=total)
 
-                results.append(align_and_write_shard(job, i, out, tick, context))
+                # Shards at work side by side already overlap their reading, kernels and encoding.
+                return align_and_write_shard(job, i, out, tick, context, prefetch=None if at_once == 1 else False)
+
+            results = in_parallel(one, todo, at_once, stop)
     wall = time.perf_counter() - t0
 
     report = build_report(

@@ -374,14 +374,16 @@ def _assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_kill_and_resume_is_byte_identical(extracted, tmp_path):
-    """kill -9 a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted run's."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers):
+    """kill -9 a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted run's (2
+    workers: two shards at work when the kill lands)."""
     s = extracted["stores"]
     exe = shutil.which("fusekit")
     assert exe is not None
     out = tmp_path / "killed"
     cmd = [exe, "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(out),
-           "--shards", "8", "--workers", "1", "--no-progress", "--vocab-map-cache", str(extracted["root"] / "cache")]
+           "--shards", "8", "--workers", str(workers), "--no-progress", "--vocab-map-cache", str(extracted["root"] / "cache")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
