@@ -34,6 +34,8 @@ def in_parallel(job: Callable[[T], R], items: Sequence[T], threads: int, stop: t
             raise first
         return [f.result() for f in futures]
     except BaseException:
+        for f in futures:  # before `stop`: a job ended by it must not free its thread for one not begun
+            f.cancel()
         stop.set()
         raise
     finally:
