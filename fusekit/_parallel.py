@@ -13,6 +13,8 @@ from typing import Callable, Sequence, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+_POLL_S = 0.1
+
 
 def in_parallel(job: Callable[[T], R], items: Sequence[T], threads: int, stop: threading.Event | None = None) -> list[R]:
     """`[job(x) for x in items]`, run on up to `threads` threads (in this one when 1), in the items' order.
@@ -28,8 +30,14 @@ def in_parallel(job: Callable[[T], R], items: Sequence[T], threads: int, stop: t
     futures: list[Future] = []
     try:
         futures = [pool.submit(job, x) for x in items]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        first = next((f.exception() for f in futures if f in done and f.exception() is not None), None)
+        pending: set[Future] = set(futures)
+        while pending:
+            # In short waits: a Ctrl-C that the OS hands to another thread of the process wakes no untimed
+            # wait here, and Python runs its handler in this thread only.
+            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
+                break
+        first = next((f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
         if first is not None:
             raise first
         return [f.result() for f in futures]

@@ -15,6 +15,10 @@ from rich.markup import escape
 
 F = TypeVar("F", bound=Callable)
 _err = Console(stderr=True)
+INTERRUPTED = (
+    "interrupted; every file written so far is complete (fusekit writes through temporary names): "
+    "run the same command again to resume (`fusekit train`/`distill`: add --resume)"
+)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -56,6 +60,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            fail(INTERRUPTED, code=130)  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
         except Exception as exc:
             if not is_user_error(exc):
                 raise

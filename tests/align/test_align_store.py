@@ -374,10 +374,11 @@ def _assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers):
-    """kill -9 a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted run's (2
-    workers: two shards at work when the kill lands)."""
+@pytest.mark.parametrize(("workers", "sig"), [(1, signal.SIGKILL), (2, signal.SIGKILL), (2, signal.SIGINT)])
+def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers, sig):
+    """kill -9 (or Ctrl-C) a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted
+    run's (2 workers: two shards at work when the signal lands). Ctrl-C ends the run at the shards'
+    next batch with one line, whichever of the process's threads the signal reaches."""
     s = extracted["stores"]
     exe = shutil.which("fusekit")
     assert exe is not None
@@ -391,10 +392,13 @@ def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers):
         if out.is_dir() and any(p.name.endswith(".parquet.json") for p in out.iterdir()):
             break
         time.sleep(0.001)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
+    stderr = proc.stderr.read().decode()
     done = [p for p in out.iterdir() if p.name.endswith(".parquet.json")]
-    assert 1 <= len(done) < 8, f"the kill did not land mid-run ({len(done)} shards done): {proc.stderr.read()!r}"
+    assert 1 <= len(done) < 8, f"the signal did not land mid-run, or did not stop it ({len(done)} shards done): {stderr!r}"
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and stderr.startswith("error: interrupted;") and "run the same command again" in stderr, stderr
     with pytest.raises(StoreError, match="incomplete"):
         AlignedStore(out)
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
