@@ -19,7 +19,7 @@ def align_command(
     out: Path = typer.Option(..., "--out", "-o", help="The aligned store folder to write (resumed if it exists)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Do only shard I of N (0-based), e.g. 0/8: N independent jobs fill one store."),
     shards: Optional[int] = typer.Option(None, "--shards", "--num-shards", help="Number of shards N of a whole run (default: the existing store's, else the target store's)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Threads (default: all cores): up to this many shards aligned at once, their Rust kernels (DTW, byte-span transfer, decoding) sharing this many threads."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Threads (default: all cores): up to this many shards aligned at once, their Rust kernels (DTW, byte-span transfer, decoding) sharing this many threads; the files do not depend on it. With --ray: CPUs per task (default 1)."),
     vocab_map_cache: Optional[Path] = typer.Option(
         None, "--vocab-map-cache", help="Folder of cached vocabulary maps and fusechat alignment counts (default ~/.cache/fusekit/vocab-maps)."
     ),
