@@ -231,7 +231,8 @@ def align_store(
     )
     stable, timings = split_timings(report)
     write_json_atomic(stable, out / REPORT)
-    write_json_atomic(timings, out / TIMINGS)
+    if results or not (out / TIMINGS).exists():  # a re-run with nothing left to do keeps the last run's
+        write_json_atomic(timings, out / TIMINGS)
     if progress:
         print_report(report)
     return report

@@ -15,15 +15,24 @@ from fusekit.cli import align_text  # noqa: F401
 from fusekit.cli import implicit  # noqa: F401  (FuseChat-3.0 implicit fusion)
 
 
+PIPED_COLUMNS = 200
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ARG001
     # On the command line a warning is one line for the user, not a source location and a code line.
     return f"warning: {message}\n"
 
 
 def main() -> None:
+    import os
+    import sys
     import warnings
 
     warnings.formatwarning = _warning_line
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty() and not sys.stderr.isatty():
+        # A batch job's log (a farm job, CI): tables at their own width, not cut at rich's 80 columns.
+        # Only when neither stream is a terminal: rich takes COLUMNS over a terminal's own width.
+        os.environ["COLUMNS"] = str(PIPED_COLUMNS)
     app()
 
 

@@ -143,6 +143,11 @@ def test_hand_worked_text(hand_stores, tmp_path):
     assert on_disk == {**{k: v for k, v in report.items() if k != "run"}, "sources": [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in report["sources"]]}
     assert json.loads((tmp_path / "out" / "timings.json").read_text())["run"] == report["run"]
     assert verify_store(tmp_path / "out") == []
+    # A re-run with every shard complete aligns nothing: the report stays, and so do the last run's timings.
+    timings = (tmp_path / "out" / "timings.json").read_bytes()
+    again = fusekit.run_align(target, [source], tmp_path / "out", vocab_map_cache=tmp_path / "cache", method="fusellm", progress=False).report
+    assert again["run"]["shards"] == [] and json.loads((tmp_path / "out" / "report.json").read_text()) == on_disk
+    assert (tmp_path / "out" / "timings.json").read_bytes() == timings
 
 
 def test_refuses_other_corpus_and_incomplete(hand_stores, tmp_path):
@@ -406,6 +411,20 @@ def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers, sig):
     fusekit.run_align(s["bpe"], [s["unigram"], s["wordpiece"]], tmp_path / "clean", num_shards=8, vocab_map_cache=extracted["root"] / "cache", progress=False).report
     _assert_same_files(tmp_path / "clean", out)
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_piped_report_keeps_its_whole_table(extracted, tmp_path):
+    """A batch job's log (stdout and stderr not terminals, no COLUMNS): the report's table is printed at
+    its own width, not cut at 80 columns."""
+    s = extracted["stores"]
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    cmd = [shutil.which("fusekit"), "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(tmp_path / "a"),
+           "--vocab-map-cache", str(extracted["root"] / "cache")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stderr.splitlines() if line.startswith(("┃", "│"))]
+    assert rows and any("tok/s" in line for line in rows)
+    assert all("…" not in line for line in rows) and max(map(len, rows)) > 80, rows
 
 
 def test_cli_refuses_other_corpus_in_one_line(extracted, tmp_path):
