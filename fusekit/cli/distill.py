@@ -11,12 +11,14 @@ from rich.console import Console
 
 from fusekit.cli.app import app
 from fusekit.cli.errors import handle_errors
+from fusekit.cli.metavars import one_of
+from fusekit.train.config import TrainConfig
 
 
 @app.command("distill")
 @handle_errors
 def distill_command(
-    model: str = typer.Option(..., "--model", "-m", help="Target model: a model folder or a hub id (fast tokenizer)."),
+    model: str = typer.Option(..., "--model", "-m", metavar="MODEL", help="Target model: a model folder or a hub id (fast tokenizer)."),
     teacher: List[str] = typer.Option(..., "--teacher", "-t", metavar="MODEL", help="A teacher model (repeat for several); fused in this order."),
     data: Path = typer.Option(..., "--data", "-d", help="Corpus: a text file, a folder of them, JSONL or Parquet."),
     out: Path = typer.Option(..., "--out", "-o", help="Where checkpoints, metrics.jsonl and the trained model go."),
@@ -29,10 +31,10 @@ def distill_command(
     prompt_share: float = typer.Option(0.5, "--prompt-share", help="On-policy: share of each corpus window kept as the prompt."),
     sample_temperature: float = typer.Option(1.0, "--sample-temperature", help="On-policy: temperature of the target's samples."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file of training options; flags override it."),
-    fusion: Optional[str] = typer.Option(None, help="Fusion rule: min_ce (default) or avg_ce."),
-    granularity: Optional[str] = typer.Option(None, help="Decide per 'window' (FuseLLM, default) or per 'token'."),
+    fusion: Optional[str] = typer.Option(None, metavar="RULE", help="Fusion rule: min_ce (default) or avg_ce."),
+    granularity: Optional[str] = typer.Option(None, metavar=one_of(TrainConfig, "granularity"), help="Decide per 'window' (FuseLLM, default) or per 'token'."),
     loss: Optional[str] = typer.Option(
-        None, help="The fusion term: ce (default, FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (needs "
+        None, metavar=one_of(TrainConfig, "loss"), help="The fusion term: ce (default, FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (needs "
         "--jsd-beta), uld or gold, as for `fusekit train`; docs/TRAINING.md, Losses."
     ),
     jsd_beta: Optional[float] = typer.Option(None, help="β in (0, 1) of jsd (required) and gold (default 0.5)."),
@@ -54,7 +56,7 @@ def distill_command(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT (same teachers, corpus, "
                                 "top-k, loss and policy; anything else is refused, naming what differs)."),
-    device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train MODEL on λ·CLM + (1−λ)·fusion with the TEACHERs run beside it over DATA (no extraction store).

@@ -12,23 +12,25 @@ from rich.console import Console
 
 from fusekit.cli.app import app
 from fusekit.cli.errors import handle_errors
+from fusekit.cli.metavars import one_of
+from fusekit.train.config import TrainConfig
 
 
 @app.command("train")
 @handle_errors
 def train_command(
-    model: str = typer.Option(..., "--model", "-m", help="Target model: a model folder, a .gguf file or a hub id."),
+    model: str = typer.Option(..., "--model", "-m", metavar="MODEL", help="Target model: a model folder, a .gguf file or a hub id."),
     aligned: Path = typer.Option(..., "--aligned", "-a", help="Aligned store folder written by `fusekit align`."),
     out: Path = typer.Option(..., "--out", "-o", help="Where checkpoints, metrics.jsonl and the trained model go."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/TOML file of training options; flags override it."),
     preset: Optional[str] = typer.Option(
-        None, help="The paper's recipe for every option left unset: fusellm (default: λ 0.9, lr 1e-5, 1 epoch, wd 0.1, "
+        None, metavar=one_of(TrainConfig, "preset"), help="The paper's recipe for every option left unset: fusellm (default: λ 0.9, lr 1e-5, 1 epoch, wd 0.1, "
         "warm-up 0.8 %, β2 0.95) or fusechat (lr 5e-6, 3 epochs, wd 0, warm-up 3 %, β2 0.999, assistant tokens only)."
     ),
-    fusion: Optional[str] = typer.Option(None, help="Fusion rule: min_ce (default) or avg_ce."),
-    granularity: Optional[str] = typer.Option(None, help="Decide per 'window' (FuseLLM, default) or per 'token'."),
+    fusion: Optional[str] = typer.Option(None, metavar="RULE", help="Fusion rule: min_ce (default) or avg_ce."),
+    granularity: Optional[str] = typer.Option(None, metavar=one_of(TrainConfig, "granularity"), help="Decide per 'window' (FuseLLM, default) or per 'token'."),
     loss: Optional[str] = typer.Option(
-        None, help="The fusion term: ce (default, FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (needs "
+        None, metavar=one_of(TrainConfig, "loss"), help="The fusion term: ce (default, FuseLLM's CE to the fused distribution), kl, reverse_kl, jsd (needs "
         "--jsd-beta), uld (sorted-probability L1) or gold (JSD on mapped ids + ULD on the rest); docs/TRAINING.md, Losses."
     ),
     jsd_beta: Optional[float] = typer.Option(
@@ -36,15 +38,15 @@ def train_command(
     ),
     lam: Optional[float] = typer.Option(None, help="Weight λ of the CLM loss (default 0.9); 1.0 = CLM-only baseline."),
     lam_schedule: Optional[str] = typer.Option(
-        None, help="λ over the run: constant (default), linear (lam → --lam-end) or hard_and_decay (lam → 1, FuseAI's rule)."
+        None, metavar=one_of(TrainConfig, "lam_schedule"), help="λ over the run: constant (default), linear (lam → --lam-end) or hard_and_decay (lam → 1, FuseAI's rule)."
     ),
     lam_end: Optional[float] = typer.Option(None, help="λ at the end of a linear schedule (default 1.0)."),
     teacher_temperature: Optional[float] = typer.Option(
         None, help="Temperature of the fused target: p ∝ p^(1/T) over its ids (default 1.0)."
     ),
-    loss_on: Optional[str] = typer.Option(None, help="all tokens, or assistant tokens only (chat data; needs loss masks)."),
+    loss_on: Optional[str] = typer.Option(None, metavar=one_of(TrainConfig, "loss_on"), help="all tokens, or assistant tokens only (chat data; needs loss masks)."),
     fused_head: Optional[str] = typer.Option(
-        None, help="auto (default): output layer + loss in chunks, no [B, L, V] logits, where the model allows; on; off."
+        None, metavar=one_of(TrainConfig, "fused_head"), help="auto (default): output layer + loss in chunks, no [B, L, V] logits, where the model allows; on; off."
     ),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-5)."),
     epochs: Optional[float] = typer.Option(None, help="Passes over the data (default 1; fractions allowed)."),
@@ -54,7 +56,7 @@ def train_command(
     warmup_ratio: Optional[float] = typer.Option(None, help="Share of steps for linear warm-up (default 0.008)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (default 0.1)."),
     clip: Optional[float] = typer.Option(None, help="Max gradient norm (default 1.0; 0 = off)."),
-    dtype: Optional[str] = typer.Option(None, help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."),
+    dtype: Optional[str] = typer.Option(None, metavar=one_of(TrainConfig, "dtype"), help="auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."),
     seed: Optional[int] = typer.Option(None, help="Seed of data order and initialisation-time randomness (default 0)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N optimizer steps (always at the end)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap on optimizer steps; the schedule spans them."),
@@ -74,11 +76,11 @@ def train_command(
         None, help="Processes per rank that decode and fuse the aligned store ahead (default: by the cores per rank; 0 = none)."
     ),
     report_to: Optional[str] = typer.Option(
-        None, "--report-to", help="Also log every step's metrics and the config to tensorboard, wandb and/or mlflow "
+        None, "--report-to", metavar=one_of(TrainConfig, "report_to"), help="Also log every step's metrics and the config to tensorboard, wandb and/or mlflow "
         "(comma-separated; default none; pip install 'fusekit[track]'). W&B runs offline and MLflow writes OUT/mlruns unless configured."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
-    device: Optional[str] = typer.Option(None, help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help="Device, e.g. cpu or cuda:0 (default: CUDA when present)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train MODEL on λ·CLM + (1−λ)·fusion loss over the aligned store; the model ends up in OUT.

@@ -47,3 +47,30 @@ def test_the_console_script_prints_a_warning_as_one_line():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("fusekit ")
     assert out.stderr == "warning: store of format 2\n"
+
+
+def test_options_of_a_fixed_set_list_their_values():
+    """train's and distill's choice options show the values the config accepts, not `<str>`; a value
+    listed there is accepted by the config, one outside it is refused."""
+    import re
+
+    import pytest
+
+    from fusekit.cli.metavars import one_of
+    from fusekit.train.config import TrainConfig, TrainConfigError, build_config
+
+    for command, options in (("train", ["--loss", "--dtype", "--lam-schedule", "--loss-on", "--fused-head", "--report-to", "--preset", "--granularity"]),
+                             ("distill", ["--loss", "--granularity"])):
+        result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+        for option in options:
+            shown = re.search(rf"{option} (\S+)", result.output)
+            assert shown and shown.group(1).startswith("[") and shown.group(1).endswith("]"), (command, option, result.output)
+            values = shown.group(1)[1:-1].split("|")
+            field = option[2:].replace("-", "_")
+            assert len(values) >= 2
+            value = values if field == "report_to" else values[-1]
+            assert getattr(build_config(None, **{field: value}), field) == value
+            with pytest.raises(TrainConfigError):
+                build_config(None, **{field: "no-such-value"})
+    with pytest.raises(TypeError, match="not a Literal"):
+        one_of(TrainConfig, "lr")
