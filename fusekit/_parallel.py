@@ -31,15 +31,14 @@ def in_parallel(job: Callable[[T], R], items: Sequence[T], threads: int, stop: t
     try:
         futures = [pool.submit(job, x) for x in items]
         pending: set[Future] = set(futures)
-        while pending:
+        failed: BaseException | None = None
+        while pending and failed is None:
             # In short waits: a Ctrl-C that the OS hands to another thread of the process wakes no untimed
             # wait here, and Python runs its handler in this thread only.
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
-                break
-        first = next((f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
-        if first is not None:
-            raise first
+            failed = next((f.exception() for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            raise failed
         return [f.result() for f in futures]
     except BaseException:
         for f in futures:  # before `stop`: a job ended by it must not free its thread for one not begun

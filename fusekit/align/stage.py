@@ -202,8 +202,6 @@ def align_store(
         with task_progress(progress) as bar:
 
             def one(i: int) -> ShardResult:
-                if stop.is_set():
-                    raise _Stopped()
                 texts = shard_slice(int(settings["n_texts"]), i, count)
                 task = bar.add_task(f"align shard {i}/{count} ({len(texts)} texts)", total=None)
 

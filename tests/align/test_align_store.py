@@ -379,17 +379,23 @@ def _assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def _align_command(extracted, out: Path, *options: str) -> list[str]:
+    """The `fusekit align` console command of the three extracted stores into `out`."""
+    s = extracted["stores"]
+    exe = shutil.which("fusekit")
+    assert exe is not None
+    return [exe, "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(out),
+            "--vocab-map-cache", str(extracted["root"] / "cache"), *options]
+
+
 @pytest.mark.parametrize(("workers", "sig"), [(1, signal.SIGKILL), (2, signal.SIGKILL), (2, signal.SIGINT)])
 def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers, sig):
     """kill -9 (or Ctrl-C) a real `fusekit align` mid-run, re-run it: the store equals an uninterrupted
     run's (2 workers: two shards at work when the signal lands). Ctrl-C ends the run at the shards'
     next batch with one line, whichever of the process's threads the signal reaches."""
     s = extracted["stores"]
-    exe = shutil.which("fusekit")
-    assert exe is not None
     out = tmp_path / "killed"
-    cmd = [exe, "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(out),
-           "--shards", "8", "--workers", str(workers), "--no-progress", "--vocab-map-cache", str(extracted["root"] / "cache")]
+    cmd = _align_command(extracted, out, "--shards", "8", "--workers", str(workers), "--no-progress")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -416,11 +422,8 @@ def test_kill_and_resume_is_byte_identical(extracted, tmp_path, workers, sig):
 def test_a_piped_report_keeps_its_whole_table(extracted, tmp_path):
     """A batch job's log (stdout and stderr not terminals, no COLUMNS): the report's table is printed at
     its own width, not cut at 80 columns."""
-    s = extracted["stores"]
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    cmd = [shutil.which("fusekit"), "align", "-t", str(s["bpe"]), "-s", str(s["unigram"]), "-s", str(s["wordpiece"]), "-o", str(tmp_path / "a"),
-           "--vocab-map-cache", str(extracted["root"] / "cache")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(_align_command(extracted, tmp_path / "a"), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stderr.splitlines() if line.startswith(("┃", "│"))]
     assert rows and any("tok/s" in line for line in rows)
