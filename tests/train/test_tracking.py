@@ -7,9 +7,9 @@ all three trackers) is read back with each library's own reader.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import shutil
 import sys
 
 import numpy as np
@@ -211,7 +211,17 @@ class BreaksMlflow(ToyCLM):
 
     def report(self, sums, units, step):
         if step == 2:  # 0-based: the third step's metrics are the first the broken store refuses
-            store = self.out / "mlruns"
-            shutil.rmtree(store)
-            store.write_text("not a store any more")
+            # The tracking thread may be writing step 2 into the store right now, so it is moved aside
+            # (one rename) rather than deleted file by file, and a file takes its place by a rename that
+            # fails while a directory of that name exists (the thread may have made one meanwhile).
+            store, plain = self.out / "mlruns", self.out / "mlruns.file"
+            plain.write_text("not a store any more")
+            for attempt in itertools.count():
+                if store.is_dir():
+                    store.rename(self.out / f"mlruns.gone{attempt}")
+                try:
+                    plain.rename(store)
+                    break
+                except IsADirectoryError:
+                    continue
         return super().report(sums, units, step)
