@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from fusekit.extract.errors import ExtractError
+from fusekit.models.head import capture_head_input, head_usable, output_layer
+from fusekit.models.load import ModelLoadError
 from fusekit.models.packing import model_logits, packed_rows
 from fusekit.store.extract_format import pad_token
 
-_LOGIT_CHUNK = 1 << 24  # floats of fp32 logits handled at once (64 MB), whatever the vocabulary
-
+# Logits are made and reduced (logsumexp, top-k, CE) a tile at a time: on CPU up to 2,048 positions ×
+# 2,048 vocabulary entries (16 MB of fp32), so memory stays bounded whatever the batch and vocabulary and
+# the output layer's weight is read once per 2,048 positions; measured 1.0-1.3x the speed of reducing
+# the model's whole [B, n, V] logits (benchmarks/bench_extract_head.py). On a GPU, 8,192 × 8,192 tiles
+# (256 MB) keep the kernel launches per batch few (not measured: no GPU was at hand).
+_TILE_FLOATS = 1 << 22
+_TILE_FLOATS_GPU = 1 << 26
 
 def store_vocab(tokenizer, vocab_size: int) -> list[str]:
     """Normalised strings of ids 0..vocab_size−1; ids the tokenizer lacks get unique placeholders."""
@@ -39,36 +46,106 @@ class WindowResult:
     ce: np.ndarray  # float32 [n], NaN at the last position
 
 
-def _window_result(logits, ids, k: int, chunk: int) -> WindowResult:
-    """Top-k log-probs under the full softmax and the CE of each next token, for one window.
+def tile_shape(positions: int, vocab_size: int, gpu: bool = False) -> tuple[int, int]:
+    """(positions, vocabulary entries) of one tile: about `_TILE_FLOATS` logits (`_TILE_FLOATS_GPU` on
+    a GPU), square where the vocabulary allows."""
+    floats = _TILE_FLOATS_GPU if gpu else _TILE_FLOATS
+    cols = min(vocab_size, int(floats**0.5))
+    return max(1, min(positions, floats // cols)), cols
 
-    logits: [n, V] (any float dtype) of the window's positions; ids: int64 [n] its tokens (same device).
-    Works through `chunk` positions at a time, so fp32 copies stay small whatever the vocabulary.
+
+Tile = Callable[[int, int, int, int], "torch.Tensor"]  # (rows start, end, vocab start, end) → logits
+
+
+def topk_and_ce(tile: Tile, n: int, vocab_size: int, next_ids, k: int):
+    """Top-k log-probs under the full softmax and the CE of each position's next token, tile by tile.
+
+    tile(r0, r1, v0, v1): logits [r1 − r0, v1 − v0] (any float dtype) of positions r0..r1 over ids v0..v1;
+    next_ids: int64 [n], the token after each position (any id where there is none: its CE is then
+    meaningless). Returns (ids int64 [n, k], log-probs float32 [n, k], CE float32 [n] in nats).
+    The log-partition is accumulated over vocabulary tiles (logaddexp) and the top-k merged across them,
+    so values equal one softmax over the whole row up to float rounding.
     """
     import torch
 
-    n = ids.shape[0]
-    topv, topi, ce = [], [], []
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        lf = logits[s:e].float()
-        lse = torch.logsumexp(lf, dim=-1)
-        v, j = torch.topk(lf, k, dim=-1)
-        topv.append(v - lse[:, None])
-        topi.append(j)
-        nxt = ids[s + 1 : e + 1]
-        ce.append(lse[: len(nxt)] - lf[: len(nxt)].gather(1, nxt[:, None])[:, 0])
-    ce_all = torch.cat(ce + [torch.full((1,), float("nan"), device=logits.device)])
-    return WindowResult(
-        topk_ids=torch.cat(topi).to(torch.int32).cpu().numpy(),
-        topk_logp=torch.cat(topv).cpu().numpy().astype(np.float32),
-        ce=ce_all.cpu().numpy().astype(np.float32),
-    )
+    rows, cols = tile_shape(n, vocab_size, gpu=next_ids.device.type != "cpu")
+    ids_out, logp_out, ce_out = [], [], []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        nxt = next_ids[r0:r1]
+        lse = top_v = top_i = None
+        nxt_logit = torch.zeros(r1 - r0, device=nxt.device)
+        for v0 in range(0, vocab_size, cols):
+            v1 = min(vocab_size, v0 + cols)
+            lf = tile(r0, r1, v0, v1).float()
+            part = torch.logsumexp(lf, dim=-1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+            v, j = torch.topk(lf, min(k, v1 - v0), dim=-1)
+            if top_v is None:
+                top_v, top_i = v, j + v0
+            else:
+                top_v, at = torch.topk(torch.cat([top_v, v], 1), k, dim=-1)
+                top_i = torch.cat([top_i, j + v0], 1).gather(1, at)
+            here = (nxt >= v0) & (nxt < v1)
+            nxt_logit = torch.where(here, lf.gather(1, (nxt - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], nxt_logit)
+        ids_out.append(top_i)
+        logp_out.append(top_v - lse[:, None])
+        ce_out.append(lse - nxt_logit)
+    return torch.cat(ids_out), torch.cat(logp_out), torch.cat(ce_out)
 
 
-def forward_topk(net, windows: Sequence[np.ndarray], k: int, vocab_size: int, pad_id: int = 0) -> list[WindowResult]:
+def _position_tiles(net, ids, positions, vocab_size: int, fused_head: bool, **kwargs) -> Tile:
+    """Run `net` over `ids` [B, w]; logits of the flat (row-major) `positions` (int64 [n]) tile by tile.
+
+    fused_head: the model runs with its output layer fed an empty slice and that layer is applied to the
+    kept hidden states per tile, so no [B, w, V] logits exist (`fusekit.models.head`); else the model's
+    own logits are sliced. ModelLoadError when the logit count differs from `vocab_size`.
+    """
+    import torch
+
+    if not fused_head:
+        logits = model_logits(net, ids, vocab_size, **kwargs).flatten(0, 1)
+        return lambda r0, r1, v0, v1: logits[:, v0:v1].index_select(0, positions[r0:r1])
+    head = output_layer(net)
+    if head.out_features != vocab_size:
+        raise ModelLoadError(f"the model produced {head.out_features} logits per position, its config says {vocab_size}")
+    with capture_head_input(head) as seen:
+        net(input_ids=ids, use_cache=False, **kwargs)
+    hidden = seen[-1].flatten(0, 1).index_select(0, positions)
+    weight, bias = head.weight, head.bias
+    return lambda r0, r1, v0, v1: torch.nn.functional.linear(hidden[r0:r1], weight[v0:v1], None if bias is None else bias[v0:v1])
+
+
+def _results(net, ids, spans: Sequence[tuple[int, int, int]], k: int, vocab_size: int, fused_head: bool | None, **kwargs) -> list[WindowResult]:
+    """One forward pass over `ids` [B, w]; a WindowResult per (row, start, length) span of real tokens
+    (padding is never reduced), CE NaN at each span's last position."""
+    import torch
+
+    width = ids.shape[1]
+    positions = torch.cat([torch.arange(n) + (row * width + start) for row, start, n in spans]).to(ids.device)
+    flat = ids.flatten()
+    next_ids = flat[(positions + 1).clamp(max=flat.numel() - 1)]  # a span's last position: its CE is set NaN
+    fused = head_usable(net) if fused_head is None else fused_head
+    tile = _position_tiles(net, ids, positions, vocab_size, fused, **kwargs)
+    top_i, top_v, ce = topk_and_ce(tile, positions.numel(), vocab_size, next_ids, k)
+    top_i, top_v, ce = top_i.to(torch.int32).cpu().numpy(), top_v.float().cpu().numpy(), ce.float().cpu().numpy()
+    out, at = [], 0
+    for _, _, n in spans:
+        window_ce = ce[at : at + n].copy()
+        window_ce[-1] = np.nan
+        out.append(WindowResult(topk_ids=top_i[at : at + n], topk_logp=top_v[at : at + n], ce=window_ce))
+        at += n
+    return out
+
+
+def forward_topk(net, windows: Sequence[np.ndarray], k: int, vocab_size: int, pad_id: int = 0,
+                 fused_head: bool | None = None) -> list[WindowResult]:
     """One padded forward pass over `windows` (token id arrays); per window the top-k under the full
-    softmax and the CE of each next token. Padding sits on the right, so real positions are unaffected."""
+    softmax and the CE of each next token. Padding sits on the right, so real positions are unaffected.
+
+    fused_head: apply the output layer a chunk of positions at a time (memory O(chunk × V), not
+    O(batch × window × V)); None: wherever `head_usable(net)`. Same values either way up to float rounding.
+    """
     import torch
 
     device = next(net.parameters()).device
@@ -80,33 +157,29 @@ def forward_topk(net, windows: Sequence[np.ndarray], k: int, vocab_size: int, pa
         ids[i, : len(w)] = torch.as_tensor(w)
         attn[i, : len(w)] = 1
     with torch.inference_mode():
-        ids = ids.to(device)
-        logits = model_logits(net, ids, vocab_size, attention_mask=attn.to(device))
-        chunk = max(1, _LOGIT_CHUNK // vocab_size)
-        return [_window_result(logits[i, :n], ids[i, :n], k, chunk) for i, n in enumerate(lengths)]
+        spans = [(i, 0, n) for i, n in enumerate(lengths)]
+        return _results(net, ids.to(device), spans, k, vocab_size, fused_head, attention_mask=attn.to(device))
 
 
-def forward_topk_packed(net, windows: Sequence[np.ndarray], rows: Sequence[Sequence[int]], k: int, vocab_size: int) -> dict[int, WindowResult]:
+def forward_topk_packed(net, windows: Sequence[np.ndarray], rows: Sequence[Sequence[int]], k: int, vocab_size: int,
+                        fused_head: bool | None = None) -> dict[int, WindowResult]:
     """One forward pass over `rows` of packed windows (see `packed_rows`); window index → its result.
 
     The same values as one window at a time (up to float rounding): attention stays inside each window.
-    Only valid for models where `packing_supported(net)`.
+    Only valid for models where `packing_supported(net)`. fused_head: as in `forward_topk`.
     """
     import torch
 
     device = next(net.parameters()).device
     ids_np, pos_np = packed_rows(windows, rows)
-    out: dict[int, WindowResult] = {}
+    spans, order = [], []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            spans.append((r, at, len(windows[i])))
+            order.append(i)
+            at += len(windows[i])
     with torch.inference_mode():
         ids = torch.as_tensor(ids_np, device=device)
-        logits = model_logits(net, ids, vocab_size, position_ids=torch.as_tensor(pos_np, device=device))
-        chunk = max(1, _LOGIT_CHUNK // vocab_size)
-        for r, row in enumerate(rows):
-            at = 0
-            for i in row:
-                n = len(windows[i])
-                out[i] = _window_result(logits[r, at : at + n], ids[r, at : at + n], k, chunk)
-                at += n
-    return out
-
-
+        results = _results(net, ids, spans, k, vocab_size, fused_head, position_ids=torch.as_tensor(pos_np, device=device))
+    return dict(zip(order, results))

@@ -14,38 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fusekit.models.head import capture_head_input, head_mismatch, head_probe, not_linear, output_layer, probe_ids
 from fusekit.models.identity import logit_size
 from fusekit.models.packing import packing_supported
 from fusekit.train.linear_loss import linear_fusion_loss, linear_token_logps
 from fusekit.train.loss import IGNORE, fused_loss
 
 
-def output_layer(lm: nn.Module) -> nn.Linear | None:
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    return head if isinstance(head, nn.Linear) else None
-
-
 def head_problem(lm: nn.Module, device: torch.device) -> str | None:
     """Why the fused head cannot stand in for `lm(...).logits` (None: it can); see `FusionStep.head_problem`."""
     return FusionStep(lm, fused=False).head_problem(device)
-
-
-class capture_head_input:
-    """Within the block, the output layer receives an empty slice of its input and the input is kept."""
-
-    def __init__(self, head: nn.Module):
-        self.head, self.seen, self._handle = head, [], None
-
-    def _hook(self, _module, args):
-        self.seen.append(args[0])
-        return (args[0][..., :0, :],) + tuple(args[1:])
-
-    def __enter__(self) -> list[torch.Tensor]:
-        self._handle = self.head.register_forward_pre_hook(self._hook)
-        return self.seen
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
 
 
 class loss_at_head(capture_head_input):
@@ -126,25 +104,11 @@ class FusionStep(nn.Module):
         Runs the model twice on 4 tokens in eval mode: logits must equal the output layer applied to the
         hidden states the layer receives. Collective under FSDP2 (`_run_probe`).
         """
-        lm = self.lm
-        head = output_layer(lm)
+        head = output_layer(self.lm)
         if head is None:
-            kind = type(lm.get_output_embeddings()).__name__ if hasattr(lm, "get_output_embeddings") else "none"
-            return f"its output layer is not a linear layer (get_output_embeddings() gives {kind})"
-        vocab = lm.get_output_embeddings().out_features
-        ids = (torch.arange(4, device=device) * 7919 % vocab)[None]
-
-        def probe(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = lm(input_ids=ids, use_cache=False).logits
-            with capture_head_input(head) as seen:
-                lm(input_ids=ids, use_cache=False)
-            return logits, head(seen[0])
-
-        logits, again = self._run_probe(probe)
-        logits, again = logits.float(), again.float()
-        if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
-            return "its logits are not the output layer applied to the last hidden state (the model transforms them)"
-        return None
+            return not_linear(self.lm)
+        ids = probe_ids(self.lm, device)
+        return head_mismatch(*self._run_probe(lambda lm: head_probe(lm, head, ids)))
 
     def packing_supported(self) -> bool:
         """Whether the LM keeps attention inside packed windows (`fusekit.models.packing.packing_supported`,

@@ -38,30 +38,72 @@ def models(tokenizers_by_kind, tmp_path_factory):
     }
 
 
+@pytest.mark.parametrize("fused_head", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
-def test_packed_rows_give_each_windows_own_distribution(arch, models):
-    """Against the slow reference: every window alone through the model, full log-softmax."""
+def test_packed_rows_give_each_windows_own_distribution(arch, fused_head, models, monkeypatch):
+    """Against the slow reference: every window alone through the model, full log-softmax; with the output
+    layer applied per tile and with the model's logits. Tiles of 7 positions × 7 ids here (the vocabulary
+    ends in a tile narrower than k), so windows span several row tiles and every row many vocabulary tiles."""
     from transformers import AutoModelForCausalLM
 
+    from fusekit.extract import model as extract_model
+
+    monkeypatch.setattr(extract_model, "_TILE_FLOATS", 49)
     net = AutoModelForCausalLM.from_pretrained(models[arch]).eval()
     vocab = net.config.vocab_size
-    assert packing_supported(net, vocab)
+    assert packing_supported(net, vocab) and extract_model.tile_shape(100, vocab) == (7, 7) and vocab % 7 < 5
     gen = np.random.default_rng(3)
     windows = [gen.integers(0, vocab, n) for n in (30, 3, 17, 9, 1, 24, 12)]
     rows = pack_windows([len(w) for w in windows], 32)
     assert len(rows) < len(windows)  # really packed
-    got = forward_topk_packed(net, windows, rows, 5, vocab)
-    padded = forward_topk(net, windows, 5, vocab)
+    got = forward_topk_packed(net, windows, rows, 5, vocab, fused_head=fused_head)
+    padded = forward_topk(net, windows, 5, vocab, fused_head=fused_head)
     for i, w in enumerate(windows):
         with torch_no_grad():
             logp = torch_log_softmax(net, w)
         top = np.sort(logp, axis=1)[:, ::-1][:, :5]
-        np.testing.assert_allclose(got[i].topk_logp, top, atol=1e-4)
-        np.testing.assert_allclose(np.take_along_axis(logp, got[i].topk_ids.astype(np.int64), 1), top, atol=1e-4)
-        ce = -logp[np.arange(len(w) - 1), w[1:]]
-        np.testing.assert_allclose(got[i].ce[:-1], ce, atol=1e-4)
-        assert np.isnan(got[i].ce[-1])
-        np.testing.assert_allclose(got[i].topk_logp, padded[i].topk_logp, atol=1e-4)
+        for r in (got[i], padded[i]):
+            np.testing.assert_allclose(r.topk_logp, top, atol=1e-4)
+            np.testing.assert_allclose(np.take_along_axis(logp, r.topk_ids.astype(np.int64), 1), top, atol=1e-4)
+            ce = -logp[np.arange(len(w) - 1), w[1:]]
+            np.testing.assert_allclose(r.ce[:-1], ce, atol=1e-4)
+            assert np.isnan(r.ce[-1])
+
+
+def test_the_fused_head_makes_no_batch_logits_and_is_skipped_where_logits_are_transformed(models):
+    """Where the logits are the output layer's, the model runs with that layer fed no positions (its
+    logits come out [B, 0, V], not [B, n, V]); a Gemma-2 soft-capping its logits after the layer keeps the model's own
+    logits, and both match the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from fusekit.models.head import head_usable
+
+    seen = []
+
+    def record(_module, _args, out):
+        seen.append(tuple(out.logits.shape))
+
+    net = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    capped = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)).eval()
+    assert head_usable(net) and not head_usable(capped)
+    gen = np.random.default_rng(4)
+    for model, fused in ((net, True), (capped, False)):
+        vocab = model.config.vocab_size
+        windows = [gen.integers(0, vocab, n) for n in (11, 6)]
+        seen.clear()
+        handle = model.register_forward_hook(record)
+        try:
+            got = forward_topk(model, windows, 3, vocab)
+        finally:
+            handle.remove()
+        assert seen == [(2, 0 if fused else 11, vocab)]
+        for r, w in zip(got, windows):
+            with torch.no_grad():
+                logp = torch_log_softmax(model, w)
+            np.testing.assert_allclose(r.topk_logp, np.sort(logp, axis=1)[:, ::-1][:, :3], atol=1e-4)
 
 
 def torch_no_grad():

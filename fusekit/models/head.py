@@ -1,0 +1,90 @@
+"""The output layer apart from the model body: the last hidden states without [B, L, V] logits.
+
+A causal LM whose `get_output_embeddings()` is an `nn.Linear` applied to the last hidden state can run
+with that layer fed an empty slice (`capture_head_input` keeps what it would have read), and its logits
+computed later, a few positions at a time. Training's fused losses and extraction's top-k both do so.
+`head_mismatch` checks on 4 tokens that the logits really are that layer's output: models that transform
+them after the layer (Gemma-2's soft-capping, Cohere's logit scale, …) fail it and keep the logits path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def output_layer(lm: nn.Module) -> nn.Linear | None:
+    """The model's output layer when it is a plain `nn.Linear`, else None."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+class capture_head_input:
+    """Within the block, the output layer receives an empty slice of its input and the input is kept."""
+
+    def __init__(self, head: nn.Module):
+        self.head, self.seen, self._handle = head, [], None
+
+    def _hook(self, _module, args):
+        self.seen.append(args[0])
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def probe_ids(lm: nn.Module, device: torch.device) -> torch.Tensor:
+    """4 token ids spread over the vocabulary, int64 [1, 4]: the input `head_probe` runs."""
+    vocab = lm.get_output_embeddings().out_features
+    return (torch.arange(4, device=device) * 7919 % vocab)[None]
+
+
+def head_probe(lm: nn.Module, head: nn.Linear, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's logits, the output layer applied to the hidden states it receives) for `ids`."""
+    logits = lm(input_ids=ids, use_cache=False).logits
+    with capture_head_input(head) as seen:
+        lm(input_ids=ids, use_cache=False)
+    return logits, head(seen[0])
+
+
+def not_linear(lm: nn.Module) -> str:
+    """Why `output_layer(lm)` is None, in words."""
+    kind = type(lm.get_output_embeddings()).__name__ if hasattr(lm, "get_output_embeddings") else "none"
+    return f"its output layer is not a linear layer (get_output_embeddings() gives {kind})"
+
+
+def head_mismatch(logits: torch.Tensor, again: torch.Tensor) -> str | None:
+    """Why `head_probe`'s two results show that the output layer cannot stand in for the model's logits
+    (None: it can): they differ beyond 1e-4."""
+    logits, again = logits.float(), again.float()
+    if again.shape != logits.shape or not torch.allclose(again, logits, rtol=1e-4, atol=1e-4):
+        return "its logits are not the output layer applied to the last hidden state (the model transforms them)"
+    return None
+
+
+def head_usable(lm: nn.Module) -> bool:
+    """Whether `lm`'s logits are its output layer applied to its last hidden state (checked once per
+    model on 4 tokens in eval mode without gradients, then cached on the model)."""
+    cached = getattr(lm, "_fusekit_head", None)
+    if cached is not None:
+        return cached
+    head = output_layer(lm)
+    ok = False
+    if head is not None:
+        training = [(m, m.training) for m in lm.modules()]
+        lm.eval()
+        try:
+            with torch.no_grad():
+                ok = head_mismatch(*head_probe(lm, head, probe_ids(lm, head.weight.device))) is None
+        finally:
+            for module, mode in training:
+                module.training = mode
+    try:
+        lm._fusekit_head = ok
+    except AttributeError:
+        pass
+    return ok
