@@ -64,10 +64,12 @@ def topk_and_ce(tile: Tile, n: int, vocab_size: int, next_ids, k: int):
     next_ids: int64 [n], the token after each position (any id where there is none: its CE is then
     meaningless). Returns (ids int64 [n, k], log-probs float32 [n, k], CE float32 [n] in nats).
     The log-partition is accumulated over vocabulary tiles (logaddexp) and the top-k merged across them,
-    so values equal one softmax over the whole row up to float rounding.
+    so values equal one softmax over the whole row up to float rounding. ValueError when k > vocab_size.
     """
     import torch
 
+    if k > vocab_size:
+        raise ValueError(f"top-k {k} exceeds the vocabulary ({vocab_size})")
     rows, cols = tile_shape(n, vocab_size, gpu=next_ids.device.type != "cpu")
     ids_out, logp_out, ce_out = [], [], []
     for r0 in range(0, n, rows):
