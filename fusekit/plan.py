@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from fusekit._units import size_text
 from fusekit.models.load import parameter_count
 from fusekit.recipe import ModelSpec, Recipe
 
@@ -204,14 +205,6 @@ def plan_recipe(recipe: Recipe, sample_texts: int = 8, progress: bool = False, e
     return plan
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _flops(n: float) -> str:
     return f"{n:.1e}".replace("e+", "e")
 
@@ -254,16 +247,16 @@ def plan_table(plan: dict) -> Table:
     for name, m in plan["models"].items():
         table.add_row(
             "extract", name, _count(m["tokens"]), _count(m["params"]),
-            _size(m["extract_bytes"]), f"{m['extract_bytes_per_token']:.1f}", _flops(m["extract_flops"]),
+            size_text(m["extract_bytes"]), f"{m['extract_bytes_per_token']:.1f}", _flops(m["extract_flops"]),
             _secs(m["extract_seconds"]),
         )
     a = plan["align"]
-    table.add_row("align", "→ target", _count(a["tokens"]), "", _size(a["bytes"]), f"{a['bytes_per_token']:.1f}", "CPU", _secs(a["seconds"]))
+    table.add_row("align", "→ target", _count(a["tokens"]), "", size_text(a["bytes"]), f"{a['bytes_per_token']:.1f}", "CPU", _secs(a["seconds"]))
     tr = plan["train"]
     table.add_row(
-        "train", f"{len(tr['variants'])} variants (tokens each)", _count(tr["tokens_per_variant"]), "", _size(tr["bytes"]), "",
+        "train", f"{len(tr['variants'])} variants (tokens each)", _count(tr["tokens_per_variant"]), "", size_text(tr["bytes"]), "",
         _flops(tr["flops"]), _secs(tr["seconds"]),
     )
     table.add_row("eval", ", ".join(plan["eval"]["datasets"]) or "—", "", "", "", "", _flops(plan["eval"]["flops"]), "")
-    table.add_row("total", "", "", "", _size(plan["total_bytes"]), "", "", "")
+    table.add_row("total", "", "", "", size_text(plan["total_bytes"]), "", "", "")
     return table

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "fusekit"
 # rooms of one layer do not import each other.
 LAYERS: list[tuple[str, list[str]]] = [
     ("rust core", ["_core"]),
-    ("plumbing", ["_version", "progress", "_procmem", "_ray", "_callable", "_prefetch", "_parallel"]),
+    ("plumbing", ["_version", "progress", "_procmem", "_ray", "_callable", "_prefetch", "_parallel", "_units"]),
     ("inputs", ["vocab", "corpus", "models"]),
     ("shared specs and offline assets", ["specs", "zoo"]),
     ("stores", ["store"]),
@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("recipes of recipes", ["fusechat", "demo"]),
     ("public API", ["api"]),
     ("command line", ["cli"]),
+    ("python -m fusekit", ["__main__"]),
 ]
 
 

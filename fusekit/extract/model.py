@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fusekit._units import size_text
 from fusekit.extract.errors import ExtractError
 from fusekit.models.head import capture_head_input, head_usable, output_layer
 from fusekit.models.load import ModelLoadError
@@ -17,7 +18,7 @@ from fusekit.store.extract_format import pad_token
 # 2,048 vocabulary entries (16 MB of fp32), so memory stays bounded whatever the batch and vocabulary and
 # the output layer's weight is read once per 2,048 positions; measured 1.0-1.3x the speed of reducing
 # the model's whole [B, n, V] logits (benchmarks/bench_extract_head.py). On a GPU, 8,192 × 8,192 tiles
-# (256 MB) keep the kernel launches per batch few (not measured: no GPU was at hand).
+# keep the kernel launches per batch few, for ~0.7-1 GB of transients (not measured: no GPU was at hand).
 _TILE_FLOATS = 1 << 22
 _TILE_FLOATS_GPU = 1 << 26
 
@@ -86,7 +87,8 @@ def topk_and_ce(tile: Tile, n: int, vocab_size: int, next_ids, k: int):
             if top_v is None:
                 top_v, top_i = v, j + v0
             else:
-                top_v, at = torch.topk(torch.cat([top_v, v], 1), k, dim=-1)
+                both = torch.cat([top_v, v], 1)
+                top_v, at = torch.topk(both, min(k, both.shape[1]), dim=-1)  # < k while k exceeds the tiles so far
                 top_i = torch.cat([top_i, j + v0], 1).gather(1, at)
             here = (nxt >= v0) & (nxt < v1)
             nxt_logit = torch.where(here, lf.gather(1, (nxt - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], nxt_logit)
@@ -94,6 +96,17 @@ def topk_and_ce(tile: Tile, n: int, vocab_size: int, next_ids, k: int):
         logp_out.append(top_v - lse[:, None])
         ce_out.append(lse - nxt_logit)
     return torch.cat(ids_out), torch.cat(logp_out), torch.cat(ce_out)
+
+
+def whole_logits_note(net, batch_size: int, window: int, vocab_size: int) -> str | None:
+    """For a model whose logits extraction must take whole (not `head_usable`): what a batch of them
+    holds, as a warning; None for the others."""
+    if head_usable(net):
+        return None
+    size = size_text(batch_size * window * vocab_size * next(net.parameters()).element_size())
+    return (f"{type(net).__name__}'s logits are not its linear output layer's alone (it transforms them), so "
+            f"extraction holds each batch's whole logits: {batch_size} × {window} × {vocab_size:,} = {size}; "
+            "lower --batch-size if memory runs short")
 
 
 def _position_tiles(net, ids, positions, vocab_size: int, fused_head: bool, **kwargs) -> Tile:

@@ -10,6 +10,7 @@ Order of work (each step can be killed; a re-run picks up where it stopped):
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from fusekit.corpus import Record
 from fusekit.extract.corpus_shards import default_num_shards, records_by_shard, save_index, scan_corpus
 from fusekit.extract.errors import ExtractError
 from fusekit.extract.folder import check_folder, note_complete, open_folder, publish_shard, store_codec, store_num_shards
-from fusekit.extract.model import store_vocab
+from fusekit.extract.model import store_vocab, whole_logits_note
 from fusekit.extract.ray_runner import ExtractJob, run_on_ray
 from fusekit.extract.shard import compute_shard
 from fusekit.extract.shard_log import ShardLog, token_bar
@@ -169,6 +170,8 @@ def extract(
                 lock.release()
     elif pending:
         net = load_net(model, dtype_name, dev, trust_remote_code)
+        if (note := whole_logits_note(net, batch_size, window, vocab_size)) is not None:
+            warnings.warn(note, stacklevel=2)
         log = ShardLog(len(pending), enabled=progress)
         with token_bar(progress) as bar:
             for index, records in records_by_shard(info, field, num_shards, pending):

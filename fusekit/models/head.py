@@ -3,8 +3,9 @@
 A causal LM whose `get_output_embeddings()` is an `nn.Linear` applied to the last hidden state can run
 with that layer fed an empty slice (`capture_head_input` keeps what it would have read), and its logits
 computed later, a few positions at a time. Training's fused losses and extraction's top-k both do so.
-`head_mismatch` checks on 4 tokens that the logits really are that layer's output: models that transform
-them after the layer (Gemma-2's soft-capping, Cohere's logit scale, …) fail it and keep the logits path.
+`transformed_by_config` and `head_mismatch` (4 tokens through the model) check that the logits really are
+that layer's output: models that transform them after the layer (Gemma-2's soft-capping, Cohere's logit
+scale, …) fail and keep the logits path.
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ def head_mismatch(logits: torch.Tensor, again: torch.Tensor) -> str | None:
     return None
 
 
+# Config fields of transformers architectures that change the logits after the output layer, with the
+# value that leaves them unchanged: Gemma-2/3's soft-capping, Cohere's logit scale, Granite's divisor,
+# Falcon-H1's multiplier. The 4-token probe alone can miss them where the probe's logits are small
+# (tanh soft-capping at 30 changes logits below 1 by < 1e-4).
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0, "lm_head_multiplier": 1.0}
+
+
+def transformed_by_config(lm: nn.Module) -> str | None:
+    """Which config field makes `lm` transform its logits after the output layer (None: none does)."""
+    config = getattr(lm, "config", None)
+    configs = [config, getattr(config, "text_config", None)] if config is not None else []
+    for cfg in filter(None, configs):
+        for field, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, field, neutral)
+            if value is not None and value != neutral:
+                return f"its logits are not the output layer's: {field} = {value} transforms them after it"
+    return None
+
+
 def head_usable(lm: nn.Module) -> bool:
     """Whether `lm`'s logits are its output layer applied to its last hidden state (checked once per
     model on 4 tokens in eval mode without gradients, then cached on the model)."""
@@ -74,7 +94,7 @@ def head_usable(lm: nn.Module) -> bool:
         return cached
     head = output_layer(lm)
     ok = False
-    if head is not None:
+    if head is not None and transformed_by_config(lm) is None:
         training = [(m, m.training) for m in lm.modules()]
         lm.eval()
         try:

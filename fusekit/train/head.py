@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusekit.models.head import capture_head_input, head_mismatch, head_probe, not_linear, output_layer, probe_ids
+from fusekit.models.head import (
+    capture_head_input, head_mismatch, head_probe, not_linear, output_layer, probe_ids, transformed_by_config,
+)
 from fusekit.models.identity import logit_size
 from fusekit.models.packing import packing_supported
 from fusekit.train.linear_loss import linear_fusion_loss, linear_token_logps
@@ -107,6 +109,8 @@ class FusionStep(nn.Module):
         head = output_layer(self.lm)
         if head is None:
             return not_linear(self.lm)
+        if (reason := transformed_by_config(self.lm)) is not None:
+            return reason
         ids = probe_ids(self.lm, device)
         return head_mismatch(*self._run_probe(lambda lm: head_probe(lm, head, ids)))
 

@@ -3,6 +3,9 @@ another process is writing is skipped, not computed twice (issue 18)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -70,10 +73,35 @@ def test_packed_rows_give_each_windows_own_distribution(arch, fused_head, models
             assert np.isnan(r.ce[-1])
 
 
+@pytest.mark.parametrize("k", [1, 5, 20, 50])
+def test_tiles_give_the_full_rows_top_k_and_ce(k, monkeypatch):
+    """topk_and_ce over 7 × 7 tiles of a 13 × 50 logit matrix (k up to the whole vocabulary, more than
+    the first tiles hold) against numpy's sort and log-softmax of each whole row, in float64."""
+    import torch
+
+    from fusekit.extract import model as extract_model
+
+    monkeypatch.setattr(extract_model, "_TILE_FLOATS", 49)
+    gen = np.random.default_rng(k)
+    logits = gen.normal(0, 4, (13, 50)).astype(np.float32)
+    logits[3, [4, 40]] = logits[3].max() + 1  # a tie across tiles: either order is a right answer
+    nxt = gen.integers(0, 50, 13)
+    ids, logp, ce = extract_model.topk_and_ce(
+        lambda r0, r1, v0, v1: torch.as_tensor(logits[r0:r1, v0:v1]), 13, 50, torch.as_tensor(nxt), k)
+    full = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=1, keepdims=True)
+    assert ids.shape == (13, k) and logp.shape == (13, k)
+    np.testing.assert_allclose(logp.numpy(), np.sort(full, axis=1)[:, ::-1][:, :k], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(full, ids.numpy(), 1), logp.numpy(), atol=1e-5)
+    assert all(len(set(row)) == k for row in ids.tolist())
+    np.testing.assert_allclose(ce.numpy(), -full[np.arange(13), nxt], atol=1e-5)
+    with pytest.raises(ValueError, match="top-k 51 exceeds the vocabulary"):
+        extract_model.topk_and_ce(lambda *a: None, 13, 50, torch.as_tensor(nxt), 51)
+
+
 def test_the_fused_head_makes_no_batch_logits_and_is_skipped_where_logits_are_transformed(models):
     """Where the logits are the output layer's, the model runs with that layer fed no positions (its
-    logits come out [B, 0, V], not [B, n, V]); a Gemma-2 soft-capping its logits after the layer keeps the model's own
-    logits, and both match the reference."""
+    logits come out [B, 0, V], not [B, n, V]); a Gemma-2 soft-capping its logits after the layer (at the
+    real cap of 30) keeps the model's own logits, and both match the reference."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
@@ -87,7 +115,7 @@ def test_the_fused_head_makes_no_batch_logits_and_is_skipped_where_logits_are_tr
     net = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
     capped = Gemma2ForCausalLM(Gemma2Config(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)).eval()
+        num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)).eval()
     assert head_usable(net) and not head_usable(capped)
     gen = np.random.default_rng(4)
     for model, fused in ((net, True), (capped, False)):
@@ -145,6 +173,31 @@ def test_packed_and_padded_extraction_store_the_same_values(arch, models, mixed_
         assert np.abs(x.topk_logp - y.topk_logp).max() <= 2 * (STEP + FINE)
         np.testing.assert_allclose(x.ce, y.ce, atol=2 * FINE, equal_nan=True)
         assert abs(x.mean_ce - y.mean_ce) < 1e-4 or np.isnan(x.mean_ce)
+
+
+def test_a_model_that_transforms_its_logits_is_extracted_with_a_warning_on_their_size(tokenizers_by_kind, mixed_corpus, tmp_path):
+    """A soft-capping Gemma-2 through `fusekit extract`: one warning line giving what a batch's whole logits
+    hold (3 × 48 × V fp32), and a store like any other."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tok = tokenizers_by_kind["bpe"]
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0,
+                          max_position_embeddings=64)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    # the fusekit command itself: it prints a Python warning as one "warning:" line
+    done = subprocess.run([sys.executable, "-m", "fusekit.cli", "extract", "--model", str(tmp_path / "gemma2"),
+                           "--data", str(mixed_corpus), "--out", str(tmp_path / "x"), "--top-k", "4", "--max-length", "48",
+                           "--batch-size", "3"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    warnings = [ln for ln in done.stderr.splitlines() if ln.startswith("warning:")]
+    size = 3 * 48 * len(tok) * 4 / 1e3  # KB of fp32
+    assert warnings == [
+        f"warning: Gemma2ForCausalLM's logits are not its linear output layer's alone (it transforms them), so extraction "
+        f"holds each batch's whole logits: 3 × 48 × {len(tok):,} = {size:.1f} KB; lower --batch-size if memory runs short"
+    ], done.stderr
+    assert len(list(ExtractStore(tmp_path / "x").iter_windows())) > 14
 
 
 def test_a_shard_another_process_is_writing_is_skipped_with_a_message(models, mixed_corpus, tmp_path):

@@ -110,15 +110,33 @@ def test_fusion_step_fused_equals_logits_path_on_real_models(arch, tied, tokeniz
 
 
 def test_a_model_that_transforms_its_logits_is_caught(tokenizers_by_kind):
-    """Gemma-2 soft-caps logits after the head: the fused head would be wrong, so it is refused."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    """Gemma-2 soft-caps logits after the head: the fused head would be wrong, so it is refused — by its
+    config even at the real cap of 30, where a small random model's logits (< 1) change by less than the
+    probe's tolerance; a transform no config field names is caught by the probe."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from fusekit.models.head import head_mismatch, head_probe, probe_ids
 
     config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
-    lm = Gemma2ForCausalLM(config)
-    assert "transforms" in head_problem(lm, torch.device("cpu"))
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    lm = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        logits, again = head_probe(lm, lm.get_output_embeddings(), probe_ids(lm, torch.device("cpu")))
+    assert float(logits.abs().max()) < 1 and head_mismatch(logits, again) is None  # the probe alone misses it
+    assert head_problem(lm, torch.device("cpu")) == (
+        "its logits are not the output layer's: final_logit_softcapping = 30.0 transforms them after it")
     config.final_logit_softcapping = None
     assert head_problem(Gemma2ForCausalLM(config), torch.device("cpu")) is None
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    doubled = Doubled(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1))
+    assert "transforms" in head_problem(doubled, torch.device("cpu"))
 
 
 def test_loop_falls_back_to_logits_with_a_warning_or_refuses_when_asked(tmp_path):
