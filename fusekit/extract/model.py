@@ -10,8 +10,7 @@ import numpy as np
 from fusekit._units import size_text
 from fusekit.extract.errors import ExtractError
 from fusekit.models.head import capture_head_input, head_usable, output_layer
-from fusekit.models.load import ModelLoadError
-from fusekit.models.packing import model_logits, packed_rows
+from fusekit.models.packing import check_logit_count, model_logits, packed_rows
 from fusekit.store.extract_format import pad_token
 
 # Logits are made and reduced (logsumexp, top-k, CE) a tile at a time: on CPU up to 2,048 positions ×
@@ -77,7 +76,7 @@ def topk_and_ce(tile: Tile, n: int, vocab_size: int, next_ids, k: int):
         r1 = min(n, r0 + rows)
         nxt = next_ids[r0:r1]
         lse = top_v = top_i = None
-        nxt_logit = torch.zeros(r1 - r0, device=nxt.device)
+        nxt_logit = torch.zeros(r1 - r0, dtype=torch.float32, device=nxt.device)
         for v0 in range(0, vocab_size, cols):
             v1 = min(vocab_size, v0 + cols)
             lf = tile(r0, r1, v0, v1).float()
@@ -122,8 +121,7 @@ def _position_tiles(net, ids, positions, vocab_size: int, fused_head: bool, **kw
         logits = model_logits(net, ids, vocab_size, **kwargs).flatten(0, 1)
         return lambda r0, r1, v0, v1: logits[:, v0:v1].index_select(0, positions[r0:r1])
     head = output_layer(net)
-    if head.out_features != vocab_size:
-        raise ModelLoadError(f"the model produced {head.out_features} logits per position, its config says {vocab_size}")
+    check_logit_count(head.out_features, vocab_size)
     with capture_head_input(head) as seen:
         net(input_ids=ids, use_cache=False, **kwargs)
     hidden = seen[-1].flatten(0, 1).index_select(0, positions)
@@ -143,7 +141,7 @@ def _results(net, ids, spans: Sequence[tuple[int, int, int]], k: int, vocab_size
     fused = head_usable(net) if fused_head is None else fused_head
     tile = _position_tiles(net, ids, positions, vocab_size, fused, **kwargs)
     top_i, top_v, ce = topk_and_ce(tile, positions.numel(), vocab_size, next_ids, k)
-    top_i, top_v, ce = top_i.to(torch.int32).cpu().numpy(), top_v.float().cpu().numpy(), ce.float().cpu().numpy()
+    top_i, top_v, ce = top_i.to(torch.int32).cpu().numpy(), top_v.cpu().numpy(), ce.cpu().numpy()
     out, at = [], 0
     for _, _, n in spans:
         window_ce = ce[at : at + n].copy()

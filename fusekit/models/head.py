@@ -3,12 +3,14 @@
 A causal LM whose `get_output_embeddings()` is an `nn.Linear` applied to the last hidden state can run
 with that layer fed an empty slice (`capture_head_input` keeps what it would have read), and its logits
 computed later, a few positions at a time. Training's fused losses and extraction's top-k both do so.
-`transformed_by_config` and `head_mismatch` (4 tokens through the model) check that the logits really are
-that layer's output: models that transform them after the layer (Gemma-2's soft-capping, Cohere's logit
-scale, …) fail and keep the logits path.
+`output_layer_problem` checks that the logits really are that layer's output (by the config and on 4
+tokens through the model): models that transform them after the layer (Gemma-2's soft-capping, Cohere's
+logit scale, …) fail and keep the logits path.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -86,23 +88,49 @@ def transformed_by_config(lm: nn.Module) -> str | None:
     return None
 
 
+Probe = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _run_in_eval(lm: nn.Module, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
+    """`probe(lm)` in eval mode without gradients; every module's mode is restored after."""
+    modes = [(m, m.training) for m in lm.modules()]
+    lm.eval()
+    try:
+        with torch.no_grad():
+            return probe(lm)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def output_layer_problem(lm: nn.Module, device: torch.device, run: Callable[[Probe], tuple[torch.Tensor, torch.Tensor]] | None = None) -> str | None:
+    """Why `lm`'s output layer cannot stand in for its logits (None: it can): not a linear layer, a config
+    field that transforms the logits, or logits that differ from the layer's output on 4 tokens.
+
+    `run(probe)` runs the probe (default: on `lm` in eval mode without gradients); a sharded model passes
+    one that runs it inside the wrapping module's call (`train.head.FusionStep`).
+    """
+    head = output_layer(lm)
+    if head is None:
+        return not_linear(lm)
+    if (reason := transformed_by_config(lm)) is not None:
+        return reason
+    ids = probe_ids(lm, device)
+
+    def probe(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_probe(m, head, ids)
+
+    return head_mismatch(*(run(probe) if run is not None else _run_in_eval(lm, probe)))
+
+
 def head_usable(lm: nn.Module) -> bool:
-    """Whether `lm`'s logits are its output layer applied to its last hidden state (checked once per
-    model on 4 tokens in eval mode without gradients, then cached on the model)."""
+    """Whether `lm`'s logits are its output layer applied to its last hidden state (`output_layer_problem`
+    is None), checked once per model, then cached on the model."""
     cached = getattr(lm, "_fusekit_head", None)
     if cached is not None:
         return cached
     head = output_layer(lm)
-    ok = False
-    if head is not None and transformed_by_config(lm) is None:
-        training = [(m, m.training) for m in lm.modules()]
-        lm.eval()
-        try:
-            with torch.no_grad():
-                ok = head_mismatch(*head_probe(lm, head, probe_ids(lm, head.weight.device))) is None
-        finally:
-            for module, mode in training:
-                module.training = mode
+    ok = head is not None and output_layer_problem(lm, head.weight.device) is None
     try:
         lm._fusekit_head = ok
     except AttributeError:

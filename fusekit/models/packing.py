@@ -13,9 +13,14 @@ from fusekit.models.load import ModelLoadError
 def model_logits(net, ids, vocab_size: int, **kwargs):
     """The model's logits [B, n, V] for `ids`; refuses a model whose logit count differs from its config."""
     logits = net(input_ids=ids, use_cache=False, **kwargs).logits
-    if logits.shape[-1] != vocab_size:
-        raise ModelLoadError(f"the model produced {logits.shape[-1]} logits per position, its config says {vocab_size}")
+    check_logit_count(logits.shape[-1], vocab_size)
     return logits
+
+
+def check_logit_count(count: int, vocab_size: int) -> None:
+    """ModelLoadError when a model makes `count` logits per position where its config says `vocab_size`."""
+    if count != vocab_size:
+        raise ModelLoadError(f"the model produced {count} logits per position, its config says {vocab_size}")
 
 
 def pack_windows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusekit.models.head import (
-    capture_head_input, head_mismatch, head_probe, not_linear, output_layer, probe_ids, transformed_by_config,
-)
+from fusekit.models.head import capture_head_input, output_layer, output_layer_problem
 from fusekit.models.identity import logit_size
 from fusekit.models.packing import packing_supported
 from fusekit.train.linear_loss import linear_fusion_loss, linear_token_logps
@@ -101,18 +99,11 @@ class FusionStep(nn.Module):
                 self.reshard()
 
     def head_problem(self, device: torch.device) -> str | None:
-        """Why the fused head cannot stand in for `lm(...).logits` (None: it can).
-
-        Runs the model twice on 4 tokens in eval mode: logits must equal the output layer applied to the
-        hidden states the layer receives. Collective under FSDP2 (`_run_probe`).
+        """Why the fused head cannot stand in for `lm(...).logits` (None: it can): see
+        `fusekit.models.head.output_layer_problem`, whose 4-token probe runs through this module's own call
+        (`_run_probe`), so it is collective under FSDP2.
         """
-        head = output_layer(self.lm)
-        if head is None:
-            return not_linear(self.lm)
-        if (reason := transformed_by_config(self.lm)) is not None:
-            return reason
-        ids = probe_ids(self.lm, device)
-        return head_mismatch(*self._run_probe(lambda lm: head_probe(lm, head, ids)))
+        return output_layer_problem(self.lm, device, self._run_probe)
 
     def packing_supported(self) -> bool:
         """Whether the LM keeps attention inside packed windows (`fusekit.models.packing.packing_supported`,
